@@ -1,0 +1,1 @@
+//! Iris bench drivers (shared helpers).
