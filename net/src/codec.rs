@@ -538,3 +538,439 @@ pub fn valid_user_id(user: &str, limits: &Limits) -> bool {
     let len_ok = (1..=limits.user_id_len_max.min(STR_LEN_MAX)).contains(&user.len());
     len_ok && !user.bytes().any(|b| b.is_ascii_control())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::TOKEN_LEN_MAX_DEFAULT;
+
+    const ID: MsgId = *b"0123456789abcdef";
+
+    fn client_samples() -> Vec<ClientFrame<'static>> {
+        vec![
+            ClientFrame::Hello {
+                version: 1,
+                user: "alice",
+                token: b"secret",
+            },
+            ClientFrame::Hello {
+                version: 1,
+                user: "",
+                token: b"",
+            },
+            ClientFrame::Send {
+                msg_id: ID,
+                to: "bob",
+                body: b"hi bob",
+            },
+            ClientFrame::Send {
+                msg_id: [0xff; 16],
+                to: "żółw",
+                body: b"",
+            },
+            ClientFrame::Ack { seq: u64::MAX },
+            ClientFrame::Ping { nonce: 7 },
+            ClientFrame::Bye,
+        ]
+    }
+
+    fn server_samples() -> Vec<ServerFrame<'static>> {
+        vec![
+            ServerFrame::Welcome {
+                version: 1,
+                server_time_ms: 1_700_000_000_000,
+                max_frame: 65536,
+                pending: 3,
+            },
+            ServerFrame::Stored { msg_id: ID },
+            ServerFrame::Rejected {
+                msg_id: ID,
+                code: reject_code::INBOX_FULL,
+                reason: "inbox full",
+            },
+            ServerFrame::Deliver {
+                seq: 1,
+                msg_id: ID,
+                from: "alice",
+                sent_ms: 42,
+                body: b"hi bob",
+            },
+            ServerFrame::Deliver {
+                seq: 2,
+                msg_id: ID,
+                from: "a",
+                sent_ms: 0,
+                body: b"",
+            },
+            ServerFrame::Pong { nonce: u64::MAX },
+            ServerFrame::Error {
+                code: error_code::IDLE_TIMEOUT,
+                reason: "",
+            },
+        ]
+    }
+
+    fn encode_client_all(frames: &[ClientFrame<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frames.iter().for_each(|f| encode_client_frame(f, &mut out));
+        out
+    }
+
+    fn encode_server_all(frames: &[ServerFrame<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frames.iter().for_each(|f| encode_server_frame(f, &mut out));
+        out
+    }
+
+    /// A frame with the given type byte and payload, length header included.
+    fn raw(ty: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
+        out.push(ty);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn client_err(buf: &[u8]) -> DecodeError {
+        decode_client_frame(buf, &Limits::default()).expect_err("must not decode")
+    }
+
+    fn server_err(buf: &[u8]) -> DecodeError {
+        decode_server_frame(buf, &Limits::default()).expect_err("must not decode")
+    }
+
+    #[test]
+    fn every_client_frame_round_trips() {
+        for frame in client_samples() {
+            let mut out = vec![0xAA]; // encode appends: existing bytes stay
+            encode_client_frame(&frame, &mut out);
+            assert_eq!(out[0], 0xAA);
+            let bytes = &out[1..];
+            assert_eq!(bytes.len(), encoded_len_client(&frame));
+            let (decoded, consumed) = decode_client_frame(bytes, &Limits::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(decoded, frame);
+            assert_eq!(consumed, bytes.len());
+        }
+    }
+
+    #[test]
+    fn every_server_frame_round_trips() {
+        for frame in server_samples() {
+            let mut out = vec![0xAA];
+            encode_server_frame(&frame, &mut out);
+            let bytes = &out[1..];
+            assert_eq!(bytes.len(), encoded_len_server(&frame));
+            let (decoded, consumed) = decode_server_frame(bytes, &Limits::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(decoded, frame);
+            assert_eq!(consumed, bytes.len());
+        }
+    }
+
+    #[test]
+    fn layouts_are_little_endian_as_documented() {
+        let mut out = Vec::new();
+        encode_client_frame(&ClientFrame::Ack { seq: 0x0102 }, &mut out);
+        assert_eq!(out, [9, 0, 0, 0, 0x21, 2, 1, 0, 0, 0, 0, 0, 0]);
+        out.clear();
+        encode_server_frame(
+            &ServerFrame::Error {
+                code: 3,
+                reason: "x",
+            },
+            &mut out,
+        );
+        assert_eq!(out, [5, 0, 0, 0, 0x7F, 3, 0, 1, b'x']);
+    }
+
+    /// Feeding a valid stream cut at any byte yields exactly the frames that
+    /// are whole, then Ok(None): "not enough bytes yet" is a state, not an error.
+    #[test]
+    fn every_split_point_of_a_client_stream_is_ok_none() {
+        let frames = client_samples();
+        let stream = encode_client_all(&frames);
+        for cut in 0..=stream.len() {
+            let mut rest = &stream[..cut];
+            let mut decoded = Vec::new();
+            while let Some((frame, consumed)) = decode_client_frame(rest, &Limits::default())
+                .unwrap_or_else(|e| panic!("cut {cut}: {e}"))
+            {
+                decoded.push(frame);
+                rest = &rest[consumed..];
+            }
+            assert_eq!(decoded[..], frames[..decoded.len()], "cut {cut}");
+            assert_eq!(rest.is_empty(), encode_client_all(&decoded).len() == cut);
+        }
+    }
+
+    #[test]
+    fn every_split_point_of_a_server_stream_is_ok_none() {
+        let frames = server_samples();
+        let stream = encode_server_all(&frames);
+        for cut in 0..=stream.len() {
+            let mut rest = &stream[..cut];
+            let mut decoded = Vec::new();
+            while let Some((frame, consumed)) = decode_server_frame(rest, &Limits::default())
+                .unwrap_or_else(|e| panic!("cut {cut}: {e}"))
+            {
+                decoded.push(frame);
+                rest = &rest[consumed..];
+            }
+            assert_eq!(decoded[..], frames[..decoded.len()], "cut {cut}");
+            assert_eq!(rest.is_empty(), encode_server_all(&decoded).len() == cut);
+        }
+        assert_eq!(
+            decode_server_frame(&stream, &Limits::default())
+                .unwrap()
+                .unwrap()
+                .0,
+            frames[0]
+        );
+    }
+
+    #[test]
+    fn zero_length_is_an_error_as_soon_as_the_header_is_there() {
+        assert_eq!(
+            decode_client_frame(&[0, 0, 0], &Limits::default()),
+            Ok(None)
+        );
+        assert_eq!(client_err(&[0, 0, 0, 0]), DecodeError::ZeroLength);
+        assert_eq!(server_err(&[0, 0, 0, 0]), DecodeError::ZeroLength);
+        assert_eq!(DecodeError::ZeroLength.error_code(), 1);
+    }
+
+    #[test]
+    fn oversize_length_is_detected_from_the_header_alone() {
+        let too_large = DecodeError::FrameTooLarge {
+            len: 65537,
+            max: 65536,
+        };
+        assert_eq!(client_err(&65537u32.to_le_bytes()), too_large);
+        assert_eq!(client_err(&u32::MAX.to_le_bytes()).error_code(), 3);
+        // At the limit: not an error, just waiting for the rest.
+        let at_max = 65536u32.to_le_bytes();
+        assert_eq!(decode_client_frame(&at_max, &Limits::default()), Ok(None));
+        // The server side allows the largest DELIVER the limits permit (see Limits).
+        let server_max = Limits::default().server_frame_len_max();
+        assert_eq!(
+            server_err(&(server_max + 1).to_le_bytes()),
+            DecodeError::FrameTooLarge {
+                len: server_max + 1,
+                max: server_max
+            }
+        );
+    }
+
+    #[test]
+    fn frame_len_max_bounds_type_plus_payload_exactly() {
+        let limits = Limits {
+            frame_len_max: 1 + 16 + 1 + 3 + 2,
+            ..Limits::default()
+        };
+        let mut at_max = Vec::new();
+        let send = |body| ClientFrame::Send {
+            msg_id: ID,
+            to: "bob",
+            body,
+        };
+        encode_client_frame(&send(b"ab"), &mut at_max);
+        assert!(decode_client_frame(&at_max, &limits).unwrap().is_some());
+        let mut over = Vec::new();
+        encode_client_frame(&send(b"abc"), &mut over);
+        assert_eq!(
+            decode_client_frame(&over, &limits),
+            Err(DecodeError::FrameTooLarge { len: 24, max: 23 })
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_rejected_per_direction() {
+        for ty in [0x00, 0x02, 0x11, 0x20, 0x7E, 0x80, 0xFF] {
+            assert_eq!(client_err(&raw(ty, &[])), DecodeError::UnknownType(ty));
+        }
+        for ty in [0x00, 0x01, 0x10, 0x21, 0x40, 0xFF] {
+            assert_eq!(server_err(&raw(ty, &[])), DecodeError::UnknownType(ty));
+        }
+        assert_eq!(DecodeError::UnknownType(0).error_code(), 1);
+    }
+
+    #[test]
+    fn truncated_fields_are_malformed() {
+        let truncated = DecodeError::Malformed(malformed::TRUNCATED);
+        assert_eq!(client_err(&raw(frame_type::ACK, &[1, 2, 3, 4])), truncated);
+        assert_eq!(client_err(&raw(frame_type::SEND, &ID[..15])), truncated);
+        let mut send = ID.to_vec();
+        send.extend_from_slice(&[5, b'b', b'o']); // str says 5 bytes, frame has 2
+        assert_eq!(client_err(&raw(frame_type::SEND, &send)), truncated);
+        assert_eq!(
+            client_err(&raw(frame_type::HELLO, &[1, 1, b'a', 3, 0, b'x'])),
+            truncated
+        );
+        assert_eq!(server_err(&raw(frame_type::WELCOME, &[1; 20])), truncated);
+        assert_eq!(server_err(&raw(frame_type::ERROR, &[1])), truncated);
+        assert_eq!(truncated.error_code(), 1);
+    }
+
+    #[test]
+    fn trailing_bytes_are_malformed() {
+        let trailing = DecodeError::Malformed(malformed::TRAILING);
+        assert_eq!(client_err(&raw(frame_type::BYE, &[0])), trailing);
+        assert_eq!(client_err(&raw(frame_type::PING, &[0; 9])), trailing);
+        assert_eq!(
+            client_err(&raw(frame_type::HELLO, &[1, 1, b'a', 0, 0, 9])),
+            trailing
+        );
+        assert_eq!(server_err(&raw(frame_type::STORED, &[0; 17])), trailing);
+        assert_eq!(
+            server_err(&raw(frame_type::ERROR, &[1, 0, 0, b'!'])),
+            trailing
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_in_any_str_is_malformed() {
+        let bad_utf8 = DecodeError::Malformed(malformed::BAD_UTF8);
+        assert_eq!(
+            client_err(&raw(frame_type::HELLO, &[1, 2, 0xC3, 0x28, 0, 0])),
+            bad_utf8
+        );
+        let mut send = ID.to_vec();
+        send.extend_from_slice(&[1, 0xFF, b'b', b'o', b'd', b'y']);
+        assert_eq!(client_err(&raw(frame_type::SEND, &send)), bad_utf8);
+        let mut rejected = ID.to_vec();
+        rejected.extend_from_slice(&[1, 0, 1, 0x80]);
+        assert_eq!(server_err(&raw(frame_type::REJECTED, &rejected)), bad_utf8);
+        let mut deliver = vec![1, 0, 0, 0, 0, 0, 0, 0];
+        deliver.extend_from_slice(&ID);
+        deliver.extend_from_slice(&[1, 0xFE, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(server_err(&raw(frame_type::DELIVER, &deliver)), bad_utf8);
+        assert_eq!(
+            server_err(&raw(frame_type::ERROR, &[1, 0, 1, 0xC0])),
+            bad_utf8
+        );
+    }
+
+    #[test]
+    fn token_longer_than_the_limit_is_malformed() {
+        let token = vec![7u8; TOKEN_LEN_MAX_DEFAULT + 1];
+        let hello = |token| ClientFrame::Hello {
+            version: 1,
+            user: "alice",
+            token,
+        };
+        let mut buf = Vec::new();
+        encode_client_frame(&hello(&token), &mut buf);
+        assert_eq!(
+            client_err(&buf),
+            DecodeError::Malformed(malformed::TOKEN_TOO_LONG)
+        );
+        // Even when the token bytes are not all there: the limit is the answer.
+        let header_only = raw(frame_type::HELLO, &[1, 1, b'a', 0xFF, 0xFF]);
+        assert_eq!(
+            client_err(&header_only),
+            DecodeError::Malformed(malformed::TOKEN_TOO_LONG)
+        );
+        buf.clear();
+        encode_client_frame(&hello(&token[1..]), &mut buf);
+        assert!(decode_client_frame(&buf, &Limits::default())
+            .unwrap()
+            .is_some());
+    }
+
+    /// What the server, not the decoder, answers: ERROR 4, ERROR 1 / REJECTED 1, REJECTED 2.
+    #[test]
+    fn decoder_leaves_version_user_rules_and_body_limit_to_the_server() {
+        let limits = Limits::default();
+        let body = vec![0u8; limits.body_len_max as usize + 1];
+        let frames = [
+            ClientFrame::Hello {
+                version: 2,
+                user: "bad\nuser",
+                token: b"",
+            },
+            ClientFrame::Send {
+                msg_id: ID,
+                to: "",
+                body: &body,
+            },
+        ];
+        for frame in frames {
+            let mut buf = Vec::new();
+            encode_client_frame(&frame, &mut buf);
+            let (decoded, _) = decode_client_frame(&buf, &limits).unwrap().unwrap();
+            assert_eq!(decoded, frame);
+        }
+    }
+
+    #[test]
+    fn largest_deliver_fits_the_server_frame_limit() {
+        let limits = Limits::default();
+        let from = "u".repeat(limits.user_id_len_max);
+        let body = vec![1u8; limits.body_len_max as usize];
+        let frame = ServerFrame::Deliver {
+            seq: 1,
+            msg_id: ID,
+            from: &from,
+            sent_ms: 1,
+            body: &body,
+        };
+        let mut buf = Vec::new();
+        encode_server_frame(&frame, &mut buf);
+        assert_eq!(buf.len(), 4 + 65570);
+        assert_eq!(
+            decode_server_frame(&buf, &limits).unwrap().unwrap().0,
+            frame
+        );
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_char_boundary() {
+        let reason = format!("{}é and more", "r".repeat(254));
+        let frame = ServerFrame::Error {
+            code: 5,
+            reason: &reason,
+        };
+        let mut buf = Vec::new();
+        encode_server_frame(&frame, &mut buf);
+        assert_eq!(buf.len(), encoded_len_server(&frame));
+        let (decoded, _) = decode_server_frame(&buf, &Limits::default())
+            .unwrap()
+            .unwrap();
+        let expected = "r".repeat(254); // 'é' would straddle byte 255
+        assert_eq!(
+            decoded,
+            ServerFrame::Error {
+                code: 5,
+                reason: &expected
+            }
+        );
+        assert_eq!(truncate_str("ab", 255), "ab");
+        assert_eq!(truncate_str("aé", 2), "a");
+    }
+
+    #[test]
+    fn user_id_rules() {
+        let limits = Limits::default();
+        assert!(valid_user_id("alice", &limits));
+        assert!(valid_user_id("żółw 🐢", &limits));
+        assert!(valid_user_id(&"x".repeat(64), &limits));
+        assert!(!valid_user_id(&"x".repeat(65), &limits));
+        assert!(!valid_user_id("", &limits));
+        for bad in ["a\0b", "tab\t", "nl\n", "del\x7f", "\x1b[31m"] {
+            assert!(!valid_user_id(bad, &limits), "{bad:?}");
+        }
+        // 64 bytes, not 64 chars: 32 two-byte chars fit, 33 do not.
+        assert!(valid_user_id(&"é".repeat(32), &limits));
+        assert!(!valid_user_id(&"é".repeat(33), &limits));
+    }
+
+    #[test]
+    fn error_codes_match_protocol() {
+        let too_large = DecodeError::FrameTooLarge { len: 2, max: 1 };
+        assert_eq!(too_large.error_code(), error_code::FRAME_TOO_LARGE);
+        let malformed = DecodeError::Malformed(malformed::TRAILING);
+        assert_eq!(malformed.error_code(), error_code::PROTOCOL_VIOLATION);
+    }
+}
