@@ -1,0 +1,29 @@
+//! Every bound of the WAL, named, with its default. `WalConfig::new` starts
+//! from these; `WalConfig::validate` checks the relations between them.
+
+/// Default size of one segment file. Large enough that rollover (a rename and
+/// a directory sync) is rare, small enough that retention frees disk promptly.
+pub const SEGMENT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// Smallest segment accepted: one page. The simulator runs with 4-64 KiB.
+pub const SEGMENT_SIZE_BYTES_MIN: u64 = 4096;
+
+/// Largest segment accepted. Offsets inside a segment are kept as `usize`
+/// and segments are mapped whole, so keep them well within one mapping.
+pub const SEGMENT_SIZE_BYTES_MAX: u64 = 1 << 32;
+
+/// Default largest record payload (1 MiB). A message body is far smaller;
+/// snapshot chunks and batched records must stay below this.
+pub const RECORD_PAYLOAD_LEN_MAX_DEFAULT: u32 = 1 << 20;
+
+/// Default number of group commits that may be in flight at once. One is
+/// enough for group commit (every append made while a sync runs joins the
+/// next one); more only helps when a device completes syncs in parallel.
+pub const SYNCS_IN_FLIGHT_MAX_DEFAULT: u32 = 1;
+
+/// Hard upper bound on `syncs_in_flight_max`: the in-flight table is
+/// allocated up front with this many slots at most.
+pub const SYNCS_IN_FLIGHT_MAX_LIMIT: u32 = 64;
+
+/// Bytes written per `write` call when zero-filling a new segment file.
+pub const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;

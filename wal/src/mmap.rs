@@ -1,0 +1,40 @@
+//! The one room where the WAL uses `unsafe`: mapping segment files and
+//! calling fdatasync on a raw descriptor. Everything else in the crate is
+//! safe code over the slices handed out here.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::RawFd;
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// Maps a whole segment file read-write and shared, so stores through the
+/// map land in the page cache that fdatasync writes back.
+pub(crate) fn map_segment(file: &File, populate: bool) -> io::Result<MmapMut> {
+    let mut options = MmapOptions::new();
+    if populate {
+        // Pre-fault the page tables now (on the preallocation thread when
+        // there is one) instead of taking a fault per page on the append path.
+        options.populate();
+    }
+    // SAFETY: memmap2 requires that the file is not truncated or modified
+    // outside this mapping while it lives, or reads may SIGBUS or race. The
+    // segment files are private to the WAL: `FileStorage` holds an exclusive
+    // lock on the directory, segments keep their length for their whole life
+    // (they are only created full-size and unlinked, never truncated), and
+    // within this process all writes go through this one mapping.
+    unsafe { options.map_mut(file) }
+}
+
+/// fdatasync on a descriptor from a `SyncTicket`.
+pub fn fdatasync_fd(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fdatasync takes no pointers; on a stale or invalid descriptor
+    // it fails with EBADF, which is reported like any other sync failure.
+    let rc = unsafe { libc::fdatasync(fd) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,659 @@
+//! The log itself: append into the mapped active segment, group commit as a
+//! sans-IO begin/complete pair, readers, truncation and retention.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::file_storage::FileStorage;
+use crate::format::{
+    decode_record, encode_record, encode_segment_header, frame_len, trusted_frame_len, Decoded,
+    Record, SegmentHeader, SEGMENT_HEADER_LEN,
+};
+use crate::mmap::fdatasync_fd;
+use crate::recovery::{recover, RecoveryReport};
+use crate::storage::{SegmentFile, Storage};
+use crate::{WalConfig, WalError};
+
+/// One retained segment and how far it is filled.
+pub(crate) struct SegmentState<G> {
+    pub base: u64,
+    /// `base - 1` while the segment holds no record.
+    pub last_position: u64,
+    /// Where the next record goes (one past the last record's frame).
+    pub write_offset: usize,
+    pub segment: G,
+}
+
+/// A group commit in flight. Perform an fdatasync on every descriptor in
+/// `fds()` (in any order, on any thread), then hand the ticket and the result
+/// to `Wal::sync_complete`. The `Wal` keeps the descriptors open until then.
+#[derive(Debug)]
+#[must_use = "a SyncTicket must be completed with Wal::sync_complete"]
+pub struct SyncTicket {
+    id: u64,
+    target_position: u64,
+    fds: Vec<RawFd>,
+    bases: Vec<u64>,
+    dir: bool,
+}
+
+impl SyncTicket {
+    /// Every position up to this one is durable once the ticket completes.
+    pub fn target_position(&self) -> u64 {
+        self.target_position
+    }
+    /// Files (and possibly the directory) whose dirty pages must be synced.
+    pub fn fds(&self) -> &[RawFd] {
+        &self.fds
+    }
+    /// Blocking fdatasync of every descriptor, for a sync thread.
+    pub fn fdatasync(&self) -> io::Result<()> {
+        self.fds.iter().try_for_each(|&fd| fdatasync_fd(fd))
+    }
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    /// The ticket covers positions `from_position..=target_position`.
+    from_position: u64,
+    target_position: u64,
+    dir: bool,
+    done: bool,
+    /// A truncation dropped positions this ticket covered: it proves nothing.
+    stale: bool,
+}
+
+/// What `copy_forward` moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyForward {
+    /// Positions of the oldest segment that was copied from.
+    pub segment_first_position: u64,
+    pub segment_last_position: u64,
+    pub records_copied: u64,
+    pub bytes_copied: u64,
+}
+
+/// The write-ahead log. Single owner: one core appends, syncs and reads.
+pub struct Wal<S: Storage = FileStorage> {
+    storage: S,
+    config: WalConfig,
+    segments: VecDeque<SegmentState<S::Segment>>,
+    last_position: u64,
+    last_epoch: u64,
+    durable_position: u64,
+    /// Highest target of any ticket begun.
+    sync_begun_position: u64,
+    in_flight: Vec<InFlight>,
+    ticket_id_next: u64,
+    /// A segment file was created or removed since the last ticket began.
+    dir_dirty: bool,
+    /// Removed segments kept open (fds valid) until in-flight syncs complete.
+    parked: Vec<S::Segment>,
+    poisoned: bool,
+    /// `retain_from` deletes nothing until copies made by `copy_forward`
+    /// up to this position are durable.
+    copy_barrier_position: u64,
+    scratch: Vec<u8>,
+}
+
+impl Wal<FileStorage> {
+    /// Opens (or creates) the log in `config.dir`, recovering what is there.
+    pub fn open(config: WalConfig) -> Result<(Wal, RecoveryReport), WalError> {
+        config.validate()?;
+        let storage = FileStorage::open(
+            &config.dir,
+            config.populate_map,
+            config.preallocate_in_background,
+        )?;
+        Wal::open_with_storage(config, storage)
+    }
+}
+
+impl<S: Storage> Wal<S> {
+    /// Opens the log over any storage (the simulator in tests).
+    pub fn open_with_storage(
+        config: WalConfig,
+        mut storage: S,
+    ) -> Result<(Self, RecoveryReport), WalError> {
+        config.validate()?;
+        let recovered = recover(&mut storage, &config)?;
+        let mut segments = recovered.segments;
+        let mut report = recovered.report;
+        if segments.is_empty() {
+            let base = recovered.next_base;
+            let segment = create_segment(&mut storage, base, config.segment_size_bytes)?;
+            storage
+                .sync_segment(&segment)
+                .map_err(WalError::io("sync first segment"))?;
+            segments.push_back(SegmentState {
+                base,
+                last_position: base - 1,
+                write_offset: SEGMENT_HEADER_LEN,
+                segment,
+            });
+            report.segments = 1;
+        } else {
+            // What was read may only be in the page cache (a process killed
+            // before its sync): make it durable before calling it durable.
+            for state in &segments {
+                let path = storage.segment_path(state.base);
+                storage
+                    .sync_segment(&state.segment)
+                    .map_err(WalError::io(format!("sync {}", path.display())))?;
+            }
+        }
+        storage
+            .sync_dir()
+            .map_err(WalError::io("sync WAL directory"))?;
+        storage.prepare_segment(config.segment_size_bytes);
+        let last_position = segments.back().expect("at least one segment").last_position;
+        assert_eq!(last_position, report.last_position);
+        let in_flight = Vec::with_capacity(config.syncs_in_flight_max as usize + 1);
+        let wal = Wal {
+            storage,
+            segments,
+            last_position,
+            last_epoch: report.last_epoch,
+            durable_position: last_position,
+            sync_begun_position: last_position,
+            in_flight,
+            ticket_id_next: 1,
+            dir_dirty: false,
+            parked: Vec::new(),
+            poisoned: false,
+            copy_barrier_position: 0,
+            scratch: Vec::new(),
+            config,
+        };
+        Ok((wal, report))
+    }
+
+    /// Appends one record and returns its position; durable only once a
+    /// later sync covers it. A memcpy into the map plus a CRC: no syscall,
+    /// no allocation, except at a segment rollover.
+    #[inline]
+    pub fn append(&mut self, epoch: u64, record_type: u8, payload: &[u8]) -> Result<u64, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        let max = self.config.record_payload_len_max;
+        if payload.len() > max as usize {
+            return Err(WalError::RecordTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        if epoch < self.last_epoch {
+            return Err(WalError::EpochRegressed {
+                epoch,
+                last_epoch: self.last_epoch,
+            });
+        }
+        let frame = frame_len(payload.len());
+        let active = self.segments.back().expect("at least one segment");
+        if active.write_offset + frame > active.segment.bytes().len() {
+            self.roll()?;
+        }
+        let position = self.last_position + 1;
+        let active = self.segments.back_mut().expect("at least one segment");
+        let record = Record {
+            position,
+            epoch,
+            record_type,
+            payload,
+        };
+        let written = encode_record(
+            &mut active.segment.bytes_mut()[active.write_offset..],
+            &record,
+        );
+        debug_assert_eq!(written, frame);
+        active.write_offset += written;
+        active.last_position = position;
+        self.last_position = position;
+        self.last_epoch = epoch;
+        Ok(position)
+    }
+
+    /// Starts a fresh segment for the next position. The old one's unused
+    /// tail stays zero, which recovery reads as its end.
+    #[cold]
+    fn roll(&mut self) -> Result<(), WalError> {
+        let base = self.last_position + 1;
+        let segment = create_segment(&mut self.storage, base, self.config.segment_size_bytes)?;
+        self.segments.push_back(SegmentState {
+            base,
+            last_position: base - 1,
+            write_offset: SEGMENT_HEADER_LEN,
+            segment,
+        });
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    pub fn last_position(&self) -> u64 {
+        self.last_position
+    }
+    pub fn durable_position(&self) -> u64 {
+        self.durable_position
+    }
+    /// Lowest retained position; `last_position() + 1` when none is retained.
+    pub fn first_position(&self) -> u64 {
+        self.segments.front().expect("at least one segment").base
+    }
+    /// Epoch of the last record appended (0 if none since the log was empty).
+    pub fn last_epoch(&self) -> u64 {
+        self.last_epoch
+    }
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+    /// Disk held: the retained segments plus a preallocated spare.
+    pub fn disk_bytes(&self) -> u64 {
+        let segments: u64 = self
+            .segments
+            .iter()
+            .map(|s| s.segment.bytes().len() as u64)
+            .sum();
+        segments + self.storage.spare_bytes()
+    }
+    pub fn config(&self) -> &WalConfig {
+        &self.config
+    }
+    /// Rollovers that had to wait for the background preallocation.
+    pub fn rollover_waits(&self) -> u64 {
+        self.storage.rollover_waits()
+    }
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+    pub fn syncs_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Begins a group commit of everything appended so far. `None` when
+    /// nothing is new since the last ticket began, when
+    /// `syncs_in_flight_max` tickets are in flight, or when poisoned.
+    pub fn sync_begin(&mut self) -> Option<SyncTicket> {
+        if self.poisoned || self.in_flight.len() >= self.config.syncs_in_flight_max as usize {
+            return None;
+        }
+        if self.last_position == self.sync_begun_position && !self.dir_dirty {
+            return None;
+        }
+        Some(self.make_ticket(self.sync_begun_position + 1, false))
+    }
+
+    fn make_ticket(&mut self, from_position: u64, include_dir_in_flight: bool) -> SyncTicket {
+        let target_position = self.last_position;
+        let mut fds = Vec::with_capacity(2);
+        let mut bases = Vec::with_capacity(2);
+        for state in &self.segments {
+            if state.base <= target_position && state.last_position >= from_position {
+                bases.push(state.base);
+                fds.extend(state.segment.raw_fd());
+            }
+        }
+        let dir = std::mem::take(&mut self.dir_dirty)
+            || (include_dir_in_flight && self.in_flight.iter().any(|t| t.dir));
+        if dir {
+            fds.extend(self.storage.dir_fd());
+        }
+        let id = self.ticket_id_next;
+        self.ticket_id_next += 1;
+        self.sync_begun_position = self.sync_begun_position.max(target_position);
+        self.in_flight.push(InFlight {
+            id,
+            from_position,
+            target_position,
+            dir,
+            done: false,
+            stale: false,
+        });
+        SyncTicket {
+            id,
+            target_position,
+            fds,
+            bases,
+            dir,
+        }
+    }
+
+    /// Performs a ticket's syncs through the storage (blocking). The engine
+    /// syncs `ticket.fds()` itself; this is for `sync` and the simulator.
+    pub fn sync_perform(&mut self, ticket: &SyncTicket) -> io::Result<()> {
+        for base in &ticket.bases {
+            // A segment removed since the ticket began no longer matters.
+            if let Some(state) = self.segments.iter().find(|s| s.base == *base) {
+                self.storage.sync_segment(&state.segment)?;
+            }
+        }
+        if ticket.dir {
+            self.storage.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    /// Completes a ticket with the result of its fdatasyncs and returns the
+    /// durable position. A failed sync poisons the log for good.
+    #[must_use = "a failed sync is fatal and must not be ignored"]
+    pub fn sync_complete(
+        &mut self,
+        ticket: SyncTicket,
+        result: io::Result<()>,
+    ) -> Result<u64, WalError> {
+        let index = self.in_flight.iter().position(|t| t.id == ticket.id);
+        let index = index.expect("ticket belongs to this Wal and is completed once");
+        assert_eq!(
+            self.in_flight[index].target_position,
+            ticket.target_position
+        );
+        if let Err(error) = result {
+            self.poisoned = true;
+            return Err(WalError::SyncFailed(error));
+        }
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        self.in_flight[index].done = true;
+        self.apply_completions();
+        if self.in_flight.is_empty() {
+            self.parked.clear();
+        }
+        Ok(self.durable_position)
+    }
+
+    /// Advances the durable position over every completed ticket that
+    /// starts at or below it: a later ticket done first waits for the
+    /// earlier ones, which cover other files.
+    fn apply_completions(&mut self) {
+        loop {
+            let durable = self.durable_position;
+            let ready = self
+                .in_flight
+                .iter()
+                .position(|t| t.done && (t.stale || t.from_position <= durable + 1));
+            let Some(index) = ready else { break };
+            let ticket = self.in_flight.swap_remove(index);
+            if !ticket.stale {
+                self.durable_position = durable.max(ticket.target_position.min(self.last_position));
+            }
+        }
+        assert!(self.durable_position <= self.last_position);
+    }
+
+    /// Blocking group commit: makes everything appended so far durable,
+    /// whatever is in flight, and returns the durable position.
+    pub fn sync(&mut self) -> Result<u64, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if self.last_position == self.durable_position && !self.dir_dirty {
+            return Ok(self.durable_position);
+        }
+        let ticket = self.make_ticket(self.durable_position + 1, true);
+        let result = self.sync_perform(&ticket);
+        self.sync_complete(ticket, result)
+    }
+
+    /// Reads records from `position` (any retained position, or
+    /// `last_position() + 1` for an empty iterator) to the current end.
+    pub fn iter_from(&self, position: u64) -> Result<WalIter<'_, S>, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        let (first, last) = (self.first_position(), self.last_position);
+        if position < first || position > last + 1 {
+            return Err(WalError::NotRetained {
+                position,
+                first,
+                last,
+            });
+        }
+        let (segment_index, offset) = self.locate(position);
+        Ok(WalIter {
+            wal: self,
+            segment_index,
+            offset,
+            next_position: position,
+            end_position: last,
+        })
+    }
+
+    /// Segment index and offset of `position` (or of where it would go).
+    /// Walks the frames of one segment from its start: replication starts a
+    /// stream rarely, and a sparse index is not worth its memory yet.
+    fn locate(&self, position: u64) -> (usize, usize) {
+        let index = self
+            .segments
+            .partition_point(|s| s.base <= position)
+            .saturating_sub(1);
+        let state = &self.segments[index];
+        let bytes = state.segment.bytes();
+        let mut offset = SEGMENT_HEADER_LEN;
+        for _ in state.base..position.min(state.last_position + 1) {
+            offset += trusted_frame_len(&bytes[offset..]);
+        }
+        assert!(offset <= state.write_offset);
+        (index, offset)
+    }
+
+    /// Drops every record after `position` (a replica whose tail diverged).
+    /// Blocking: later segments are unlinked and the directory synced, then
+    /// the tail is zeroed and synced, so a crash cannot resurrect the dropped
+    /// records behind new ones. Tickets in flight stop counting.
+    pub fn truncate_after(&mut self, position: u64) -> Result<(), WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if position >= self.last_position {
+            return Ok(());
+        }
+        let first = self.first_position();
+        if position + 1 < first {
+            return Err(WalError::NotRetained {
+                position,
+                first,
+                last: self.last_position,
+            });
+        }
+        let keep = self.segments.partition_point(|s| s.base <= position + 1) - 1;
+        if keep + 1 < self.segments.len() {
+            let removed: Vec<_> = self.segments.drain(keep + 1..).collect();
+            for state in removed {
+                self.remove_segment_file(state)?;
+            }
+            self.sync_dir_now()?;
+        }
+        let (_, offset) = self.locate(position + 1);
+        let state = &mut self.segments[keep];
+        state.segment.bytes_mut()[offset..state.write_offset].fill(0);
+        state.write_offset = offset;
+        state.last_position = position;
+        let path = self.storage.segment_path(state.base);
+        if let Err(error) = self.storage.sync_segment(&state.segment) {
+            self.poisoned = true;
+            return Err(WalError::SyncFailed(io::Error::new(
+                error.kind(),
+                format!("{}: {error}", path.display()),
+            )));
+        }
+        self.last_position = position;
+        self.durable_position = self.durable_position.min(position);
+        self.sync_begun_position = self.durable_position;
+        self.in_flight.iter_mut().for_each(|t| t.stale = true);
+        if position >= first {
+            let (index, offset) = self.locate(position);
+            let bytes = &self.segments[index].segment.bytes()[offset..];
+            if let Decoded::Record(record, _) =
+                decode_record(bytes, self.config.record_payload_len_max)
+            {
+                self.last_epoch = record.epoch;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_dir_now(&mut self) -> Result<(), WalError> {
+        self.storage.sync_dir().map_err(|error| {
+            self.poisoned = true;
+            WalError::SyncFailed(error)
+        })
+    }
+
+    /// Unlinks a segment; keeps its mapping and fd alive while a ticket
+    /// that may name its fd is in flight.
+    fn remove_segment_file(&mut self, state: SegmentState<S::Segment>) -> Result<(), WalError> {
+        let path = self.storage.segment_path(state.base);
+        self.storage
+            .remove_segment(state.base)
+            .map_err(WalError::io(format!("remove {}", path.display())))?;
+        if !self.in_flight.is_empty() {
+            self.parked.push(state.segment);
+        }
+        Ok(())
+    }
+
+    /// Deletes the whole segments below `lowest_needed_position` (never the
+    /// active one) and returns how many. The directory sync rides on the next
+    /// group commit. Deletes nothing while copies made by `copy_forward` are
+    /// not yet durable.
+    pub fn retain_from(&mut self, lowest_needed_position: u64) -> Result<usize, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if self.durable_position < self.copy_barrier_position {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        while self.segments.len() > 1 && self.segments[1].base <= lowest_needed_position {
+            let state = self.segments.pop_front().expect("len > 1");
+            self.remove_segment_file(state)?;
+            self.dir_dirty = true;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Helps free the oldest segment when a few of its records are still
+    /// live (say, messages not yet delivered): re-appends each record of the
+    /// oldest segment for which `keep` returns true, at the end of the log
+    /// with the current epoch and the same type and payload, and reports
+    /// each move through `moved(old_position, new_position)` so the owner
+    /// can repoint its index. Then the owner syncs, and once its lowest
+    /// needed position is past `segment_last_position`, `retain_from`
+    /// deletes the segment. Does nothing when only the active segment exists.
+    pub fn copy_forward(
+        &mut self,
+        mut keep: impl FnMut(&Record<'_>) -> bool,
+        mut moved: impl FnMut(u64, u64),
+    ) -> Result<CopyForward, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        let mut result = CopyForward::default();
+        if self.segments.len() < 2 {
+            return Ok(result);
+        }
+        let (first, last) = (self.segments[0].base, self.segments[0].last_position);
+        result.segment_first_position = first;
+        result.segment_last_position = last;
+        let mut live = Vec::new();
+        for record in self.iter_from(first)?.take((last + 1 - first) as usize) {
+            let record = record?;
+            if keep(&record) {
+                live.push(record.position);
+            }
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for old_position in live {
+            let (index, offset) = self.locate(old_position);
+            let bytes = &self.segments[index].segment.bytes()[offset..];
+            let Decoded::Record(record, _) =
+                decode_record(bytes, self.config.record_payload_len_max)
+            else {
+                panic!("record {old_position} verified above no longer decodes");
+            };
+            let record_type = record.record_type;
+            scratch.clear();
+            scratch.extend_from_slice(record.payload);
+            let new_position = self.append(self.last_epoch, record_type, &scratch)?;
+            moved(old_position, new_position);
+            result.records_copied += 1;
+            result.bytes_copied += scratch.len() as u64;
+        }
+        self.scratch = scratch;
+        self.copy_barrier_position = self.last_position;
+        Ok(result)
+    }
+}
+
+fn create_segment<S: Storage>(
+    storage: &mut S,
+    base: u64,
+    size_bytes: u64,
+) -> Result<S::Segment, WalError> {
+    let path = storage.segment_path(base);
+    let mut segment = storage
+        .create_segment(base, size_bytes)
+        .map_err(WalError::io(format!("create {}", path.display())))?;
+    assert_eq!(segment.bytes().len() as u64, size_bytes);
+    assert!(segment
+        .bytes()
+        .iter()
+        .take(SEGMENT_HEADER_LEN)
+        .all(|&b| b == 0));
+    encode_segment_header(
+        &SegmentHeader {
+            base_position: base,
+            segment_size_bytes: size_bytes,
+        },
+        segment.bytes_mut(),
+    );
+    Ok(segment)
+}
+
+/// Iterator over records from a position to the end the log had when the
+/// iterator was made. Verifies each record's CRC as it goes.
+pub struct WalIter<'a, S: Storage = FileStorage> {
+    wal: &'a Wal<S>,
+    segment_index: usize,
+    offset: usize,
+    next_position: u64,
+    end_position: u64,
+}
+
+impl<'a, S: Storage> Iterator for WalIter<'a, S> {
+    type Item = Result<Record<'a>, WalError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next_position > self.end_position {
+            return None;
+        }
+        let mut state = &self.wal.segments[self.segment_index];
+        if self.next_position > state.last_position {
+            self.segment_index += 1;
+            self.offset = SEGMENT_HEADER_LEN;
+            state = &self.wal.segments[self.segment_index];
+        }
+        let bytes = &state.segment.bytes()[self.offset..state.write_offset];
+        match decode_record(bytes, self.wal.config.record_payload_len_max) {
+            Decoded::Record(record, frame) if record.position == self.next_position => {
+                self.offset += frame;
+                self.next_position += 1;
+                Some(Ok(record))
+            }
+            other => {
+                let detail = format!("reading position {}: {other:?}", self.next_position);
+                self.next_position = self.end_position + 1;
+                let path = self.wal.storage.segment_path(state.base);
+                Some(Err(WalError::Corrupt {
+                    path,
+                    offset: self.offset as u64,
+                    detail,
+                }))
+            }
+        }
+    }
+}
