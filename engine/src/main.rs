@@ -1,1 +1,5 @@
-fn main() {}
+//! The `iris` binary: see `engine::main`.
+
+fn main() -> std::process::ExitCode {
+    engine::main()
+}

@@ -1,0 +1,188 @@
+//! Configuration of `iris serve`: every bound of the engine, named, with its
+//! default, in one place. Values come from the defaults, then an optional TOML
+//! file (`--config`), then command-line flags, in that order of precedence.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// io_uring buffer memory per executor. The memlock limit here is 8 MiB and glommio
+/// registers this much per executor, so it must stay at or below 1 MiB
+/// (notes/runtime-spike.md).
+pub const IO_MEMORY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client listener address; port 0 picks a free port (printed on stdout).
+    pub listen: SocketAddr,
+    /// Data directory: one WAL directory per shard under it.
+    pub data: PathBuf,
+    /// Executors (one pinned thread per core); 0 = every core. One shard per core.
+    pub cores: usize,
+    pub limits: Limits,
+}
+
+/// Every bound of the engine. Hitting one gives the error PROTOCOL.md names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame (u32 length field: type + payload); announced in WELCOME. ERROR 3 above it.
+    pub frame_len_max: u32,
+    /// Largest SEND body; REJECTED 2 above it. Must leave room for SEND's other fields.
+    pub body_len_max: u32,
+    /// Pending (stored, not yet ACKed) messages per recipient; REJECTED 5 above it.
+    pub inbox_len_max: usize,
+    /// Users with inbox state per shard; REJECTED 4 when a new recipient would exceed it.
+    pub inbox_users_max: usize,
+    /// Bytes of pending message bodies held per shard; REJECTED 4 above it.
+    pub shard_pending_bytes_max: usize,
+    /// (sender, msg_id) entries remembered per shard for idempotency; oldest evicted first.
+    pub dedup_entries_max: usize,
+    /// How long a (sender, msg_id) is remembered (protocol: at least 24 h by default).
+    pub dedup_window_secs: u64,
+    /// Connections per core; the next one gets ERROR 7.
+    pub connections_per_core_max: usize,
+    /// Bytes queued for one connection's socket; a reader that lets it fill is disconnected.
+    pub outbox_bytes_max: usize,
+    /// DELIVERs sent to a connection beyond its last ACK before the shard waits for an ACK.
+    pub deliver_window: u64,
+    /// SENDs of one connection awaiting STORED/REJECTED; past it the server stops reading it.
+    pub sends_in_flight_max: u32,
+    /// A connection silent this long gets ERROR 6.
+    pub idle_timeout_ms: u64,
+    /// Messages queued for another core within one event-loop turn before connections pause.
+    pub mesh_outgoing_max: usize,
+    /// Batches in flight on each core-to-core channel.
+    pub mesh_channel_batches: usize,
+    /// Read buffers in each core's pool (each frame_len_max + 4 bytes, lent only while data is there).
+    pub read_buffers_per_core: usize,
+    /// WAL segment size.
+    pub wal_segment_bytes: u64,
+    /// Graceful shutdown: how long to wait for in-flight SENDs to be answered.
+    pub shutdown_drain_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7070".parse().expect("literal address"),
+            data: PathBuf::from("./iris-data"),
+            cores: 0,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_len_max: 65536,
+            body_len_max: 65536 - 64,
+            inbox_len_max: 100_000,
+            inbox_users_max: 1_000_000,
+            shard_pending_bytes_max: 1 << 30,
+            dedup_entries_max: 1_000_000,
+            dedup_window_secs: 24 * 3600,
+            connections_per_core_max: 50_000,
+            outbox_bytes_max: 4 << 20,
+            deliver_window: 512,
+            sends_in_flight_max: 1024,
+            idle_timeout_ms: 5 * 60 * 1000,
+            mesh_outgoing_max: 65536,
+            mesh_channel_batches: 64,
+            read_buffers_per_core: 256,
+            wal_segment_bytes: 64 << 20,
+            shutdown_drain_ms: 3000,
+        }
+    }
+}
+
+/// SEND's fields besides the body with the shortest recipient: type(1) + msg_id(16) + to(1 + 1).
+/// (PROTOCOL.md's defaults, 65536 and 65536 - 64, leave a long recipient less room than max_body.)
+const SEND_OVERHEAD_MIN: u32 = 1 + 16 + 1 + 1;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Checks the relations between limits; a bad combination is refused at start.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = &self.limits;
+        let checks: [(bool, &str); 9] = [
+            (l.frame_len_max >= 128, "frame_len_max must be at least 128"),
+            (
+                l.body_len_max + SEND_OVERHEAD_MIN <= l.frame_len_max,
+                "body_len_max + 19 (SEND's other fields) must fit in frame_len_max",
+            ),
+            (l.inbox_len_max > 0, "inbox_len_max must be positive"),
+            (
+                l.dedup_entries_max > 0,
+                "dedup_entries_max must be positive",
+            ),
+            (
+                l.connections_per_core_max > 0,
+                "connections_per_core_max must be positive",
+            ),
+            (
+                l.outbox_bytes_max >= 2 * l.frame_len_max as usize,
+                "outbox_bytes_max must hold at least two frames",
+            ),
+            (l.deliver_window > 0, "deliver_window must be positive"),
+            (
+                l.sends_in_flight_max > 0,
+                "sends_in_flight_max must be positive",
+            ),
+            (
+                l.wal_segment_bytes >= 2 * l.frame_len_max as u64,
+                "wal_segment_bytes too small",
+            ),
+        ];
+        for (ok, why) in checks {
+            if !ok {
+                return Err(format!("invalid configuration: {why}"));
+            }
+        }
+        if l.idle_timeout_ms < 100 {
+            return Err("invalid configuration: idle_timeout_ms must be at least 100".into());
+        }
+        Ok(())
+    }
+
+    pub fn net_limits(&self) -> net::Limits {
+        net::Limits {
+            frame_len_max: self.limits.frame_len_max,
+            body_len_max: self.limits.body_len_max,
+            ..net::Limits::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("defaults valid");
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str("cores = 3\n[limits]\ninbox_len_max = 7\n").unwrap();
+        assert_eq!(c.cores, 3);
+        assert_eq!(c.limits.inbox_len_max, 7);
+        assert_eq!(c.limits.frame_len_max, 65536);
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn body_must_fit_in_frame() {
+        let mut c = Config::default();
+        c.limits.body_len_max = c.limits.frame_len_max;
+        assert!(c.validate().is_err());
+    }
+}

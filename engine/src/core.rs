@@ -1,0 +1,654 @@
+//! One core: a pinned executor that owns one shard and the client connections
+//! it accepted (edge and core roles in one process). Connections live in a
+//! fixed-size slot arena; cross-core traffic goes over glommio's channel mesh
+//! in batches, one batch per destination per event-loop turn.
+
+use crate::config::Limits;
+use crate::shard::{now_ms, ConnRef, PendingMsg, SendRequest, Shard, Sink};
+use net::{encode_server_frame, error_code, reject_code, MsgId, ServerFrame};
+use std::task::Waker;
+
+/// Messages between cores. Edge-to-shard requests and shard-to-edge answers.
+#[derive(Debug)]
+pub enum Mail {
+    Send {
+        reply: ConnRef,
+        sender: Box<str>,
+        msg_id: MsgId,
+        to: Box<str>,
+        sent_ms: u64,
+        body: Box<[u8]>,
+    },
+    Login {
+        conn: ConnRef,
+        user: Box<str>,
+    },
+    Ack {
+        user: Box<str>,
+        seq: u64,
+    },
+    Logout {
+        conn: ConnRef,
+        user: Box<str>,
+    },
+    Stored {
+        conn: ConnRef,
+        msg_id: MsgId,
+    },
+    Rejected {
+        conn: ConnRef,
+        msg_id: MsgId,
+        code: u16,
+        reason: &'static str,
+    },
+    Welcome {
+        conn: ConnRef,
+        pending: u64,
+    },
+    Deliver {
+        conn: ConnRef,
+        seq: u64,
+        msg_id: MsgId,
+        from: Box<str>,
+        sent_ms: u64,
+        body: Box<[u8]>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    Free,
+    /// Accepted; the first frame must be HELLO.
+    AwaitHello,
+    /// HELLO forwarded to the user's shard; reading paused until WELCOME.
+    AwaitWelcome,
+    Ready,
+    /// An ERROR (or BYE) was queued: flush, then close. Nothing more is read.
+    Closing,
+}
+
+/// A connection's state in the per-core arena. Holds no buffer while idle:
+/// `out` is empty (no allocation) unless bytes wait for the socket.
+pub struct Slot {
+    pub generation: u32,
+    pub state: SlotState,
+    pub user: Option<Box<str>>,
+    pub out: Vec<u8>,
+    pub out_sent: usize,
+    pub waker: Option<Waker>,
+    pub sends_in_flight: u32,
+    /// Highest DELIVER seq written to this connection (an ACK above it is a violation).
+    pub delivered_seq_max: u64,
+    pub last_activity_ms: u64,
+    /// Drop the connection at once (outbox overflow): no flush.
+    pub kill: bool,
+}
+
+impl Slot {
+    fn free() -> Slot {
+        Slot {
+            generation: 0,
+            state: SlotState::Free,
+            user: None,
+            out: Vec::new(),
+            out_sent: 0,
+            waker: None,
+            sends_in_flight: 0,
+            delivered_seq_max: 0,
+            last_activity_ms: 0,
+            kill: false,
+        }
+    }
+
+    pub fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The edge half of a core: connections, their outboxes, and mail to other cores.
+pub struct Edge {
+    pub id: u16,
+    pub nr_cores: usize,
+    pub limits: Limits,
+    pub net_limits: net::Limits,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    /// Buffers for outboxes and reads, reused; bounded by `buffers_pooled_max`.
+    pool: Vec<Vec<u8>>,
+    pub outgoing: Vec<Vec<Mail>>,
+    pub outgoing_len: usize,
+    pub flusher_waker: Option<Waker>,
+    /// Connections that paused reading because `outgoing` was full.
+    pub mesh_waiters: Vec<Waker>,
+    /// Read buffers (frame_len_max + slack), lent to connections while bytes wait to be decoded.
+    read_pool: Vec<Box<[u8]>>,
+    read_buffers_lent: usize,
+    /// Connections waiting for a read buffer (read_buffers_per_core all lent).
+    pub read_waiters: Vec<Waker>,
+    pub sends_in_flight_total: u64,
+    pub connections: usize,
+    pub shutting_down: bool,
+    pub clock_ms: u64,
+}
+
+/// Buffers kept in a core's pool; more are freed on return.
+const BUFFERS_POOLED_MAX: usize = 64;
+/// Read-ahead room in a read buffer beyond one whole frame.
+const READ_AHEAD_BYTES: usize = 16 << 10;
+/// A pooled outbox buffer larger than this is freed instead of kept.
+const POOLED_BUFFER_CAPACITY_MAX: usize = 256 << 10;
+
+impl Edge {
+    pub fn new(id: u16, nr_cores: usize, limits: Limits, net_limits: net::Limits) -> Edge {
+        Edge {
+            id,
+            nr_cores,
+            limits,
+            net_limits,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            pool: Vec::new(),
+            outgoing: (0..nr_cores).map(|_| Vec::new()).collect(),
+            outgoing_len: 0,
+            flusher_waker: None,
+            mesh_waiters: Vec::new(),
+            read_pool: Vec::new(),
+            read_buffers_lent: 0,
+            read_waiters: Vec::new(),
+            sends_in_flight_total: 0,
+            connections: 0,
+            shutting_down: false,
+            clock_ms: now_ms(),
+        }
+    }
+
+    /// The shard owning a user: a fixed hash into 16384 slots, slots spread evenly over shards.
+    pub fn shard_of(&self, user: &str) -> u16 {
+        (net::slot_of(user) as usize * self.nr_cores / net::SLOT_COUNT as usize) as u16
+    }
+
+    /// Takes a free slot for a new connection, or None at connections_per_core_max.
+    pub fn alloc_slot(&mut self) -> Option<(u32, u32)> {
+        if self.connections >= self.limits.connections_per_core_max {
+            return None;
+        }
+        let index = match self.free_slots.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::free());
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        assert_eq!(slot.state, SlotState::Free);
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.state = SlotState::AwaitHello;
+        slot.last_activity_ms = self.clock_ms;
+        self.connections += 1;
+        Some((index, slot.generation))
+    }
+
+    pub fn release_slot(&mut self, index: u32) {
+        let slot = &mut self.slots[index as usize];
+        assert_ne!(slot.state, SlotState::Free);
+        self.sends_in_flight_total -= u64::from(slot.sends_in_flight);
+        let out = std::mem::take(&mut slot.out);
+        let generation = slot.generation;
+        *slot = Slot::free();
+        slot.generation = generation;
+        self.give_buffer(out);
+        self.free_slots.push(index);
+        self.connections -= 1;
+    }
+
+    pub fn slot(&mut self, index: u32) -> &mut Slot {
+        &mut self.slots[index as usize]
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The slot for `conn`, if that connection still lives there.
+    fn live_slot(&mut self, conn: ConnRef) -> Option<&mut Slot> {
+        debug_assert_eq!(conn.core, self.id);
+        let slot = self.slots.get_mut(conn.slot as usize)?;
+        (slot.generation == conn.generation && slot.state != SlotState::Free).then_some(slot)
+    }
+
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    pub fn give_buffer(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0
+            || buf.capacity() > POOLED_BUFFER_CAPACITY_MAX
+            || self.pool.len() >= BUFFERS_POOLED_MAX
+        {
+            return;
+        }
+        buf.clear();
+        self.pool.push(buf);
+    }
+
+    /// Length of a read buffer: one whole frame plus room to read ahead.
+    fn read_buffer_len(&self) -> usize {
+        self.limits.frame_len_max as usize + 4 + READ_AHEAD_BYTES
+    }
+
+    pub fn read_buffer_available(&self) -> bool {
+        self.read_buffers_lent < self.limits.read_buffers_per_core
+    }
+
+    pub fn take_read_buffer(&mut self) -> Box<[u8]> {
+        assert!(
+            self.read_buffer_available(),
+            "checked by the caller before reading"
+        );
+        self.read_buffers_lent += 1;
+        let len = self.read_buffer_len();
+        self.read_pool
+            .pop()
+            .unwrap_or_else(|| vec![0u8; len].into_boxed_slice())
+    }
+
+    pub fn give_read_buffer(&mut self, buf: Box<[u8]>) {
+        self.read_buffers_lent -= 1;
+        if self.read_pool.len() < BUFFERS_POOLED_MAX {
+            self.read_pool.push(buf);
+        }
+        if let Some(w) = self.read_waiters.pop() {
+            w.wake();
+        }
+    }
+
+    /// Appends a frame to a connection's outbox; a full outbox disconnects it
+    /// (its messages stay in the inbox).
+    pub fn write_frame(&mut self, index: u32, frame: &ServerFrame<'_>) {
+        let outbox_max = self.limits.outbox_bytes_max;
+        let len = net::encoded_len_server(frame);
+        let needs_buffer = self.slots[index as usize].out.capacity() == 0;
+        let fresh = if needs_buffer {
+            Some(self.take_buffer())
+        } else {
+            None
+        };
+        let slot = &mut self.slots[index as usize];
+        if let Some(buf) = fresh {
+            slot.out = buf;
+        }
+        if slot.kill {
+            return;
+        }
+        if slot.out.len() - slot.out_sent + len > outbox_max {
+            tracing::debug!(slot = index, "outbox full: disconnecting a slow reader");
+            slot.kill = true;
+            slot.wake();
+            return;
+        }
+        encode_server_frame(frame, &mut slot.out);
+        slot.wake();
+    }
+
+    /// Queues ERROR and closes after the flush.
+    pub fn fail(&mut self, index: u32, code: u16, reason: &str) {
+        self.write_frame(index, &ServerFrame::Error { code, reason });
+        self.slots[index as usize].state = SlotState::Closing;
+    }
+
+    pub fn post(&mut self, dest: u16, mail: Mail) {
+        assert_ne!(dest, self.id, "local mail is handled in place");
+        self.outgoing[dest as usize].push(mail);
+        self.outgoing_len += 1;
+        if let Some(w) = self.flusher_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn mesh_full(&self) -> bool {
+        self.outgoing_len >= self.limits.mesh_outgoing_max
+    }
+
+    fn answered(&mut self, conn: ConnRef, frame: &ServerFrame<'_>) {
+        let Some(slot) = self.live_slot(conn) else {
+            return;
+        };
+        slot.sends_in_flight -= 1;
+        self.sends_in_flight_total -= 1;
+        self.write_frame(conn.slot, frame);
+    }
+
+    /// Handles an answer that came from another core's shard.
+    pub fn receive(&mut self, mail: Mail) {
+        match mail {
+            Mail::Stored { conn, msg_id } => self.stored(conn, msg_id),
+            Mail::Rejected {
+                conn,
+                msg_id,
+                code,
+                reason,
+            } => self.rejected(conn, msg_id, code, reason),
+            Mail::Welcome { conn, pending } => self.welcome(conn, pending),
+            Mail::Deliver {
+                conn,
+                seq,
+                msg_id,
+                from,
+                sent_ms,
+                body,
+            } => self.deliver_local(conn, seq, msg_id, &from, sent_ms, &body),
+            other => unreachable!("shard request routed to the edge: {other:?}"),
+        }
+    }
+
+    fn deliver_local(
+        &mut self,
+        conn: ConnRef,
+        seq: u64,
+        msg_id: MsgId,
+        from: &str,
+        sent_ms: u64,
+        body: &[u8],
+    ) {
+        let Some(slot) = self.live_slot(conn) else {
+            return;
+        };
+        if slot.state != SlotState::Ready {
+            return;
+        }
+        slot.delivered_seq_max = slot.delivered_seq_max.max(seq);
+        self.write_frame(
+            conn.slot,
+            &ServerFrame::Deliver {
+                seq,
+                msg_id,
+                from,
+                sent_ms,
+                body,
+            },
+        );
+    }
+
+    /// Every live connection gets ERROR 5 and is closed after its flush.
+    pub fn shut_all(&mut self) {
+        for index in 0..self.slots.len() as u32 {
+            let state = self.slots[index as usize].state;
+            if state != SlotState::Free && state != SlotState::Closing {
+                self.fail(index, error_code::SHUTTING_DOWN, "server shutting down");
+            }
+        }
+    }
+
+    /// Closes connections silent for longer than the idle timeout (ERROR 6).
+    pub fn expire_idle(&mut self) {
+        let deadline = self.clock_ms.saturating_sub(self.limits.idle_timeout_ms);
+        for index in 0..self.slots.len() as u32 {
+            let slot = &self.slots[index as usize];
+            if slot.state != SlotState::Free
+                && slot.state != SlotState::Closing
+                && slot.last_activity_ms < deadline
+            {
+                self.fail(index, error_code::IDLE_TIMEOUT, "idle timeout");
+            }
+        }
+    }
+}
+
+impl Sink for Edge {
+    fn stored(&mut self, conn: ConnRef, msg_id: MsgId) {
+        if conn.core == self.id {
+            self.answered(conn, &ServerFrame::Stored { msg_id });
+        } else {
+            self.post(conn.core, Mail::Stored { conn, msg_id });
+        }
+    }
+
+    fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &'static str) {
+        if conn.core == self.id {
+            self.answered(
+                conn,
+                &ServerFrame::Rejected {
+                    msg_id,
+                    code,
+                    reason,
+                },
+            );
+        } else {
+            self.post(
+                conn.core,
+                Mail::Rejected {
+                    conn,
+                    msg_id,
+                    code,
+                    reason,
+                },
+            );
+        }
+    }
+
+    fn welcome(&mut self, conn: ConnRef, pending: u64) {
+        if conn.core != self.id {
+            self.post(conn.core, Mail::Welcome { conn, pending });
+            return;
+        }
+        let frame_len_max = self.limits.frame_len_max;
+        let clock_ms = self.clock_ms;
+        let Some(slot) = self.live_slot(conn) else {
+            return;
+        };
+        if slot.state != SlotState::AwaitWelcome {
+            return;
+        }
+        slot.state = SlotState::Ready;
+        let frame = ServerFrame::Welcome {
+            version: net::PROTOCOL_VERSION,
+            server_time_ms: clock_ms.max(now_ms()),
+            max_frame: frame_len_max,
+            pending,
+        };
+        self.write_frame(conn.slot, &frame);
+    }
+
+    fn deliver(&mut self, conn: ConnRef, msg: &PendingMsg) {
+        if conn.core == self.id {
+            self.deliver_local(conn, msg.seq, msg.msg_id, &msg.from, msg.sent_ms, &msg.body);
+        } else {
+            let mail = Mail::Deliver {
+                conn,
+                seq: msg.seq,
+                msg_id: msg.msg_id,
+                from: msg.from.clone(),
+                sent_ms: msg.sent_ms,
+                body: msg.body.clone(),
+            };
+            self.post(conn.core, mail);
+        }
+    }
+}
+
+/// A core's whole state, behind one RefCell owned by its executor thread.
+pub struct Core {
+    pub shard: Shard,
+    pub edge: Edge,
+    pub commit_waker: Option<Waker>,
+    /// The acceptor, waiting to notice shutdown.
+    pub shutdown_waker: Option<Waker>,
+}
+
+impl Core {
+    /// Handles a batch of mail from another core.
+    pub fn handle_mail(&mut self, batch: Vec<Mail>) {
+        for mail in batch {
+            self.handle_one(mail);
+        }
+        self.kick_committer();
+    }
+
+    fn handle_one(&mut self, mail: Mail) {
+        let Core { shard, edge, .. } = self;
+        let result = match mail {
+            Mail::Send {
+                reply,
+                sender,
+                msg_id,
+                to,
+                sent_ms,
+                body,
+            } => shard.send(
+                SendRequest {
+                    reply,
+                    sender: &sender,
+                    msg_id,
+                    to: &to,
+                    sent_ms,
+                    body,
+                },
+                edge,
+            ),
+            Mail::Login { conn, user } => {
+                shard.login(conn, &user, edge);
+                Ok(())
+            }
+            Mail::Ack { user, seq } => shard.ack(&user, seq, edge),
+            Mail::Logout { conn, user } => {
+                shard.logout(conn, &user);
+                Ok(())
+            }
+            answer => {
+                edge.receive(answer);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            crate::runtime::fatal_if_poisoned(&e);
+        }
+    }
+
+    pub fn kick_committer(&mut self) {
+        if self.shard.needs_sync() {
+            if let Some(w) = self.commit_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Routes a validated SEND from a local connection to the recipient's shard.
+    pub fn route_send(
+        &mut self,
+        reply: ConnRef,
+        sender: &str,
+        msg_id: MsgId,
+        to: &str,
+        body: &[u8],
+    ) {
+        let dest = self.edge.shard_of(to);
+        let sent_ms = crate::shard::now_ms();
+        if dest == self.edge.id {
+            let req = SendRequest {
+                reply,
+                sender,
+                msg_id,
+                to,
+                sent_ms,
+                body: body.into(),
+            };
+            if let Err(e) = self.shard.send(req, &mut self.edge) {
+                crate::runtime::fatal_if_poisoned(&e);
+            }
+        } else {
+            let mail = Mail::Send {
+                reply,
+                sender: sender.into(),
+                msg_id,
+                to: to.into(),
+                sent_ms,
+                body: body.into(),
+            };
+            self.edge.post(dest, mail);
+        }
+    }
+
+    pub fn route_login(&mut self, conn: ConnRef, user: &str) {
+        let dest = self.edge.shard_of(user);
+        if dest == self.edge.id {
+            self.shard.login(conn, user, &mut self.edge);
+        } else {
+            self.edge.post(
+                dest,
+                Mail::Login {
+                    conn,
+                    user: user.into(),
+                },
+            );
+        }
+    }
+
+    pub fn route_ack(&mut self, user: &str, seq: u64) {
+        let dest = self.edge.shard_of(user);
+        if dest == self.edge.id {
+            if let Err(e) = self.shard.ack(user, seq, &mut self.edge) {
+                crate::runtime::fatal_if_poisoned(&e);
+            }
+        } else {
+            self.edge.post(
+                dest,
+                Mail::Ack {
+                    user: user.into(),
+                    seq,
+                },
+            );
+        }
+    }
+
+    pub fn route_logout(&mut self, conn: ConnRef, user: &str) {
+        let dest = self.edge.shard_of(user);
+        if dest == self.edge.id {
+            self.shard.logout(conn, user);
+        } else {
+            self.edge.post(
+                dest,
+                Mail::Logout {
+                    conn,
+                    user: user.into(),
+                },
+            );
+        }
+    }
+
+    /// A REJECTED the edge gives itself (bad recipient, too large) without a shard.
+    pub fn reject_here(&mut self, index: u32, msg_id: MsgId, code: u16, reason: &str) {
+        self.edge.write_frame(
+            index,
+            &ServerFrame::Rejected {
+                msg_id,
+                code,
+                reason,
+            },
+        );
+    }
+}
+
+/// DELIVER's bytes besides `from` and the body: type, seq, msg_id, from's length, sent_ms.
+const DELIVER_OVERHEAD: usize = 1 + 8 + 16 + 1 + 8;
+
+/// REJECTED codes the edge decides on its own. A body is too large above
+/// body_len_max, or when its DELIVER (which adds the sender id) would exceed
+/// max_frame: a message is stored only if it can be delivered.
+pub fn precheck_send(
+    sender: &str,
+    to: &str,
+    body_len: usize,
+    edge: &Edge,
+) -> Option<(u16, &'static str)> {
+    if !net::valid_user_id(to, &edge.net_limits) {
+        Some((reject_code::BAD_RECIPIENT, "bad recipient id"))
+    } else if body_len > edge.limits.body_len_max as usize
+        || DELIVER_OVERHEAD + sender.len() + body_len > edge.limits.frame_len_max as usize
+    {
+        Some((reject_code::TOO_LARGE, "body too large"))
+    } else {
+        None
+    }
+}

@@ -1,0 +1,135 @@
+//! The idempotency table of a shard: which (sender, msg_id) pairs are stored,
+//! at which log position, since when. Bounded by count (oldest evicted first)
+//! and by age (the dedup window).
+
+use crate::record::DedupEntry;
+use std::collections::{HashMap, VecDeque};
+
+/// Key: FNV-1a 64 of the sender id (collisions need the same 16-byte msg id too) and the msg id.
+pub type DedupKey = (u64, [u8; 16]);
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    position: u64,
+    stored_ms: u64,
+}
+
+pub struct Dedup {
+    map: HashMap<DedupKey, Entry>,
+    /// Insertion order, for eviction by count and by age.
+    order: VecDeque<DedupKey>,
+    entries_max: usize,
+    window_ms: u64,
+}
+
+pub fn sender_hash(sender: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sender.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl Dedup {
+    pub fn new(entries_max: usize, window_ms: u64) -> Dedup {
+        assert!(entries_max > 0);
+        Dedup {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            entries_max,
+            window_ms,
+        }
+    }
+
+    /// The log position of an earlier store of this key, if it is remembered.
+    pub fn get(&self, key: &DedupKey) -> Option<u64> {
+        self.map.get(key).map(|e| e.position)
+    }
+
+    /// Remembers a key; evicts the oldest entry when full. A known key is left as it is.
+    pub fn insert(&mut self, key: DedupKey, position: u64, stored_ms: u64) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        if self.map.len() >= self.entries_max {
+            self.evict_oldest();
+        }
+        self.map.insert(
+            key,
+            Entry {
+                position,
+                stored_ms,
+            },
+        );
+        self.order.push_back(key);
+        debug_assert_eq!(self.map.len(), self.order.len());
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(old) = self.order.pop_front() {
+            self.map.remove(&old);
+        }
+    }
+
+    /// Forgets entries older than the window; bounded by `budget` per call so a
+    /// large expiry never stalls the event loop.
+    pub fn expire(&mut self, now_ms: u64, budget: usize) -> usize {
+        let mut expired = 0;
+        while expired < budget {
+            let Some(key) = self.order.front() else { break };
+            let entry = self.map[key];
+            if entry.stored_ms + self.window_ms > now_ms {
+                break;
+            }
+            self.evict_oldest();
+            expired += 1;
+        }
+        expired
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// All entries, oldest first, for a checkpoint.
+    pub fn entries(&self) -> impl Iterator<Item = DedupEntry> + '_ {
+        self.order.iter().map(|k| {
+            let e = self.map[k];
+            DedupEntry {
+                sender_hash: k.0,
+                msg_id: k.1,
+                stored_ms: e.stored_ms,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_evicts_oldest_and_expires() {
+        let mut d = Dedup::new(2, 1000);
+        d.insert((1, [1; 16]), 10, 0);
+        d.insert((1, [2; 16]), 11, 500);
+        assert_eq!(d.get(&(1, [1; 16])), Some(10));
+        d.insert((1, [3; 16]), 12, 600);
+        assert_eq!(d.get(&(1, [1; 16])), None, "oldest evicted at capacity");
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.expire(1550, 10), 1);
+        assert_eq!(d.get(&(1, [2; 16])), None);
+        assert_eq!(d.get(&(1, [3; 16])), Some(12));
+    }
+
+    #[test]
+    fn sender_hash_is_fnv1a() {
+        assert_eq!(sender_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(sender_hash("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,146 @@
+//! Iris engine: cores, shards, inboxes, dedup, routing, and the `iris` binary.
+//!
+//! Reading order: `runtime` (startup, executors, per-core tasks) → `conn` (one
+//! client connection) → `core` (the per-core arena and cross-core mail) →
+//! `shard` (inboxes, dedup, WAL) → `record` (WAL payloads).
+
+pub mod auth;
+pub mod client_cmd;
+pub mod config;
+pub mod conn;
+pub mod core;
+pub mod dedup;
+pub mod record;
+pub mod runtime;
+pub mod shard;
+mod sys;
+
+use clap::{Parser, Subcommand};
+use config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "iris",
+    version,
+    about = "Iris: a durable one-to-one messaging engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node: edge and core roles in one process, one shard per core.
+    ///
+    /// On startup it prints `iris listening on ADDR` on stdout (ADDR is the bound
+    /// address, useful with port 0); logs go to stderr (filter with RUST_LOG).
+    /// SIGTERM/SIGINT: stop accepting, answer SENDs in flight, ERROR 5 to clients, exit 0.
+    Serve(ServeArgs),
+    /// Send TEXT to a user; prints one line per STORED.
+    Send(client_cmd::SendArgs),
+    /// Receive (and ACK) messages; prints one line per DELIVER.
+    Recv(client_cmd::RecvArgs),
+}
+
+/// Flags override the TOML file, which overrides the defaults.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Client listener address (port 0: any free port). [default: 127.0.0.1:7070]
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory (one WAL per shard under it). [default: ./iris-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Executors, one pinned thread and one shard per core (0: every allowed CPU).
+    /// Fixed when a data directory is created. [default: 0]
+    #[arg(long)]
+    cores: Option<usize>,
+    /// TOML file with any of these settings (top level: listen, data, cores; [limits]: the rest).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Close connections silent this long with ERROR 6. [default: 300000]
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Pending messages per recipient before REJECTED 5. [default: 100000]
+    #[arg(long)]
+    inbox_len_max: Option<usize>,
+    /// Bytes queued to one connection before a slow reader is disconnected. [default: 4194304]
+    #[arg(long)]
+    outbox_bytes_max: Option<usize>,
+    /// Connections per core before ERROR 7. [default: 50000]
+    #[arg(long)]
+    connections_per_core_max: Option<usize>,
+    /// (sender, msg_id) pairs remembered per shard for idempotency. [default: 1000000]
+    #[arg(long)]
+    dedup_entries_max: Option<usize>,
+    /// Largest frame accepted and announced in WELCOME. [default: 65536]
+    #[arg(long)]
+    frame_len_max: Option<u32>,
+    /// Largest SEND body before REJECTED 2. [default: 65472]
+    #[arg(long)]
+    body_len_max: Option<u32>,
+    /// WAL segment size in bytes. [default: 67108864]
+    #[arg(long)]
+    wal_segment_bytes: Option<u64>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Result<Config, String> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(v) = self.$flag { c.$($field).+ = v; })*
+            };
+        }
+        set!(listen => listen, data => data, cores => cores,
+             idle_timeout_ms => limits.idle_timeout_ms, inbox_len_max => limits.inbox_len_max,
+             outbox_bytes_max => limits.outbox_bytes_max,
+             connections_per_core_max => limits.connections_per_core_max,
+             dedup_entries_max => limits.dedup_entries_max, frame_len_max => limits.frame_len_max,
+             body_len_max => limits.body_len_max, wal_segment_bytes => limits.wal_segment_bytes);
+        if self.frame_len_max.is_some() && self.body_len_max.is_none() {
+            c.limits.body_len_max = c.limits.frame_len_max.saturating_sub(64);
+        }
+        Ok(c)
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    // glommio reports through `log` (e.g. io_uring buffer registration failures): show it.
+    let _ = tracing_log::LogTracer::init();
+}
+
+/// Entry point of the `iris` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            let result = args.into_config().and_then(runtime::serve);
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("iris: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Send(args) => client_cmd::run_send(&args),
+        Command::Recv(args) => client_cmd::run_recv(&args),
+    }
+}

@@ -1,0 +1,413 @@
+//! Starting and stopping the node: startup checks, one pinned glommio executor
+//! per core, the per-core tasks (acceptor, mesh, committer, maintenance), and
+//! the graceful shutdown on SIGTERM/SIGINT.
+
+use crate::config::{Config, IO_MEMORY_BYTES};
+use crate::core::{Core, Edge, Mail};
+use crate::shard::{now_ms, Shard, ShardError};
+use crate::sys;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::shared_channel::ConnectedReceiver;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// How often each core's maintenance task runs (clock, shutdown flag).
+const MAINTENANCE_TICK: Duration = Duration::from_millis(50);
+/// How often idle connections and expired dedup entries are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// After ERROR 5 is queued to every connection: how long to let them flush.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// Exit code when the WAL fails a sync (the node stops; restart recovers).
+const EXIT_WAL_FAILED: i32 = 70;
+
+/// Cores that finished draining their in-flight SENDs during shutdown.
+static DRAINED: AtomicUsize = AtomicUsize::new(0);
+
+type Batch = Vec<Mail>;
+
+/// Stops the process when the WAL can no longer promise durability.
+pub fn fatal_if_poisoned(e: &ShardError) {
+    if let ShardError::Wal {
+        source: wal::WalError::SyncFailed(_) | wal::WalError::Poisoned,
+        ..
+    } = e
+    {
+        tracing::error!(error = %e, "WAL sync failed: stopping the node (restart recovers from disk)");
+        std::process::exit(EXIT_WAL_FAILED);
+    }
+}
+
+struct CoreSpec {
+    cpu: usize,
+    nr_cores: usize,
+    config: Config,
+}
+
+/// Runs `iris serve` until SIGTERM/SIGINT.
+pub fn serve(config: Config) -> Result<(), String> {
+    config.validate()?;
+    sys::probe_io_uring()?;
+    let cpus =
+        core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>());
+    let cpus = cpus.filter(|c| !c.is_empty()).unwrap_or_else(|| vec![0]);
+    let nr_cores = if config.cores == 0 {
+        cpus.len()
+    } else {
+        config.cores
+    };
+    check_memlock(nr_cores)?;
+    std::fs::create_dir_all(&config.data)
+        .map_err(|e| format!("cannot create {}: {e}", config.data.display()))?;
+    let _lock = sys::lock_dir(&config.data)?;
+    check_layout(&config.data, nr_cores)?;
+    sys::install_signal_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let mesh = (nr_cores > 1)
+        .then(|| MeshBuilder::<Batch, Full>::full(nr_cores, config.limits.mesh_channel_batches));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<SocketAddr, String>>();
+    let mut handles = Vec::new();
+    let mut listen = config.listen;
+    for core in 0..nr_cores {
+        let spec = CoreSpec {
+            cpu: cpus[core % cpus.len()],
+            nr_cores,
+            config: Config {
+                listen,
+                ..config.clone()
+            },
+        };
+        let (mesh, ready_tx) = (mesh.clone(), ready_tx.clone());
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(spec.cpu))
+            .name(&format!("iris-core-{core}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .spawn(move || core_main(spec, mesh, ready_tx))
+            .map_err(|e| format!("cannot start the executor of core {core}: {e}"))?;
+        handles.push(handle);
+        // Core 0 resolves port 0; the others bind the same port (SO_REUSEPORT).
+        listen = wait_ready(&ready_rx)?;
+    }
+    for _ in 0..nr_cores {
+        wait_ready(&ready_rx)?;
+    }
+    println!("iris listening on {listen}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(%listen, cores = nr_cores, data = %config.data.display(), "iris serving");
+    let mut failure = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(format!("executor failed: {e}")),
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+fn wait_ready(rx: &mpsc::Receiver<Result<SocketAddr, String>>) -> Result<SocketAddr, String> {
+    rx.recv()
+        .map_err(|_| "an executor exited during startup".to_string())?
+}
+
+fn check_memlock(nr_cores: usize) -> Result<(), String> {
+    let need = (nr_cores * IO_MEMORY_BYTES) as u64;
+    let have = sys::memlock_limit();
+    if have < need {
+        return Err(format!(
+            "locked-memory limit is {have} bytes but {nr_cores} executors need {need} (1 MiB of io_uring \
+             buffers each). Fix: `ulimit -l {}` (or LimitMEMLOCK in systemd), or fewer --cores",
+            need / 1024 + 1024
+        ));
+    }
+    Ok(())
+}
+
+/// The shard count is fixed when a data directory is created: routing depends on it.
+fn check_layout(data: &Path, nr_cores: usize) -> Result<(), String> {
+    let path = data.join("layout.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let shards = text
+                .lines()
+                .find_map(|l| l.strip_prefix("shards = "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| format!("{} is malformed", path.display()))?;
+            if shards != nr_cores {
+                return Err(format!(
+                    "{} holds {shards} shards but --cores is {nr_cores}: start with --cores {shards}, \
+                     or use a new --data directory",
+                    data.display()
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = format!(
+                "# written by iris at creation; do not edit\nslots = 16384\nshards = {nr_cores}\n"
+            );
+            std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn shard_dir(data: &Path, shard: usize) -> PathBuf {
+    data.join(format!("shard-{shard:03}"))
+}
+
+async fn core_main(
+    spec: CoreSpec,
+    mesh: Option<MeshBuilder<Batch, Full>>,
+    ready: mpsc::Sender<Result<SocketAddr, String>>,
+) -> Result<(), String> {
+    let listener = match TcpListener::bind(spec.config.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("cannot listen on {}: {e}", spec.config.listen);
+            let _ = ready.send(Err(msg.clone()));
+            return Err(msg);
+        }
+    };
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let _ = ready.send(Ok(addr));
+    let (senders, receivers, id) = match mesh {
+        Some(mesh) => {
+            let (s, mut r) = mesh.join().await.map_err(|e| format!("core mesh: {e}"))?;
+            let id = s.peer_id();
+            (Some(s), r.streams(), id)
+        }
+        None => (None, Vec::new(), 0),
+    };
+    let opened = Shard::open(id, &shard_dir(&spec.config.data, id), &spec.config.limits);
+    let (shard, report) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let msg = format!("cannot open shard {id}: {e}");
+            let _ = ready.send(Err(msg.clone()));
+            return Err(msg);
+        }
+    };
+    tracing::info!(shard = id, cpu = spec.cpu, users = shard.users(), recovery = %report, "shard open");
+    let edge = Edge::new(
+        id as u16,
+        spec.nr_cores,
+        spec.config.limits.clone(),
+        spec.config.net_limits(),
+    );
+    let core = Rc::new(RefCell::new(Core {
+        shard,
+        edge,
+        commit_waker: None,
+        shutdown_waker: None,
+    }));
+    for (_, rx) in receivers {
+        glommio::spawn_local(mesh_receiver(core.clone(), rx)).detach();
+    }
+    if let Some(senders) = senders {
+        glommio::spawn_local(mesh_flusher(core.clone(), senders)).detach();
+    }
+    glommio::spawn_local(committer(core.clone())).detach();
+    glommio::spawn_local(maintenance(core.clone())).detach();
+    let _ = ready.send(Ok(addr));
+    acceptor(core.clone(), listener).await;
+    shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
+    Ok(())
+}
+
+async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let stopped = std::future::poll_fn(|cx| {
+            let mut c = core.borrow_mut();
+            if c.edge.shutting_down {
+                return Poll::Ready(None);
+            }
+            c.shutdown_waker = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        let accepted =
+            futures_lite::future::or(async { Some(listener.accept().await) }, stopped).await;
+        let Some(result) = accepted else { return };
+        match result {
+            Ok(stream) => {
+                let slot = core.borrow_mut().edge.alloc_slot();
+                match slot {
+                    Some((index, generation)) => {
+                        glommio::spawn_local(crate::conn::serve(
+                            core.clone(),
+                            index,
+                            generation,
+                            stream,
+                        ))
+                        .detach();
+                    }
+                    None => refuse(stream.as_raw_fd()),
+                }
+            }
+            Err(e) => {
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, "accept failed (file descriptors exhausted?)");
+                    last_warning = Some(Instant::now());
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// ERROR 7 to a connection over connections_per_core_max, then close.
+fn refuse(fd: RawFd) {
+    let mut out = Vec::new();
+    let frame = net::ServerFrame::Error {
+        code: net::error_code::TOO_MANY_CONNECTIONS,
+        reason: "too many connections",
+    };
+    net::encode_server_frame(&frame, &mut out);
+    sys::send_nonblocking(fd, &out);
+}
+
+async fn mesh_receiver(core: Rc<RefCell<Core>>, rx: ConnectedReceiver<Batch>) {
+    while let Some(batch) = rx.recv().await {
+        core.borrow_mut().handle_mail(batch);
+    }
+}
+
+/// Sends each turn's outgoing mail, one batch per destination core.
+async fn mesh_flusher(core: Rc<RefCell<Core>>, senders: Senders<Batch>) {
+    loop {
+        let batches = std::future::poll_fn(|cx| {
+            let mut c = core.borrow_mut();
+            if c.edge.outgoing_len == 0 {
+                c.edge.flusher_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            c.edge.outgoing_len = 0;
+            let batches: Vec<(usize, Batch)> = c
+                .edge
+                .outgoing
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, b)| !b.is_empty())
+                .map(|(dest, b)| (dest, std::mem::take(b)))
+                .collect();
+            Poll::Ready(batches)
+        })
+        .await;
+        for (dest, batch) in batches {
+            if senders.send_to(dest, batch).await.is_err() {
+                tracing::debug!(dest, "core mesh peer gone (shutting down)");
+            }
+        }
+        let waiters = std::mem::take(&mut core.borrow_mut().edge.mesh_waiters);
+        waiters.into_iter().for_each(|w| w.wake());
+    }
+}
+
+/// Group commit: one fdatasync (through io_uring) covers everything appended
+/// before it started; STORED answers are released when it completes.
+async fn committer(core: Rc<RefCell<Core>>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            let mut c = core.borrow_mut();
+            if c.shard.needs_sync() {
+                Poll::Ready(())
+            } else {
+                c.commit_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        let ticket = core.borrow_mut().shard.wal_mut().sync_begin();
+        let Some(ticket) = ticket else {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            continue;
+        };
+        let result = fdatasync_all(ticket.fds()).await;
+        let mut c = core.borrow_mut();
+        let Core { shard, edge, .. } = &mut *c;
+        match shard.wal_mut().sync_complete(ticket, result) {
+            Ok(_) => shard.on_durable(edge),
+            Err(source) => fatal_if_poisoned(&ShardError::Wal {
+                shard: shard.id,
+                source,
+            }),
+        }
+    }
+}
+
+async fn fdatasync_all(fds: &[RawFd]) -> std::io::Result<()> {
+    for &fd in fds {
+        let file = sys::glommio_file(sys::dup(fd)?);
+        let result = file.fdatasync().await;
+        let _ = file.close().await;
+        result.map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+async fn maintenance(core: Rc<RefCell<Core>>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        glommio::timer::sleep(MAINTENANCE_TICK).await;
+        let mut c = core.borrow_mut();
+        let now = now_ms();
+        c.edge.clock_ms = now;
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            c.edge.expire_idle();
+            c.shard.expire_dedup(now);
+        }
+        match c.shard.maybe_checkpoint() {
+            Ok(true) => c.kick_committer(),
+            Ok(false) => {}
+            Err(e) => {
+                fatal_if_poisoned(&e);
+                tracing::error!(error = %e, "checkpoint failed; will retry");
+            }
+        }
+        if sys::SHUTDOWN.load(Ordering::SeqCst) && !c.edge.shutting_down {
+            tracing::info!(
+                shard = c.shard.id,
+                "shutting down: no new connections or frames"
+            );
+            c.edge.shutting_down = true;
+            if let Some(w) = c.shutdown_waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Graceful stop: answer every SEND in flight (across cores), then ERROR 5 to
+/// every client, flush, and return (the executor ends).
+async fn shutdown(core: Rc<RefCell<Core>>, nr_cores: usize, drain_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(drain_ms);
+    let pause = Duration::from_millis(5);
+    while Instant::now() < deadline && core.borrow().edge.sends_in_flight_total > 0 {
+        glommio::timer::sleep(pause).await;
+    }
+    DRAINED.fetch_add(1, Ordering::SeqCst);
+    while Instant::now() < deadline && DRAINED.load(Ordering::SeqCst) < nr_cores {
+        glommio::timer::sleep(pause).await;
+    }
+    core.borrow_mut().edge.shut_all();
+    let flush_deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while Instant::now() < flush_deadline && core.borrow().edge.connections > 0 {
+        glommio::timer::sleep(pause).await;
+    }
+    // Make the last ACK records durable too (not required, but saves redeliveries).
+    core.borrow_mut().kick_committer();
+    while Instant::now() < flush_deadline && core.borrow().shard.needs_sync() {
+        glommio::timer::sleep(pause).await;
+    }
+    tracing::info!(shard = core.borrow().shard.id, "core stopped");
+}
