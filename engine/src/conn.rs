@@ -296,17 +296,20 @@ impl Conn {
                 false
             }
             (_, ClientFrame::Send { msg_id, to, body }) => {
-                let slot = core.edge.slot(index);
-                let sender = slot.user.as_deref().expect("a Ready connection has a user");
-                if let Some((code, reason)) = precheck_send(sender, to, body.len(), &core.edge) {
-                    core.reject_here(index, msg_id, code, reason);
-                    return true;
+                let user = core
+                    .edge
+                    .slot(index)
+                    .user
+                    .take()
+                    .expect("a Ready connection has a user");
+                match precheck_send(&user, to, body.len(), &core.edge) {
+                    Some((code, reason)) => core.reject_here(index, msg_id, code, reason),
+                    None => {
+                        core.edge.slot(index).sends_in_flight += 1;
+                        core.edge.sends_in_flight_total += 1;
+                        core.route_send(conn, &user, msg_id, to, body);
+                    }
                 }
-                let slot = core.edge.slot(index);
-                slot.sends_in_flight += 1;
-                let user = slot.user.take().expect("a Ready connection has a user");
-                core.edge.sends_in_flight_total += 1;
-                core.route_send(conn, &user, msg_id, to, body);
                 core.edge.slot(index).user = Some(user);
                 true
             }
