@@ -156,11 +156,19 @@ impl Conn {
     }
 
     fn read_and_handle(&mut self, core: &mut Core, cx: &mut Context<'_>) -> Step {
-        match self.read(core, cx) {
-            Step::Progress => {}
-            other => return other,
+        // Frames left over from the last round's budget come before new bytes.
+        let (step, decoded) = self.decode_all(core);
+        if decoded > 0 || !matches!(step, Step::Progress) {
+            core.kick_committer();
+            return step;
         }
-        self.decode_all(core)
+        let step = match self.read(core, cx) {
+            Step::Progress => self.decode_all(core).0,
+            other => other,
+        };
+        // Records appended by local SENDs/ACKs this round share the next sync.
+        core.kick_committer();
+        step
     }
 
     fn read(&mut self, core: &mut Core, cx: &mut Context<'_>) -> Step {
@@ -206,16 +214,19 @@ impl Conn {
         }
     }
 
-    fn decode_all(&mut self, core: &mut Core) -> Step {
+    /// Decodes and applies up to FRAMES_PER_ROUND buffered frames; returns how many.
+    fn decode_all(&mut self, core: &mut Core) -> (Step, usize) {
         let limits = core.edge.net_limits.clone();
         let Some(buf) = self.rbuf.take() else {
-            return Step::Progress;
+            return (Step::Progress, 0);
         };
         let mut step = Step::Progress;
+        let mut decoded = 0;
         for _ in 0..FRAMES_PER_ROUND {
             match decode_client_frame(&buf[self.rstart..self.rend], &limits) {
                 Ok(Some((frame, used))) => {
                     self.rstart += used;
+                    decoded += 1;
                     if !self.handle(core, frame) {
                         step = Step::Close;
                         break;
@@ -235,7 +246,7 @@ impl Conn {
         }
         self.rbuf = Some(buf);
         self.release_if_drained(core);
-        step
+        (step, decoded)
     }
 
     /// Applies one frame. false when the connection is to be closed.
