@@ -13,8 +13,17 @@
 /// | 16 | 8 | base position: position of the segment's first record |
 /// | 24 | 8 | segment size in bytes (the file length) |
 /// | 32 | 4 | CRC32 of bytes 0..32 |
-/// | 36 | 28 | zero (reserved) |
+/// | 36 | 4 | zero (reserved) |
+/// | 40 | 8 | durable mark: a position known durable when it was written |
+/// | 48 | 4 | CRC32 of bytes 40..48 (0 with a zero mark: no mark yet) |
+/// | 52 | 12 | zero (reserved) |
+///
+/// The durable mark is rewritten in place after each group commit completes
+/// (it rides on the next one). It is only ever set to a position already
+/// durable, so recovery can tell damage to acknowledged records (at or below
+/// the highest mark: an error) from a tail cut off by a crash (above it).
 pub const SEGMENT_HEADER_LEN: usize = 64;
+const DURABLE_MARK_OFFSET: usize = 40;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"IRISWAL\0";
 pub const FORMAT_VERSION: u32 = 1;
 const SEGMENT_HEADER_CRC_OFFSET: usize = 32;
@@ -141,6 +150,25 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, HeaderError>
         ));
     }
     Ok(header)
+}
+
+/// Records that every position up to `position` is durable.
+#[inline]
+pub fn encode_durable_mark(position: u64, segment: &mut [u8]) {
+    let mark = &mut segment[DURABLE_MARK_OFFSET..DURABLE_MARK_OFFSET + 12];
+    mark[..8].copy_from_slice(&position.to_le_bytes());
+    let crc = crc32fast::hash(&mark[..8]);
+    mark[8..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The durable mark, or `None` if absent or torn (then it proves nothing).
+pub fn decode_durable_mark(segment: &[u8]) -> Option<u64> {
+    if segment.len() < SEGMENT_HEADER_LEN {
+        return None;
+    }
+    let mark = &segment[DURABLE_MARK_OFFSET..DURABLE_MARK_OFFSET + 12];
+    let position = u64_at(mark, 0);
+    (position != 0 && crc32fast::hash(&mark[..8]) == u32_at(mark, 8)).then_some(position)
 }
 
 /// Writes one record frame at the start of `out` (which must be zeroed past
@@ -353,5 +381,21 @@ mod tests {
             decode_segment_header(&buf[..2048]),
             Err(HeaderError::BadField(_))
         ));
+    }
+
+    #[test]
+    fn durable_mark_is_outside_the_header_crc_and_checked_on_its_own() {
+        let mut buf = vec![0u8; 4096];
+        let h = SegmentHeader {
+            base_position: 42,
+            segment_size_bytes: 4096,
+        };
+        encode_segment_header(&h, &mut buf);
+        assert_eq!(decode_durable_mark(&buf), None);
+        encode_durable_mark(99, &mut buf);
+        assert_eq!(decode_segment_header(&buf), Ok(h));
+        assert_eq!(decode_durable_mark(&buf), Some(99));
+        buf[41] ^= 1; // a torn mark proves nothing
+        assert_eq!(decode_durable_mark(&buf), None);
     }
 }

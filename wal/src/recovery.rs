@@ -1,32 +1,35 @@
 //! Recovery on open: scan every segment, verify every checksum, find where
 //! the log ends, and decide what to do with whatever lies past that end.
 //!
-//! Every tail state is decided in this one table (tests in
-//! `tests/recovery_table.rs`, one per row):
+//! Every state is decided in this one table (tests in
+//! `tests/recovery_table.rs`, one per row). `mark` is the highest durable
+//! mark found in any segment header: every position up to it was durable
+//! (acknowledged) when the mark was written. Damage at or below the mark is
+//! lost acknowledged data; damage above it is a tail a crash cut off.
 //!
 //! | state | how it is recognised | decision |
 //! | --- | --- | --- |
-//! | clean end | the last segment's records end at a zero header (or its end) and only zeros follow | keep everything; nothing truncated |
-//! | torn last record | a record fails its CRC, length or padding check, and no valid record follows it anywhere | zero from that record to the last non-zero byte, sync, report `truncated_bytes` |
-//! | zero-filled tail | a zero header ends the records, but non-zero bytes that form no valid record follow (a page written back while an earlier one was lost) | zero them, sync, report `truncated_bytes` |
-//! | bad CRC in the middle | a damaged record or zero hole is followed by a valid record (same segment or a later one) | `WalError::Corrupt` naming the file and offset; nothing is changed on disk |
-//! | bad segment header | the newest segment's header is invalid and it holds no valid record (a rollover cut short) | remove that file |
-//! | bad segment header, older | an invalid header on a segment followed by others, or holding valid records | `WalError::Corrupt` naming the file, offset 0 |
-//! | orphan segment | the newest segment(s) have a valid header, hold no record and do not continue the log (the tail they followed was lost) | remove them |
-//! | segment missing in the middle | a segment's base is not the position after the previous segment's last record, and records follow | `WalError::Corrupt` naming the segment and the position missing |
+//! | clean end | the newest segment's records end at a zero header (or its end), only zeros follow, and the last position is at least the mark | keep everything; nothing truncated |
+//! | torn last record | a record fails its length, CRC or padding check at position p > mark | zero from that record to the last non-zero byte of its segment, remove later segments, sync; report `truncated_bytes` |
+//! | zero-filled tail | a zero header ends the records at position p > mark, but non-zero bytes follow (pages written back out of order) | same as a torn record |
+//! | bad CRC in the middle | a record fails its checks at position p <= mark | `WalError::Corrupt` naming the file and offset; nothing is changed on disk |
+//! | bad segment header | a segment's header is invalid (zero, torn, bad CRC, bad magic); p = the position it should start at. p > mark: a rollover cut short | p > mark: remove it and every later segment. p <= mark: `WalError::Corrupt`, offset 0 |
+//! | segment missing in the middle | the next segment starts past the position after the previous one's last record | positions missing <= mark: `WalError::Corrupt` naming the segment; above the mark: an orphan of a lost tail, removed with the later ones (`OrphanSegment`) |
+//! | log ends below the mark | the records stop (clean-looking zeros) before the mark | `WalError::Corrupt` |
+//! | misplaced record | a CRC-valid record whose position is not the next one, or a header base that disagrees with the file name | `WalError::Corrupt`: not something a crash produces |
 //!
-//! A valid record past the end of the log is the evidence that the damage
-//! is not a tail cut off by a crash: that is acknowledged data that would be
-//! lost, so recovery refuses rather than truncating. The price: an unsynced
-//! page written back out of order before a power cut also refuses to open
-//! (it cannot be told apart without a durable commit marker; see FORMAT.md).
+//! The mark trails the truly durable position by the last completed group
+//! commit or so (it is written after a commit completes and made durable by
+//! the next one): damage to just that last stretch of acknowledged records
+//! cannot be told from a crashed tail and is truncated. Everything older is
+//! protected. See FORMAT.md.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::format::{
-    decode_record, decode_segment_header, BadRecord, Decoded, RECORD_ALIGN, RECORD_HEADER_LEN,
+    decode_durable_mark, decode_record, decode_segment_header, BadRecord, Decoded,
     SEGMENT_HEADER_LEN,
 };
 use crate::storage::{SegmentFile, Storage};
@@ -59,6 +62,8 @@ pub struct RecoveryReport {
     pub truncated_bytes: u64,
     /// Segment files removed (bad header or orphan at the tail).
     pub segments_removed: usize,
+    /// Highest durable mark found: positions up to it were acknowledged.
+    pub durable_mark: u64,
     pub tail: TailState,
     /// Where the tail decision applied, if it was not a clean end.
     pub tail_path: Option<PathBuf>,
@@ -154,28 +159,6 @@ fn scan_segment(
     })
 }
 
-/// First 8-aligned offset at or after `from` holding a valid record with a
-/// position of at least `position_min`: the evidence that data follows.
-fn find_valid_record(
-    bytes: &[u8],
-    from: usize,
-    position_min: u64,
-    payload_len_max: u32,
-) -> Option<(usize, u64)> {
-    let mut offset = from.next_multiple_of(RECORD_ALIGN);
-    while offset + RECORD_HEADER_LEN <= bytes.len() {
-        let position =
-            u64::from_le_bytes(bytes[offset + 8..offset + 16].try_into().expect("8 bytes"));
-        if position >= position_min {
-            if let Decoded::Record(record, _) = decode_record(&bytes[offset..], payload_len_max) {
-                return Some((offset, record.position));
-            }
-        }
-        offset += RECORD_ALIGN;
-    }
-    None
-}
-
 /// What to do to the files once the whole log has been judged.
 struct Plan {
     /// Index into the opened segments of the one whose tail is zeroed.
@@ -215,6 +198,7 @@ pub(crate) fn recover<S: Storage>(
         last_epoch: 0,
         truncated_bytes: 0,
         segments_removed: 0,
+        durable_mark: 0,
         tail: TailState::Clean,
         tail_path: None,
         tail_offset: 0,
@@ -258,6 +242,16 @@ pub(crate) fn recover<S: Storage>(
     })
 }
 
+/// The first thing wrong, found while walking the log in order.
+struct Anomaly {
+    tail: TailState,
+    path: PathBuf,
+    offset: usize,
+    /// The first position this anomaly makes unreadable.
+    position: u64,
+    detail: String,
+}
+
 /// Walks the opened segments in order and decides, without touching the
 /// files. `kept` gets (end offset, next position) per segment kept.
 fn judge<S: Storage>(
@@ -268,39 +262,38 @@ fn judge<S: Storage>(
     kept: &mut Vec<(usize, u64)>,
     next_base: &mut u64,
 ) -> Result<Plan, WalError> {
-    let holds_record = |from: usize, position_min: u64| {
-        opened[from..].iter().find_map(|(base, segment)| {
-            find_valid_record(segment.bytes(), SEGMENT_HEADER_LEN, position_min, max)
-                .map(|(offset, _)| (*base, offset))
-        })
-    };
+    let mark = opened
+        .iter()
+        .filter_map(|(_, s)| decode_durable_mark(s.bytes()))
+        .max()
+        .unwrap_or(0);
+    report.durable_mark = mark;
     for (i, (base, segment)) in opened.iter().enumerate() {
         let (base, bytes, path) = (*base, segment.bytes(), storage.segment_path(*base));
-        let position_min = if i == 0 { 1 } else { *next_base };
-        if let Err(error) = decode_segment_header(bytes) {
-            if i + 1 < opened.len() || holds_record(i, position_min).is_some() {
-                return Err(corrupt(
+        let expected = if i == 0 { base } else { *next_base };
+        let header = match decode_segment_header(bytes) {
+            Ok(header) => header,
+            Err(error) => {
+                let detail = error.to_string();
+                let anomaly = Anomaly {
+                    tail: TailState::BadSegmentHeader,
                     path,
-                    0,
-                    format!("{error} in a segment that is not a cut-short rollover"),
-                ));
+                    offset: 0,
+                    position: expected,
+                    detail,
+                };
+                *next_base = expected;
+                return cut(
+                    report,
+                    mark,
+                    anomaly,
+                    Plan {
+                        zero: None,
+                        remove_from: i,
+                    },
+                );
             }
-            set_tail(
-                report,
-                TailState::BadSegmentHeader,
-                path,
-                0,
-                error.to_string(),
-            );
-            if i == 0 {
-                *next_base = base;
-            }
-            return Ok(Plan {
-                zero: None,
-                remove_from: i,
-            });
-        }
-        let header = decode_segment_header(bytes).expect("checked above");
+        };
         if header.base_position != base {
             let detail = format!(
                 "header base position {} but the file is named for {base}",
@@ -308,27 +301,38 @@ fn judge<S: Storage>(
             );
             return Err(corrupt(path, 16, detail));
         }
-        if i > 0 && base != *next_base {
-            if let Some((found, offset)) = holds_record(i, 1) {
-                let detail = format!(
-                    "segment missing: position {} should follow {}, but the next segment starts at {base} (records at {}:{offset})",
-                    *next_base,
-                    storage.segment_path(opened[i - 1].0).display(),
-                    storage.segment_path(found).display(),
-                );
-                return Err(corrupt(path, 0, detail));
-            }
-            set_tail(
-                report,
-                TailState::OrphanSegment,
+        if base < expected {
+            return Err(corrupt(
                 path,
                 0,
-                format!("starts at {base}, log ends at {}", *next_base - 1),
+                format!(
+                    "segment starts at {base}, overlapping records up to {}",
+                    expected - 1
+                ),
+            ));
+        }
+        if base > expected {
+            let previous = storage.segment_path(opened[i - 1].0);
+            let detail = format!(
+                "segment missing: position {expected} should follow {}, but the next segment starts at {base}",
+                previous.display()
             );
-            return Ok(Plan {
-                zero: None,
-                remove_from: i,
-            });
+            let anomaly = Anomaly {
+                tail: TailState::OrphanSegment,
+                path,
+                offset: 0,
+                position: expected,
+                detail,
+            };
+            return cut(
+                report,
+                mark,
+                anomaly,
+                Plan {
+                    zero: None,
+                    remove_from: i,
+                },
+            );
         }
         let scan = scan_segment(bytes, base, max, &path)?;
         report.records += scan.records;
@@ -337,45 +341,64 @@ fn judge<S: Storage>(
         }
         *next_base = scan.next_position;
         kept.push((scan.end_offset, scan.next_position));
-        if scan.garbage_end == scan.end_offset {
-            continue;
+        if scan.garbage_end > scan.end_offset {
+            let (tail, detail) = match &scan.stop {
+                Some(bad) => (TailState::TornRecord, bad.to_string()),
+                None => (
+                    TailState::ZeroFilledTail,
+                    "zero header followed by non-zero bytes".to_string(),
+                ),
+            };
+            let anomaly = Anomaly {
+                tail,
+                path,
+                offset: scan.end_offset,
+                position: scan.next_position,
+                detail,
+            };
+            let plan = Plan {
+                zero: Some((i, scan.end_offset, scan.garbage_end)),
+                remove_from: i + 1,
+            };
+            return cut(report, mark, anomaly, plan);
         }
-        let reason = scan
-            .stop
-            .as_ref()
-            .map_or("zero header followed by non-zero bytes".to_string(), |b| {
-                b.to_string()
-            });
-        if let Some((offset, position)) =
-            find_valid_record(bytes, scan.end_offset + 1, scan.next_position, max)
-        {
-            let detail = format!(
-                "{reason}; a valid record (position {position}) follows at offset {offset}"
-            );
-            return Err(corrupt(path, scan.end_offset, detail));
-        }
-        if let Some((later, offset)) = holds_record(i + 1, 1) {
-            let detail = format!(
-                "{reason}; records follow in {}:{offset}",
-                storage.segment_path(later).display()
-            );
-            return Err(corrupt(path, scan.end_offset, detail));
-        }
-        let tail = if scan.stop.is_some() {
-            TailState::TornRecord
-        } else {
-            TailState::ZeroFilledTail
-        };
-        set_tail(report, tail, path, scan.end_offset, reason);
-        return Ok(Plan {
-            zero: Some((i, scan.end_offset, scan.garbage_end)),
-            remove_from: i + 1,
-        });
+    }
+    if *next_base <= mark {
+        let path = storage.segment_path(opened.last().map_or(*next_base, |(base, _)| *base));
+        let detail = format!(
+            "the log ends at {} but positions up to {mark} were durable",
+            *next_base - 1
+        );
+        return Err(corrupt(path, 0, detail));
     }
     Ok(Plan {
         zero: None,
         remove_from: opened.len(),
     })
+}
+
+/// The log ends at the anomaly: allowed only above the durable mark.
+fn cut(
+    report: &mut RecoveryReport,
+    mark: u64,
+    anomaly: Anomaly,
+    plan: Plan,
+) -> Result<Plan, WalError> {
+    if anomaly.position <= mark {
+        let detail = format!(
+            "{}; position {} was durable (durable mark {mark})",
+            anomaly.detail, anomaly.position
+        );
+        return Err(corrupt(anomaly.path, anomaly.offset, detail));
+    }
+    set_tail(
+        report,
+        anomaly.tail,
+        anomaly.path,
+        anomaly.offset,
+        anomaly.detail,
+    );
+    Ok(plan)
 }
 
 fn set_tail(

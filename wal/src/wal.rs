@@ -7,8 +7,8 @@ use std::os::fd::RawFd;
 
 use crate::file_storage::FileStorage;
 use crate::format::{
-    decode_record, encode_record, encode_segment_header, frame_len, trusted_frame_len, Decoded,
-    Record, SegmentHeader, SEGMENT_HEADER_LEN,
+    decode_durable_mark, decode_record, encode_durable_mark, encode_record, encode_segment_header,
+    frame_len, trusted_frame_len, Decoded, Record, SegmentHeader, SEGMENT_HEADER_LEN,
 };
 use crate::mmap::fdatasync_fd;
 use crate::recovery::{recover, RecoveryReport};
@@ -135,6 +135,11 @@ impl<S: Storage> Wal<S> {
             });
             report.segments = 1;
         } else {
+            // Everything recovered is about to be synced: mark it durable.
+            let state = segments.back_mut().expect("non-empty");
+            if state.last_position > 0 {
+                encode_durable_mark(state.last_position, state.segment.bytes_mut());
+            }
             // What was read may only be in the page cache (a process killed
             // before its sync): make it durable before calling it durable.
             for state in &segments {
@@ -221,7 +226,10 @@ impl<S: Storage> Wal<S> {
     #[cold]
     fn roll(&mut self) -> Result<(), WalError> {
         let base = self.last_position + 1;
-        let segment = create_segment(&mut self.storage, base, self.config.segment_size_bytes)?;
+        let mut segment = create_segment(&mut self.storage, base, self.config.segment_size_bytes)?;
+        if self.durable_position > 0 {
+            encode_durable_mark(self.durable_position, segment.bytes_mut());
+        }
         self.segments.push_back(SegmentState {
             base,
             last_position: base - 1,
@@ -357,7 +365,13 @@ impl<S: Storage> Wal<S> {
             return Err(WalError::Poisoned);
         }
         self.in_flight[index].done = true;
+        let durable_before = self.durable_position;
         self.apply_completions();
+        if self.durable_position > durable_before {
+            // Rides on the next commit; see the durable mark in format.rs.
+            let active = self.segments.back_mut().expect("at least one segment");
+            encode_durable_mark(self.durable_position, active.segment.bytes_mut());
+        }
         if self.in_flight.is_empty() {
             self.parked.clear();
         }
@@ -466,9 +480,13 @@ impl<S: Storage> Wal<S> {
             }
             self.sync_dir_now()?;
         }
+        self.lower_durable_marks(position, keep)?;
         let (_, offset) = self.locate(position + 1);
         let state = &mut self.segments[keep];
         state.segment.bytes_mut()[offset..state.write_offset].fill(0);
+        if decode_durable_mark(state.segment.bytes()).is_some_and(|mark| mark > position) {
+            encode_durable_mark(position, state.segment.bytes_mut());
+        }
         state.write_offset = offset;
         state.last_position = position;
         let path = self.storage.segment_path(state.base);
@@ -490,6 +508,23 @@ impl<S: Storage> Wal<S> {
                 decode_record(bytes, self.config.record_payload_len_max)
             {
                 self.last_epoch = record.epoch;
+            }
+        }
+        Ok(())
+    }
+
+    /// A mark above a truncation point would make recovery call the new
+    /// records at those positions acknowledged before they are: lower the
+    /// marks of the segments before `keep` now (synced), `keep`'s with its tail.
+    fn lower_durable_marks(&mut self, position: u64, keep: usize) -> Result<(), WalError> {
+        for index in 0..keep {
+            let state = &mut self.segments[index];
+            if decode_durable_mark(state.segment.bytes()).is_some_and(|mark| mark > position) {
+                encode_durable_mark(position, state.segment.bytes_mut());
+                if let Err(error) = self.storage.sync_segment(&state.segment) {
+                    self.poisoned = true;
+                    return Err(WalError::SyncFailed(error));
+                }
             }
         }
         Ok(())

@@ -13,15 +13,18 @@ use wal::{TailState, WalConfig, WalError};
 
 const SEGMENT_SIZE_BYTES: u64 = 4096;
 
-/// A log of `records` records, cleanly written and synced, then closed.
-fn written_log(records: u64) -> (Rc<RefCell<SimDisk>>, WalConfig) {
+/// A log of `records` records of which the first `synced` were made durable
+/// (acknowledged), the rest only written, then closed.
+fn written_log(synced: u64, records: u64) -> (Rc<RefCell<SimDisk>>, WalConfig) {
     let disk = SimDisk::new();
     let config = sim_config(SEGMENT_SIZE_BYTES);
     let (mut wal, _) = open_sim(&disk, &config).unwrap();
     for p in 1..=records {
         assert_eq!(wal.append(1, 0, &payload_for(p)).unwrap(), p);
+        if p == synced {
+            assert_eq!(wal.sync().unwrap(), synced);
+        }
     }
-    wal.sync().unwrap();
     drop(wal);
     (disk, config)
 }
@@ -57,7 +60,7 @@ fn assert_log_is(disk: &Rc<RefCell<SimDisk>>, config: &WalConfig, last: u64) {
 
 #[test]
 fn row_clean_end() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(40, 40);
     let (_, report) = open_sim(&disk, &config).unwrap();
     assert_eq!(report.tail, TailState::Clean);
     assert_eq!(
@@ -74,7 +77,7 @@ fn row_clean_end() {
 
 #[test]
 fn row_torn_last_record() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(10, 40);
     let last_segment = disk.borrow().segment_bases().len() - 1;
     let (base, mut bytes) = segment_bytes(&disk, last_segment);
     let offsets = record_offsets(&bytes);
@@ -93,7 +96,7 @@ fn row_torn_last_record() {
 
 #[test]
 fn row_bad_crc_in_the_middle_is_an_error_naming_file_and_offset() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(40, 40);
     let (base, mut bytes) = segment_bytes(&disk, 0);
     let offsets = record_offsets(&bytes);
     let damaged = offsets[3];
@@ -117,7 +120,7 @@ fn row_bad_crc_in_the_middle_is_an_error_naming_file_and_offset() {
 
 #[test]
 fn row_bad_segment_header_on_the_newest_segment_cut_short() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(10, 40);
     let bases = disk.borrow().segment_bases();
     let (base, mut bytes) = segment_bytes(&disk, bases.len() - 1);
     // A rollover whose header and records never reached the disk, save a
@@ -133,7 +136,7 @@ fn row_bad_segment_header_on_the_newest_segment_cut_short() {
 
 #[test]
 fn row_bad_segment_header_on_an_older_segment_is_an_error() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(40, 40);
     let (base, mut bytes) = segment_bytes(&disk, 0);
     bytes[20] ^= 0x10;
     write_segment(&disk, base, &bytes);
@@ -152,7 +155,7 @@ fn row_bad_segment_header_on_an_older_segment_is_an_error() {
 
 #[test]
 fn row_zero_filled_tail() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(10, 40);
     let last_segment = disk.borrow().segment_bases().len() - 1;
     let (base, mut bytes) = segment_bytes(&disk, last_segment);
     let offsets = record_offsets(&bytes);
@@ -172,7 +175,7 @@ fn row_zero_filled_tail() {
 
 #[test]
 fn row_zero_hole_followed_by_a_valid_record_is_an_error() {
-    let (disk, config) = written_log(40);
+    let (disk, config) = written_log(40, 40);
     let (base, mut bytes) = segment_bytes(&disk, 0);
     let offsets = record_offsets(&bytes);
     bytes[offsets[2]..offsets[3]].fill(0);
@@ -184,7 +187,7 @@ fn row_zero_hole_followed_by_a_valid_record_is_an_error() {
 
 #[test]
 fn row_orphan_segment_after_a_lost_tail() {
-    let (disk, config) = written_log(120);
+    let (disk, config) = written_log(10, 120);
     let bases = disk.borrow().segment_bases();
     assert!(bases.len() >= 3);
     // The second-to-last segment lost its last records (zeros, as never
@@ -204,7 +207,7 @@ fn row_orphan_segment_after_a_lost_tail() {
 
 #[test]
 fn row_segment_missing_in_the_middle_is_an_error() {
-    let (disk, config) = written_log(120);
+    let (disk, config) = written_log(120, 120);
     let bases = disk.borrow().segment_bases();
     assert!(bases.len() >= 3);
     let mut storage = wal::sim::SimStorage::new(disk.clone());
@@ -224,4 +227,38 @@ fn row_segment_missing_in_the_middle_is_an_error() {
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
     }
+}
+
+#[test]
+fn row_log_ending_below_the_durable_mark_is_an_error() {
+    let (disk, config) = written_log(40, 40);
+    let last_segment = disk.borrow().segment_bases().len() - 1;
+    let (base, mut bytes) = segment_bytes(&disk, last_segment);
+    let offsets = record_offsets(&bytes);
+    bytes[*offsets.last().unwrap()..].fill(0); // acknowledged record 40 read back as zeros
+    write_segment(&disk, base, &bytes);
+    match open_sim(&disk, &config) {
+        Err(WalError::Corrupt { detail, .. }) => {
+            assert!(detail.contains("up to 40 were durable"), "{detail}")
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
+    }
+}
+
+#[test]
+fn damage_above_the_durable_mark_with_records_after_it_is_a_crashed_tail() {
+    // Pages written back out of order before a power cut: record 20 lost,
+    // records after it present. None was acknowledged, so it is a tail.
+    let (disk, config) = written_log(10, 30);
+    let (base, mut bytes) = segment_bytes(&disk, 0);
+    let offsets = record_offsets(&bytes);
+    bytes[offsets[19] + RECORD_HEADER_LEN] ^= 0x40;
+    write_segment(&disk, base, &bytes);
+    let (_, report) = open_sim(&disk, &config).unwrap();
+    assert_eq!(
+        (report.tail, report.durable_mark),
+        (TailState::TornRecord, 10),
+        "{report}"
+    );
+    assert_log_is(&disk, &config, 19);
 }
