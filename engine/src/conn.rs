@@ -216,7 +216,7 @@ impl Conn {
 
     /// Decodes and applies up to FRAMES_PER_ROUND buffered frames; returns how many.
     fn decode_all(&mut self, core: &mut Core) -> (Step, usize) {
-        let limits = core.edge.net_limits.clone();
+        let limits = core.edge.net_limits;
         let Some(buf) = self.rbuf.take() else {
             return (Step::Progress, 0);
         };
