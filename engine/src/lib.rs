@@ -11,6 +11,7 @@ pub mod conn;
 pub mod core;
 pub mod dedup;
 pub mod record;
+pub mod repl_proto;
 pub mod runtime;
 pub mod shard;
 mod sys;

@@ -1,0 +1,377 @@
+//! The replication wire protocol between a primary and a replica, per shard,
+//! sans-IO. Framing as the client protocol: `u32 len` (type + payload), `u8
+//! type`, payload; integers little-endian. One TCP connection per shard.
+//!
+//! | type | name | dir | payload |
+//! |------|------|-----|---------|
+//! | 0x01 | HELLO | R→P | u32 magic "IRPL", u8 version, u32 shards, u32 slots, u32 shard, u64 epoch, u64 last_position, u64 last_record_epoch |
+//! | 0x02 | WELCOME | P→R | u64 epoch, u8 mode (0 partial, 1 full), u64 start_position (the next position streamed), str client_addr |
+//! | 0x03 | REFUSE | P→R or R→P | str reason (then close) |
+//! | 0x04 | TRUNCATE | P→R | u64 keep_through: the replica drops every record after it, then streaming starts after it |
+//! | 0x10 | SNAP_BEGIN | P→R | u64 first_position, u64 last_position, u64 records, u64 bytes |
+//! | 0x11 | SNAP_CHUNK | P→R | u32 crc32 of the data, data: whole WAL record frames |
+//! | 0x12 | SNAP_END | P→R | u32 crc32 of all chunk data |
+//! | 0x20 | RECORDS | P→R | whole WAL record frames exactly as on the primary's disk (wal/FORMAT.md), dense positions |
+//! | 0x21 | HEARTBEAT | P→R | u64 epoch, u64 last_position, u64 now_ms |
+//! | 0x30 | ACK | R→P | u64 epoch, u64 durable_position, u64 now_ms |
+//!
+//! Every frame carries or follows an epoch: a side that sees a higher epoch
+//! than its own stops acting as primary (fencing).
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"IRPL");
+pub const VERSION: u8 = 1;
+/// Largest replication frame: a RECORDS batch or snapshot chunk is cut below it.
+pub const FRAME_LEN_MAX: u32 = 4 << 20;
+/// Bytes of record frames per RECORDS or SNAP_CHUNK frame (below FRAME_LEN_MAX).
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
+const _: () = assert!(BATCH_BYTES_MAX + 64 < FRAME_LEN_MAX as usize);
+
+mod t {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const REFUSE: u8 = 0x03;
+    pub const TRUNCATE: u8 = 0x04;
+    pub const SNAP_BEGIN: u8 = 0x10;
+    pub const SNAP_CHUNK: u8 = 0x11;
+    pub const SNAP_END: u8 = 0x12;
+    pub const RECORDS: u8 = 0x20;
+    pub const HEARTBEAT: u8 = 0x21;
+    pub const ACK: u8 = 0x30;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub shards: u32,
+    pub slots: u32,
+    pub shard: u32,
+    pub epoch: u64,
+    pub last_position: u64,
+    pub last_record_epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg<'a> {
+    Hello(Hello),
+    Welcome {
+        epoch: u64,
+        full: bool,
+        start_position: u64,
+        client_addr: &'a str,
+    },
+    Refuse {
+        reason: &'a str,
+    },
+    Truncate {
+        keep_through: u64,
+    },
+    SnapBegin {
+        first_position: u64,
+        last_position: u64,
+        records: u64,
+        bytes: u64,
+    },
+    SnapChunk {
+        crc: u32,
+        data: &'a [u8],
+    },
+    SnapEnd {
+        crc: u32,
+    },
+    Records {
+        frames: &'a [u8],
+    },
+    Heartbeat {
+        epoch: u64,
+        last_position: u64,
+        now_ms: u64,
+    },
+    Ack {
+        epoch: u64,
+        durable_position: u64,
+        now_ms: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    #[error("replication frame length {0} is 0 or over {FRAME_LEN_MAX}")]
+    BadLength(u32),
+    #[error("unknown replication frame type {0:#04x}")]
+    UnknownType(u8),
+    #[error("malformed replication frame: {0}")]
+    Malformed(&'static str),
+    #[error("not an Iris replication peer (bad magic or version)")]
+    BadMagic,
+}
+
+fn frame(out: &mut Vec<u8>, ty: u8, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(ty);
+    body(out);
+    let len = (out.len() - start - 4) as u32;
+    assert!(len <= FRAME_LEN_MAX, "replication frame over its bound");
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let s = net::codec::truncate_str(s, 255);
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub fn encode(msg: &Msg<'_>, out: &mut Vec<u8>) {
+    let u64s = |out: &mut Vec<u8>, vals: &[u64]| {
+        vals.iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes()))
+    };
+    match msg {
+        Msg::Hello(h) => frame(out, t::HELLO, |o| {
+            o.extend_from_slice(&MAGIC.to_le_bytes());
+            o.push(VERSION);
+            for v in [h.shards, h.slots, h.shard] {
+                o.extend_from_slice(&v.to_le_bytes());
+            }
+            u64s(o, &[h.epoch, h.last_position, h.last_record_epoch]);
+        }),
+        Msg::Welcome {
+            epoch,
+            full,
+            start_position,
+            client_addr,
+        } => frame(out, t::WELCOME, |o| {
+            o.extend_from_slice(&epoch.to_le_bytes());
+            o.push(u8::from(*full));
+            o.extend_from_slice(&start_position.to_le_bytes());
+            put_str(o, client_addr);
+        }),
+        Msg::Refuse { reason } => frame(out, t::REFUSE, |o| put_str(o, reason)),
+        Msg::Truncate { keep_through } => frame(out, t::TRUNCATE, |o| u64s(o, &[*keep_through])),
+        Msg::SnapBegin {
+            first_position,
+            last_position,
+            records,
+            bytes,
+        } => frame(out, t::SNAP_BEGIN, |o| {
+            u64s(o, &[*first_position, *last_position, *records, *bytes])
+        }),
+        Msg::SnapChunk { crc, data } => frame(out, t::SNAP_CHUNK, |o| {
+            o.extend_from_slice(&crc.to_le_bytes());
+            o.extend_from_slice(data);
+        }),
+        Msg::SnapEnd { crc } => frame(out, t::SNAP_END, |o| {
+            o.extend_from_slice(&crc.to_le_bytes())
+        }),
+        Msg::Records { frames } => frame(out, t::RECORDS, |o| o.extend_from_slice(frames)),
+        Msg::Heartbeat {
+            epoch,
+            last_position,
+            now_ms,
+        } => frame(out, t::HEARTBEAT, |o| {
+            u64s(o, &[*epoch, *last_position, *now_ms])
+        }),
+        Msg::Ack {
+            epoch,
+            durable_position,
+            now_ms,
+        } => frame(out, t::ACK, |o| {
+            u64s(o, &[*epoch, *durable_position, *now_ms])
+        }),
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.0.len() < n {
+            return Err(ProtoError::Malformed("truncated field"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn str(&mut self) -> Result<&'a str, ProtoError> {
+        let n = self.u8()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| ProtoError::Malformed("invalid UTF-8"))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+    fn done(&self) -> Result<(), ProtoError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtoError::Malformed("trailing bytes"))
+        }
+    }
+}
+
+/// Ok(None): not a whole frame yet. Ok(Some((msg, consumed))) otherwise.
+pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().expect("4"));
+    if len == 0 || len > FRAME_LEN_MAX {
+        return Err(ProtoError::BadLength(len));
+    }
+    let total = 4 + len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let mut c = Cursor(&buf[5..total]);
+    let msg = match buf[4] {
+        t::HELLO => {
+            if c.u32()? != MAGIC || c.u8()? != VERSION {
+                return Err(ProtoError::BadMagic);
+            }
+            let (shards, slots, shard) = (c.u32()?, c.u32()?, c.u32()?);
+            let (epoch, last_position, last_record_epoch) = (c.u64()?, c.u64()?, c.u64()?);
+            Msg::Hello(Hello {
+                shards,
+                slots,
+                shard,
+                epoch,
+                last_position,
+                last_record_epoch,
+            })
+        }
+        t::WELCOME => {
+            let epoch = c.u64()?;
+            let full = match c.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(ProtoError::Malformed("sync mode")),
+            };
+            Msg::Welcome {
+                epoch,
+                full,
+                start_position: c.u64()?,
+                client_addr: c.str()?,
+            }
+        }
+        t::REFUSE => Msg::Refuse { reason: c.str()? },
+        t::TRUNCATE => Msg::Truncate {
+            keep_through: c.u64()?,
+        },
+        t::SNAP_BEGIN => Msg::SnapBegin {
+            first_position: c.u64()?,
+            last_position: c.u64()?,
+            records: c.u64()?,
+            bytes: c.u64()?,
+        },
+        t::SNAP_CHUNK => Msg::SnapChunk {
+            crc: c.u32()?,
+            data: c.rest(),
+        },
+        t::SNAP_END => Msg::SnapEnd { crc: c.u32()? },
+        t::RECORDS => Msg::Records { frames: c.rest() },
+        t::HEARTBEAT => Msg::Heartbeat {
+            epoch: c.u64()?,
+            last_position: c.u64()?,
+            now_ms: c.u64()?,
+        },
+        t::ACK => Msg::Ack {
+            epoch: c.u64()?,
+            durable_position: c.u64()?,
+            now_ms: c.u64()?,
+        },
+        other => return Err(ProtoError::UnknownType(other)),
+    };
+    c.done()?;
+    Ok(Some((msg, total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Msg<'static>> {
+        vec![
+            Msg::Hello(Hello {
+                shards: 2,
+                slots: 16384,
+                shard: 1,
+                epoch: 3,
+                last_position: 9,
+                last_record_epoch: 2,
+            }),
+            Msg::Welcome {
+                epoch: 3,
+                full: true,
+                start_position: 10,
+                client_addr: "127.0.0.1:7070",
+            },
+            Msg::Refuse {
+                reason: "shard count differs",
+            },
+            Msg::Truncate { keep_through: 7 },
+            Msg::SnapBegin {
+                first_position: 5,
+                last_position: 9,
+                records: 5,
+                bytes: 100,
+            },
+            Msg::SnapChunk {
+                crc: 1,
+                data: b"abc",
+            },
+            Msg::SnapEnd { crc: 2 },
+            Msg::Records { frames: b"frames" },
+            Msg::Heartbeat {
+                epoch: 3,
+                last_position: 9,
+                now_ms: 5,
+            },
+            Msg::Ack {
+                epoch: 3,
+                durable_position: 9,
+                now_ms: 5,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_and_partial_input_waits() {
+        for msg in all() {
+            let mut buf = Vec::new();
+            encode(&msg, &mut buf);
+            for cut in 0..buf.len() {
+                assert_eq!(decode(&buf[..cut]), Ok(None), "{msg:?} cut at {cut}");
+            }
+            assert_eq!(decode(&buf), Ok(Some((msg.clone(), buf.len()))));
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert_eq!(decode(&[0, 0, 0, 0]), Err(ProtoError::BadLength(0)));
+        assert_eq!(
+            decode(&u32::MAX.to_le_bytes()),
+            Err(ProtoError::BadLength(u32::MAX))
+        );
+        assert_eq!(
+            decode(&[1, 0, 0, 0, 0x7e]),
+            Err(ProtoError::UnknownType(0x7e))
+        );
+        let mut buf = Vec::new();
+        encode(&Msg::Truncate { keep_through: 1 }, &mut buf);
+        buf[0] += 1;
+        buf.push(0);
+        assert_eq!(decode(&buf), Err(ProtoError::Malformed("trailing bytes")));
+        let mut hello = Vec::new();
+        encode(&all()[0], &mut hello);
+        hello[5] ^= 1;
+        assert_eq!(decode(&hello), Err(ProtoError::BadMagic));
+    }
+}
