@@ -14,6 +14,7 @@ pub mod record;
 pub mod repl_proto;
 pub mod runtime;
 pub mod shard;
+pub mod stats;
 mod sys;
 
 use clap::{Parser, Subcommand};

@@ -1,0 +1,150 @@
+//! What the cores publish for the control thread (admin HTTP, metrics):
+//! atomics written once per group commit or replication event, never per
+//! message, and read without locks by the control thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    Primary = 0,
+    Replica = 1,
+    /// Saw a higher epoch: no longer primary, not (yet) a replica.
+    Fenced = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// STORED after the local fsync (no replica configured, or durability = "local").
+    Local = 0,
+    /// STORED after the local fsync and the replica's ack.
+    Replica = 1,
+    /// The replica is gone past the timeout; serving on local durability (degrade).
+    Degraded = 2,
+    /// The replica is gone past the timeout; refusing writes (block).
+    Blocked = 3,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        ["primary", "replica", "fenced"][self as usize]
+    }
+    fn from_u8(v: u8) -> Role {
+        [Role::Primary, Role::Replica, Role::Fenced][v as usize % 3]
+    }
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        ["local", "replica", "degraded", "blocked"][self as usize]
+    }
+    fn from_u8(v: u8) -> Mode {
+        [Mode::Local, Mode::Replica, Mode::Degraded, Mode::Blocked][v as usize % 4]
+    }
+}
+
+/// Upper bounds (µs) of the fsync latency histogram buckets; the last is +Inf.
+pub const FSYNC_BUCKETS_US: [u64; 12] = [
+    25, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000, 50000,
+];
+
+#[derive(Default)]
+pub struct ShardStats {
+    pub last_position: AtomicU64,
+    pub durable_position: AtomicU64,
+    pub replica_connected: AtomicBool,
+    pub replica_acked_position: AtomicU64,
+    /// Positions appended but not yet acknowledged by the replica.
+    pub replica_lag_ops: AtomicU64,
+    /// Age of the oldest record the replica has not acknowledged, in ms.
+    pub replica_lag_ms: AtomicU64,
+    /// When the last heartbeat or ack was heard from the peer (ms since the epoch).
+    pub last_heartbeat_ms: AtomicU64,
+}
+
+pub struct NodeStats {
+    role: AtomicU8,
+    mode: AtomicU8,
+    pub epoch: AtomicU64,
+    pub shards: Vec<ShardStats>,
+    pub connections: AtomicU64,
+    pub stored_total: AtomicU64,
+    pub rejected_total: AtomicU64,
+    pub replication_bytes_sent: AtomicU64,
+    pub replication_bytes_received: AtomicU64,
+    /// Counts per FSYNC_BUCKETS_US bucket, plus one for +Inf.
+    pub fsync_buckets: [AtomicU64; FSYNC_BUCKETS_US.len() + 1],
+    pub fsync_sum_us: AtomicU64,
+    pub fsync_count: AtomicU64,
+    /// Set by the control thread (admin promote); each core acts on it once.
+    pub promote_requested: AtomicBool,
+    /// The primary's client address, when this node is a replica and knows it.
+    pub primary_client_addr: Mutex<Option<String>>,
+}
+
+impl NodeStats {
+    pub fn new(shards: usize, role: Role, mode: Mode, epoch: u64) -> NodeStats {
+        NodeStats {
+            role: AtomicU8::new(role as u8),
+            mode: AtomicU8::new(mode as u8),
+            epoch: AtomicU64::new(epoch),
+            shards: (0..shards).map(|_| ShardStats::default()).collect(),
+            connections: AtomicU64::new(0),
+            stored_total: AtomicU64::new(0),
+            rejected_total: AtomicU64::new(0),
+            replication_bytes_sent: AtomicU64::new(0),
+            replication_bytes_received: AtomicU64::new(0),
+            fsync_buckets: Default::default(),
+            fsync_sum_us: AtomicU64::new(0),
+            fsync_count: AtomicU64::new(0),
+            promote_requested: AtomicBool::new(false),
+            primary_client_addr: Mutex::new(None),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.role.load(Relaxed))
+    }
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role as u8, Relaxed);
+    }
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Relaxed))
+    }
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Relaxed);
+    }
+
+    pub fn record_fsync(&self, latency_us: u64) {
+        let bucket = FSYNC_BUCKETS_US
+            .iter()
+            .position(|&b| latency_us <= b)
+            .unwrap_or(FSYNC_BUCKETS_US.len());
+        self.fsync_buckets[bucket].fetch_add(1, Relaxed);
+        self.fsync_sum_us.fetch_add(latency_us, Relaxed);
+        self.fsync_count.fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_histogram_buckets() {
+        let s = NodeStats::new(1, Role::Primary, Mode::Local, 1);
+        s.record_fsync(10);
+        s.record_fsync(75);
+        s.record_fsync(1_000_000);
+        assert_eq!(s.fsync_buckets[0].load(Relaxed), 1);
+        assert_eq!(s.fsync_buckets[2].load(Relaxed), 1);
+        assert_eq!(s.fsync_buckets[FSYNC_BUCKETS_US.len()].load(Relaxed), 1);
+        assert_eq!(s.fsync_count.load(Relaxed), 3);
+        s.set_mode(Mode::Degraded);
+        assert_eq!(s.mode().name(), "degraded");
+        s.set_role(Role::Fenced);
+        assert_eq!(s.role().name(), "fenced");
+    }
+}
