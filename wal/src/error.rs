@@ -39,6 +39,8 @@ pub enum WalError {
         #[source]
         source: io::Error,
     },
+    #[error("record position {position} is not the next one ({expected})")]
+    NotNext { position: u64, expected: u64 },
     #[error("invalid WAL config: {0}")]
     Config(String),
 }

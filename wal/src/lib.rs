@@ -29,4 +29,4 @@ pub use format::Record;
 pub use mmap::fdatasync_fd;
 pub use recovery::{RecoveryReport, TailState};
 pub use storage::{SegmentFile, Storage};
-pub use wal::{CopyForward, SyncTicket, Wal, WalIter};
+pub use wal::{CopyForward, SyncTicket, TailCursor, Wal, WalIter};

@@ -624,6 +624,173 @@ impl<S: Storage> Wal<S> {
     }
 }
 
+/// Where a replication stream is in the log: resumable across event-loop
+/// turns (it holds no borrow), O(1) per call once made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailCursor {
+    next_position: u64,
+    segment_base: u64,
+    offset: usize,
+}
+
+impl TailCursor {
+    /// The position the next `read_frames` starts at.
+    pub fn next_position(&self) -> u64 {
+        self.next_position
+    }
+}
+
+impl<S: Storage> Wal<S> {
+    /// A cursor at `position` (any retained position, or `last_position() + 1`).
+    pub fn cursor_at(&self, position: u64) -> Result<TailCursor, WalError> {
+        let (first, last) = (self.first_position(), self.last_position);
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if position < first || position > last + 1 {
+            return Err(WalError::NotRetained {
+                position,
+                first,
+                last,
+            });
+        }
+        let (index, offset) = self.locate(position);
+        let state = &self.segments[index];
+        Ok(TailCursor {
+            next_position: position,
+            segment_base: state.base,
+            offset,
+        })
+    }
+
+    /// Copies whole record frames, exactly as they are on disk, from the
+    /// cursor onwards into `out`, up to about `bytes_max` bytes (at least one
+    /// frame when one is there), and advances the cursor. Returns the number
+    /// of records copied (0 when the cursor is at the end).
+    pub fn read_frames(
+        &self,
+        cursor: &mut TailCursor,
+        bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        let mut copied = 0;
+        let start_len = out.len();
+        while cursor.next_position <= self.last_position {
+            let index = self
+                .segments
+                .partition_point(|s| s.base <= cursor.segment_base);
+            let first = self.first_position();
+            let Some(state) = index.checked_sub(1).map(|i| &self.segments[i]) else {
+                return Err(WalError::NotRetained {
+                    position: cursor.next_position,
+                    first,
+                    last: self.last_position,
+                });
+            };
+            if state.base != cursor.segment_base {
+                return Err(WalError::NotRetained {
+                    position: cursor.next_position,
+                    first,
+                    last: self.last_position,
+                });
+            }
+            if cursor.next_position > state.last_position {
+                // This segment is done: the next one starts at the next position.
+                let next = self
+                    .segments
+                    .get(index)
+                    .expect("a later segment holds the next position");
+                assert_eq!(next.base, cursor.next_position);
+                cursor.segment_base = next.base;
+                cursor.offset = SEGMENT_HEADER_LEN;
+                continue;
+            }
+            if copied > 0 && out.len() - start_len >= bytes_max {
+                break;
+            }
+            let bytes = state.segment.bytes();
+            let frame = trusted_frame_len(&bytes[cursor.offset..]);
+            assert!(cursor.offset + frame <= state.write_offset);
+            out.extend_from_slice(&bytes[cursor.offset..cursor.offset + frame]);
+            cursor.offset += frame;
+            cursor.next_position += 1;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    /// Appends a record received from a primary at exactly `position`, which
+    /// must be the next one: a replica keeps the primary's positions.
+    pub fn append_at(
+        &mut self,
+        position: u64,
+        epoch: u64,
+        record_type: u8,
+        payload: &[u8],
+    ) -> Result<u64, WalError> {
+        let expected = self.last_position + 1;
+        if position != expected {
+            return Err(WalError::NotNext { position, expected });
+        }
+        self.append(epoch, record_type, payload)
+    }
+
+    /// The epoch of the record at `position`, if it is retained.
+    pub fn epoch_at(&self, position: u64) -> Option<u64> {
+        if self.poisoned || position < self.first_position() || position > self.last_position {
+            return None;
+        }
+        let (index, offset) = self.locate(position);
+        let bytes = &self.segments[index].segment.bytes()[offset..];
+        match decode_record(bytes, self.config.record_payload_len_max) {
+            Decoded::Record(record, _) if record.position == position => Some(record.epoch),
+            _ => None,
+        }
+    }
+
+    /// Drops the whole log and starts an empty one whose first position is
+    /// `first_position` (a replica taking a full sync). Blocking: the old
+    /// segments are unlinked and the new one created and synced before it
+    /// returns, so a crash leaves either the old log or the new empty one.
+    pub fn reset(&mut self, first_position: u64) -> Result<(), WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        assert!(first_position >= 1);
+        let removed: Vec<_> = self.segments.drain(..).collect();
+        for state in removed {
+            self.remove_segment_file(state)?;
+        }
+        self.sync_dir_now()?;
+        let segment = create_segment(
+            &mut self.storage,
+            first_position,
+            self.config.segment_size_bytes,
+        )?;
+        if let Err(error) = self.storage.sync_segment(&segment) {
+            self.poisoned = true;
+            return Err(WalError::SyncFailed(error));
+        }
+        self.segments.push_back(SegmentState {
+            base: first_position,
+            last_position: first_position - 1,
+            write_offset: SEGMENT_HEADER_LEN,
+            segment,
+        });
+        self.sync_dir_now()?;
+        self.last_position = first_position - 1;
+        self.durable_position = self.last_position;
+        self.sync_begun_position = self.last_position;
+        self.last_epoch = 0;
+        self.copy_barrier_position = 0;
+        self.in_flight.iter_mut().for_each(|t| t.stale = true);
+        Ok(())
+    }
+}
+
 fn create_segment<S: Storage>(
     storage: &mut S,
     base: u64,
