@@ -4,6 +4,8 @@
 //! client connection) → `core` (the per-core arena and cross-core mail) →
 //! `shard` (inboxes, dedup, WAL) → `record` (WAL payloads).
 
+pub mod admin;
+pub mod admin_cmd;
 pub mod auth;
 pub mod client_cmd;
 pub mod config;

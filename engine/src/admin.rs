@@ -1,0 +1,963 @@
+//! The admin HTTP server: health, replication stats, manual promotion and
+//! Prometheus metrics, served on the control thread (`--admin ADDR`).
+//!
+//! It only reads the atomics the cores publish in [`NodeStats`] and sets
+//! `promote_requested`; it never touches shard state, so a slow or hostile
+//! admin client can at worst delay other admin clients, never a core.
+//!
+//! One thread, one request at a time, `Connection: close`. Every read is
+//! bounded: the request head and body by size, the whole request by a
+//! deadline. The server is hand-rolled over `std::net` with `httparse` for the
+//! head because `tiny_http` 0.12 cannot meet these bounds: it accepts on a
+//! thread of its own, hands each connection to a pool that grows by one thread
+//! per concurrent connection, and sets no read timeout on accepted sockets, so
+//! a client that opens connections and sends nothing pins one thread each,
+//! without limit.
+
+use crate::stats::{Mode, NodeStats, Role, FSYNC_BUCKETS_US};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Request line plus headers; larger heads get 431.
+pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
+/// Header lines parsed per request; more get 431.
+pub const REQUEST_HEADERS_MAX: usize = 32;
+/// Request body; a larger declared Content-Length gets 413 before any body is read.
+pub const REQUEST_BODY_BYTES_MAX: usize = 8 * 1024;
+/// Whole request (head and body) must arrive within this; slower clients get 408.
+pub const REQUEST_DEADLINE_MS: u64 = 5_000;
+/// A response write that cannot progress for this long is abandoned.
+pub const RESPONSE_WRITE_TIMEOUT_MS: u64 = 3_000;
+/// After rejecting a request we did not read whole, how much of the rest we
+/// swallow (and for how long) so that closing does not reset the connection
+/// before the client has read our answer.
+pub const DRAIN_BYTES_MAX: usize = 64 * 1024;
+pub const DRAIN_TIMEOUT_MS: u64 = 500;
+/// How long `POST /replication/promote` waits for the cores to finish.
+pub const PROMOTE_TIMEOUT_MS: u64 = 5_000;
+pub const PROMOTE_POLL_MS: u64 = 10;
+/// Pause after a failed accept (e.g. out of file descriptors) so the control
+/// thread does not spin.
+pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+
+const CONTENT_TYPE_JSON: &str = "application/json";
+/// What prometheus-client's text encoder produces (it ends with `# EOF`).
+const CONTENT_TYPE_OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Binds `addr` and serves the admin API on a new thread named `iris-control`.
+/// Returns the bound address (useful with port 0) and the thread, which runs
+/// for the life of the process.
+pub fn start(addr: SocketAddr, stats: Arc<NodeStats>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("admin listener on {addr}: {e}")))?;
+    let bound = listener.local_addr()?;
+    let metrics = metrics_registry(&stats);
+    let handle = thread::Builder::new()
+        .name("iris-control".into())
+        .spawn(move || serve(listener, &stats, &metrics))?;
+    Ok((bound, handle))
+}
+
+fn serve(listener: TcpListener, stats: &NodeStats, metrics: &Registry) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _peer)) => handle_connection(stream, stats, metrics),
+            Err(e) => {
+                tracing::warn!("admin: accept failed: {e}");
+                thread::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS));
+            }
+        }
+    }
+}
+
+/// Reads one request, answers it and closes. I/O errors only end this
+/// connection: the peer is gone or too slow, and there is nobody to tell.
+fn handle_connection(mut stream: TcpStream, stats: &NodeStats, metrics: &Registry) {
+    let deadline = Instant::now() + Duration::from_millis(REQUEST_DEADLINE_MS);
+    if stream
+        .set_write_timeout(Some(Duration::from_millis(RESPONSE_WRITE_TIMEOUT_MS)))
+        .is_err()
+    {
+        return;
+    }
+    match read_request(&mut stream, deadline) {
+        Ok(request) => {
+            let response = route(&request, stats, metrics);
+            let _ = response.write_to(&mut stream);
+        }
+        Err(Rejection::Reply(response)) => {
+            if response.write_to(&mut stream).is_ok() {
+                drain_and_close(&mut stream);
+            }
+        }
+        Err(Rejection::Drop) => {}
+    }
+}
+
+/// Lets the client see our answer: closing a socket with unread input sends a
+/// reset, which can destroy the response still in flight.
+fn drain_and_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    if stream
+        .set_read_timeout(Some(Duration::from_millis(DRAIN_TIMEOUT_MS)))
+        .is_err()
+    {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut drained_bytes = 0;
+    while drained_bytes < DRAIN_BYTES_MAX {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained_bytes += n,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Request
+
+#[derive(Debug)]
+struct Request {
+    method: String,
+    /// Without the query string.
+    path: String,
+}
+
+/// The parts of a request head we act on, owned so the buffer can be reused.
+struct Head {
+    method: String,
+    path: String,
+    head_len: usize,
+    content_length: usize,
+    expect_continue: bool,
+}
+
+enum Rejection {
+    /// Answer with this, then close.
+    Reply(Response),
+    /// The peer left, timed out silently or the socket failed: just close.
+    Drop,
+}
+
+fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Rejection> {
+    let mut buf = Vec::with_capacity(REQUEST_HEAD_BYTES_MAX);
+    let head = loop {
+        if let Some(head) = parse_head(&buf)? {
+            break head;
+        }
+        if buf.len() >= REQUEST_HEAD_BYTES_MAX {
+            return Err(reject(431, "request head too large"));
+        }
+        let mut chunk = [0u8; 1024];
+        let room = chunk.len().min(REQUEST_HEAD_BYTES_MAX - buf.len());
+        let n = read_before(stream, &mut chunk[..room], deadline, !buf.is_empty())?;
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    if head.content_length > REQUEST_BODY_BYTES_MAX {
+        return Err(reject(413, "request body too large"));
+    }
+    // Bytes past the head are the body's start; anything past the body is a
+    // pipelined request we will not serve (we close after one).
+    let mut body_len = buf.len() - head.head_len;
+    if body_len < head.content_length && head.expect_continue {
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    let mut sink = [0u8; 1024];
+    while body_len < head.content_length {
+        let room = sink.len().min(head.content_length - body_len);
+        body_len += read_before(stream, &mut sink[..room], deadline, true)?;
+    }
+    // No route takes a body yet: it is read (bounded) and discarded.
+    Ok(Request {
+        method: head.method,
+        path: head.path,
+    })
+}
+
+/// `Ok(None)`: the head is not complete yet.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Rejection> {
+    let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(reject(431, "too many headers")),
+        Err(e) => return Err(reject(400, &format!("malformed request: {e}"))),
+    };
+    let mut content_length: Option<usize> = None;
+    let mut expect_continue = false;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(reject(
+                411,
+                "send Content-Length; chunked bodies are not accepted",
+            ));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| reject(400, "bad Content-Length"))?;
+            if content_length.is_some_and(|prev| prev != n) {
+                return Err(reject(400, "conflicting Content-Length headers"));
+            }
+            content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    let target = request.path.unwrap_or("/");
+    let path = target.split('?').next().unwrap_or(target);
+    Ok(Some(Head {
+        method: request.method.unwrap_or("").to_owned(),
+        path: path.to_owned(),
+        head_len,
+        content_length: content_length.unwrap_or(0),
+        expect_continue,
+    }))
+}
+
+/// One read that must finish before `deadline`. `started`: the client has sent
+/// part of a request, so running out of time earns a 408 rather than a silent close.
+fn read_before(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    started: bool,
+) -> Result<usize, Rejection> {
+    let timed_out = || {
+        if started {
+            reject(408, "request not received in time")
+        } else {
+            Rejection::Drop
+        }
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Err(timed_out());
+    }
+    stream
+        .set_read_timeout(Some(remaining))
+        .map_err(|_| Rejection::Drop)?;
+    match stream.read(buf) {
+        Ok(0) => Err(Rejection::Drop),
+        Ok(n) => Ok(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(timed_out())
+        }
+        Err(_) => Err(Rejection::Drop),
+    }
+}
+
+fn reject(status: u16, message: &str) -> Rejection {
+    Rejection::Reply(Response::error(status, message))
+}
+
+// ---------------------------------------------------------------------------
+// Response
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    /// For 405: the one method the path accepts.
+    allow: Option<&'static str>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn json(status: u16, value: &impl Serialize) -> Response {
+        let mut body = serde_json::to_vec(value).expect("admin JSON types serialize");
+        body.push(b'\n');
+        Response {
+            status,
+            content_type: CONTENT_TYPE_JSON,
+            allow: None,
+            body,
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Response {
+        Response::json(status, &serde_json::json!({ "error": message }))
+    }
+
+    fn write_to(&self, stream: &mut TcpStream) -> io::Result<()> {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        if let Some(allow) = self.allow {
+            head.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(&self.body)?;
+        stream.flush()
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routes
+
+type Handler = fn(&NodeStats, &Registry) -> Response;
+
+fn route(request: &Request, stats: &NodeStats, metrics: &Registry) -> Response {
+    let (method, handler): (&'static str, Handler) = match request.path.as_str() {
+        "/health" => ("GET", |s, _| health(s)),
+        "/replication/stats" => ("GET", |s, _| replication_stats(s)),
+        "/replication/promote" => ("POST", |s, _| promote(s)),
+        "/metrics" => ("GET", |_, m| metrics_text(m)),
+        _ => return Response::error(404, "no such path"),
+    };
+    if request.method != method {
+        let mut response = Response::error(405, "method not allowed");
+        response.allow = Some(method);
+        return response;
+    }
+    handler(stats, metrics)
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    role: &'static str,
+    epoch: u64,
+    mode: &'static str,
+}
+
+fn health(stats: &NodeStats) -> Response {
+    Response::json(
+        200,
+        &Health {
+            status: "ok",
+            role: stats.role().name(),
+            epoch: stats.epoch.load(Relaxed),
+            mode: stats.mode().name(),
+        },
+    )
+}
+
+#[derive(Serialize)]
+struct ReplicationStats {
+    role: &'static str,
+    epoch: u64,
+    mode: &'static str,
+    /// The primary's client address, when this node is a replica and knows it.
+    primary_client_addr: Option<String>,
+    shards: Vec<ShardView>,
+    stored_total: u64,
+    rejected_total: u64,
+    connections: u64,
+    replication_sent_bytes: u64,
+    replication_received_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct ShardView {
+    shard: usize,
+    last_position: u64,
+    durable_position: u64,
+    /// Empty when the shard has no replica (never connected, never heard from).
+    replicas: Vec<ReplicaView>,
+}
+
+#[derive(Serialize)]
+struct ReplicaView {
+    connected: bool,
+    acked_position: u64,
+    lag_ops: u64,
+    lag_ms: u64,
+    /// None while connected but before the first heartbeat.
+    last_heartbeat_ms_ago: Option<u64>,
+}
+
+fn replication_stats(stats: &NodeStats) -> Response {
+    let now_ms = unix_now_ms();
+    let shards = stats
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(shard, s)| {
+            let connected = s.replica_connected.load(Relaxed);
+            let heartbeat_ms = s.last_heartbeat_ms.load(Relaxed);
+            let replica = ReplicaView {
+                connected,
+                acked_position: s.replica_acked_position.load(Relaxed),
+                lag_ops: s.replica_lag_ops.load(Relaxed),
+                lag_ms: s.replica_lag_ms.load(Relaxed),
+                last_heartbeat_ms_ago: (heartbeat_ms > 0)
+                    .then(|| now_ms.saturating_sub(heartbeat_ms)),
+            };
+            ShardView {
+                shard,
+                last_position: s.last_position.load(Relaxed),
+                durable_position: s.durable_position.load(Relaxed),
+                replicas: if connected || heartbeat_ms > 0 {
+                    vec![replica]
+                } else {
+                    vec![]
+                },
+            }
+        })
+        .collect();
+    let primary_client_addr = match stats.primary_client_addr.lock() {
+        Ok(addr) => addr.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    Response::json(
+        200,
+        &ReplicationStats {
+            role: stats.role().name(),
+            epoch: stats.epoch.load(Relaxed),
+            mode: stats.mode().name(),
+            primary_client_addr,
+            shards,
+            stored_total: stats.stored_total.load(Relaxed),
+            rejected_total: stats.rejected_total.load(Relaxed),
+            connections: stats.connections.load(Relaxed),
+            replication_sent_bytes: stats.replication_bytes_sent.load(Relaxed),
+            replication_received_bytes: stats.replication_bytes_received.load(Relaxed),
+        },
+    )
+}
+
+fn unix_now_ms() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Asks the cores to promote this node and waits until they report it done:
+/// role primary and an epoch above the one we started from. On timeout the
+/// request stays set (the cores may still be finishing); asking again is safe.
+fn promote(stats: &NodeStats) -> Response {
+    let epoch_before = stats.epoch.load(SeqCst);
+    if stats.role() == Role::Primary {
+        return Response::json(
+            409,
+            &serde_json::json!({ "error": "already primary", "epoch": epoch_before }),
+        );
+    }
+    tracing::info!("admin: promotion requested (epoch {epoch_before})");
+    stats.promote_requested.store(true, SeqCst);
+    let deadline = Instant::now() + Duration::from_millis(PROMOTE_TIMEOUT_MS);
+    loop {
+        let epoch = stats.epoch.load(SeqCst);
+        if stats.role() == Role::Primary && epoch > epoch_before {
+            tracing::info!("admin: promoted to primary (epoch {epoch})");
+            return Response::json(
+                200,
+                &serde_json::json!({ "role": "primary", "epoch": epoch }),
+            );
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!("admin: promotion did not complete in {PROMOTE_TIMEOUT_MS} ms");
+            return Response::error(503, "promotion did not complete");
+        }
+        thread::sleep(Duration::from_millis(PROMOTE_POLL_MS));
+    }
+}
+
+fn metrics_text(metrics: &Registry) -> Response {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, metrics)
+        .expect("encoding into a String cannot fail");
+    Response {
+        status: 200,
+        content_type: CONTENT_TYPE_OPENMETRICS,
+        allow: None,
+        body: text.into_bytes(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+/// The registry holds one collector that reads the atomics on every scrape,
+/// so values are never copied into metric objects that could go stale.
+fn metrics_registry(stats: &Arc<NodeStats>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatsCollector(Arc::clone(stats))));
+    registry
+}
+
+struct StatsCollector(Arc<NodeStats>);
+
+impl std::fmt::Debug for StatsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsCollector")
+    }
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_node(&self.0, &mut encoder)?;
+        encode_shards(&self.0, &mut encoder)?;
+        encode_traffic(&self.0, &mut encoder)?;
+        encode_fsync(&self.0, &mut encoder)
+    }
+}
+
+fn encode_node(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+    let role = stats.role();
+    let roles = [Role::Primary, Role::Replica, Role::Fenced]
+        .map(|r| (vec![("role", r.name().to_owned())], u64::from(r == role)));
+    labeled_gauges(encoder, "iris_role", "1 for this node's role", &roles)?;
+    gauge(
+        encoder,
+        "iris_epoch",
+        "Replication epoch",
+        stats.epoch.load(Relaxed),
+    )?;
+    let mode = stats.mode();
+    let modes = [Mode::Local, Mode::Replica, Mode::Degraded, Mode::Blocked]
+        .map(|m| (vec![("mode", m.name().to_owned())], u64::from(m == mode)));
+    labeled_gauges(
+        encoder,
+        "iris_mode",
+        "1 for the durability mode in force",
+        &modes,
+    )?;
+    gauge(
+        encoder,
+        "iris_connections",
+        "Open client connections",
+        stats.connections.load(Relaxed),
+    )
+}
+
+fn encode_shards(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+    type Field = fn(&crate::stats::ShardStats) -> u64;
+    let fields: [(&str, &str, Field); 6] = [
+        (
+            "iris_shard_last_position",
+            "Last appended log position",
+            |s| s.last_position.load(Relaxed),
+        ),
+        (
+            "iris_shard_durable_position",
+            "Last fsync'ed log position",
+            |s| s.durable_position.load(Relaxed),
+        ),
+        (
+            "iris_replica_connected",
+            "1 while the replica link is up",
+            |s| u64::from(s.replica_connected.load(Relaxed)),
+        ),
+        (
+            "iris_replica_acked_position",
+            "Highest position the replica acknowledged",
+            |s| s.replica_acked_position.load(Relaxed),
+        ),
+        (
+            "iris_replica_lag_ops",
+            "Positions appended but not acknowledged by the replica",
+            |s| s.replica_lag_ops.load(Relaxed),
+        ),
+        (
+            "iris_replica_lag_ms",
+            "Age of the oldest record the replica has not acknowledged",
+            |s| s.replica_lag_ms.load(Relaxed),
+        ),
+    ];
+    for (name, help, field) in fields {
+        let values: Vec<_> = stats
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (vec![("shard", i.to_string())], field(s)))
+            .collect();
+        labeled_gauges(encoder, name, help, &values)?;
+    }
+    Ok(())
+}
+
+fn encode_traffic(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+    // Counter names get `_total` (and the unit) appended by the encoder.
+    counter(
+        encoder,
+        "iris_stored",
+        "SENDs answered STORED",
+        None,
+        load(&stats.stored_total),
+    )?;
+    counter(
+        encoder,
+        "iris_rejected",
+        "SENDs answered REJECTED",
+        None,
+        load(&stats.rejected_total),
+    )?;
+    counter(
+        encoder,
+        "iris_replication_sent",
+        "Bytes sent on replication links",
+        Some(&Unit::Bytes),
+        load(&stats.replication_bytes_sent),
+    )?;
+    counter(
+        encoder,
+        "iris_replication_received",
+        "Bytes received on replication links",
+        Some(&Unit::Bytes),
+        load(&stats.replication_bytes_received),
+    )
+}
+
+fn encode_fsync(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+    let histogram = FsyncHistogram::read(stats);
+    let metric = encoder.encode_descriptor(
+        "iris_fsync_latency",
+        "WAL fsync latency",
+        Some(&Unit::Seconds),
+        histogram.metric_type(),
+    )?;
+    histogram.encode(metric)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn labeled_gauges(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: &[(Labels, u64)],
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in values {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: u64,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
+}
+
+/// The cores' fsync histogram, read at scrape time. prometheus-client's own
+/// `Histogram` only counts what it observes itself, so the precomputed bucket
+/// counts are handed to its encoder through this custom metric.
+#[derive(Debug)]
+struct FsyncHistogram {
+    sum_seconds: f64,
+    count: u64,
+    /// (upper bound in seconds, count in this bucket alone); the last bound is +Inf.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl FsyncHistogram {
+    fn read(stats: &NodeStats) -> FsyncHistogram {
+        let bounds = FSYNC_BUCKETS_US
+            .iter()
+            .map(|&us| us as f64 / 1e6)
+            .chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(stats.fsync_buckets.iter().map(|b| b.load(Relaxed)))
+            .collect();
+        assert_eq!(buckets.len(), FSYNC_BUCKETS_US.len() + 1);
+        FsyncHistogram {
+            sum_seconds: stats.fsync_sum_us.load(Relaxed) as f64 / 1e6,
+            // Counted from the buckets we read, not from `fsync_count`, so that
+            // the +Inf bucket equals the count even while a core is recording.
+            count: buckets.iter().map(|&(_, n)| n).sum(),
+            buckets,
+        }
+    }
+}
+
+impl EncodeMetric for FsyncHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> std::fmt::Result {
+        encoder.encode_histogram::<NoLabelSet>(self.sum_seconds, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin_cmd::{http, http_with_body};
+    use serde_json::Value;
+
+    fn start_node(shards: usize, role: Role) -> (Arc<NodeStats>, String) {
+        let stats = Arc::new(NodeStats::new(shards, role, Mode::Replica, 7));
+        let (addr, _thread) = start("127.0.0.1:0".parse().unwrap(), Arc::clone(&stats)).unwrap();
+        (stats, addr.to_string())
+    }
+
+    fn get_json(addr: &str, path: &str) -> Value {
+        let (status, body) = http("GET", addr, path).unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    #[test]
+    fn health_reports_role_epoch_and_mode() {
+        let (stats, addr) = start_node(1, Role::Replica);
+        let v = get_json(&addr, "/health");
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["role"], "replica");
+        assert_eq!(v["epoch"], 7);
+        assert_eq!(v["mode"], "replica");
+        stats.set_mode(Mode::Degraded);
+        assert_eq!(get_json(&addr, "/health?verbose=1")["mode"], "degraded");
+    }
+
+    #[test]
+    fn replication_stats_lists_shards_and_only_known_replicas() {
+        let (stats, addr) = start_node(2, Role::Primary);
+        let s0 = &stats.shards[0];
+        s0.last_position.store(120, Relaxed);
+        s0.durable_position.store(118, Relaxed);
+        s0.replica_connected.store(true, Relaxed);
+        s0.replica_acked_position.store(100, Relaxed);
+        s0.replica_lag_ops.store(20, Relaxed);
+        s0.replica_lag_ms.store(3, Relaxed);
+        s0.last_heartbeat_ms.store(unix_now_ms() - 250, Relaxed);
+        stats.stored_total.store(42, Relaxed);
+        stats.rejected_total.store(2, Relaxed);
+        stats.connections.store(5, Relaxed);
+
+        let v = get_json(&addr, "/replication/stats");
+        assert_eq!(
+            (v["role"].clone(), v["epoch"].clone()),
+            ("primary".into(), 7.into())
+        );
+        assert_eq!(v["mode"], "replica");
+        assert_eq!(
+            (v["stored_total"].clone(), v["rejected_total"].clone()),
+            (42.into(), 2.into())
+        );
+        assert_eq!(v["connections"], 5);
+        let shards = v["shards"].as_array().unwrap();
+        assert_eq!(shards.len(), 2);
+        assert_eq!(shards[0]["shard"], 0);
+        assert_eq!(shards[0]["last_position"], 120);
+        assert_eq!(shards[0]["durable_position"], 118);
+        let replica = &shards[0]["replicas"][0];
+        assert_eq!(replica["connected"], true);
+        assert_eq!(replica["acked_position"], 100);
+        assert_eq!(replica["lag_ops"], 20);
+        assert_eq!(replica["lag_ms"], 3);
+        let ago_ms = replica["last_heartbeat_ms_ago"].as_u64().unwrap();
+        assert!((250..10_000).contains(&ago_ms), "{ago_ms}");
+        assert_eq!(shards[1]["replicas"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn unknown_path_is_404_and_wrong_method_is_405() {
+        let (stats, addr) = start_node(1, Role::Replica);
+        assert_eq!(http("GET", &addr, "/nope").unwrap().0, 404);
+        assert_eq!(http("POST", &addr, "/health").unwrap().0, 405);
+        assert_eq!(http("GET", &addr, "/replication/promote").unwrap().0, 405);
+        assert_eq!(http("DELETE", &addr, "/metrics").unwrap().0, 405);
+        assert!(!stats.promote_requested.load(SeqCst));
+    }
+
+    #[test]
+    fn oversized_body_is_413_and_never_reaches_the_route() {
+        let (stats, addr) = start_node(1, Role::Replica);
+        let body = vec![b'x'; REQUEST_BODY_BYTES_MAX + 1];
+        let (status, _) = http_with_body("POST", &addr, "/replication/promote", &body).unwrap();
+        assert_eq!(status, 413);
+        assert!(!stats.promote_requested.load(SeqCst));
+        // A body within the bound is read and the request served.
+        let body = vec![b'x'; REQUEST_BODY_BYTES_MAX];
+        assert_eq!(
+            http_with_body("GET", &addr, "/health", &body).unwrap().0,
+            200
+        );
+    }
+
+    #[test]
+    fn oversized_head_is_431_and_garbage_is_400() {
+        let (_stats, addr) = start_node(1, Role::Replica);
+        let long_path = format!("/{}", "a".repeat(REQUEST_HEAD_BYTES_MAX));
+        assert_eq!(http("GET", &addr, &long_path).unwrap().0, 431);
+        let mut raw = TcpStream::connect(&addr).unwrap();
+        raw.write_all(b"\x01\x02 nonsense\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    }
+
+    #[test]
+    fn a_stalled_client_gets_408_and_then_the_server_serves_others() {
+        let (_stats, addr) = start_node(1, Role::Replica);
+        let mut slow = TcpStream::connect(&addr).unwrap();
+        slow.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        let mut answer = String::new();
+        slow.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(started.elapsed() < Duration::from_millis(REQUEST_DEADLINE_MS + 2_000));
+        assert_eq!(http("GET", &addr, "/health").unwrap().0, 200);
+    }
+
+    #[test]
+    fn metrics_expose_every_family_and_the_fsync_histogram() {
+        let (stats, addr) = start_node(2, Role::Replica);
+        stats.record_fsync(20); // first bucket (25 µs)
+        stats.record_fsync(600); // 1000 µs bucket
+        stats.record_fsync(90_000); // +Inf
+        stats.stored_total.store(11, Relaxed);
+        stats.replication_bytes_sent.store(4096, Relaxed);
+        stats.shards[1].replica_lag_ops.store(9, Relaxed);
+        let (status, text) = http("GET", &addr, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        for line in [
+            "iris_role{role=\"replica\"} 1",
+            "iris_role{role=\"primary\"} 0",
+            "iris_epoch 7",
+            "iris_mode{mode=\"replica\"} 1",
+            "iris_mode{mode=\"degraded\"} 0",
+            "iris_connections 0",
+            "iris_shard_last_position{shard=\"1\"} 0",
+            "iris_shard_durable_position{shard=\"0\"} 0",
+            "iris_replica_connected{shard=\"0\"} 0",
+            "iris_replica_acked_position{shard=\"0\"} 0",
+            "iris_replica_lag_ops{shard=\"1\"} 9",
+            "iris_replica_lag_ms{shard=\"1\"} 0",
+            "iris_stored_total 11",
+            "iris_rejected_total 0",
+            "iris_replication_sent_bytes_total 4096",
+            "iris_replication_received_bytes_total 0",
+            "# TYPE iris_fsync_latency_seconds histogram",
+            "iris_fsync_latency_seconds_count 3",
+            "iris_fsync_latency_seconds_bucket{le=\"+Inf\"} 3",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let buckets: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("iris_fsync_latency_seconds_bucket"))
+            .collect();
+        assert_eq!(buckets.len(), FSYNC_BUCKETS_US.len() + 1, "{text}");
+        // Cumulative: 1 at 25 µs, 2 from 1 ms on, 3 only at +Inf.
+        assert!(buckets[0].ends_with(" 1"), "{}", buckets[0]);
+        assert!(buckets[7].ends_with(" 2"), "{}", buckets[7]);
+        assert!(buckets[FSYNC_BUCKETS_US.len() - 1].ends_with(" 2"));
+        let sum_line = text
+            .lines()
+            .find(|l| l.starts_with("iris_fsync_latency_seconds_sum "))
+            .unwrap();
+        let sum_seconds: f64 = sum_line.split(' ').nth(1).unwrap().parse().unwrap();
+        assert!((sum_seconds - 0.09062).abs() < 1e-9, "{sum_line}");
+    }
+
+    #[test]
+    fn promote_waits_for_the_cores_and_returns_the_new_epoch() {
+        let (stats, addr) = start_node(1, Role::Replica);
+        let core = {
+            let stats = Arc::clone(&stats);
+            thread::spawn(move || {
+                while !stats.promote_requested.load(SeqCst) {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                // A real core takes a moment; the role flips before the epoch.
+                thread::sleep(Duration::from_millis(50));
+                stats.set_role(Role::Primary);
+                thread::sleep(Duration::from_millis(20));
+                stats.epoch.fetch_add(1, SeqCst);
+            })
+        };
+        let (status, body) = http("POST", &addr, "/replication/promote").unwrap();
+        core.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["role"].clone(), v["epoch"].clone()),
+            ("primary".into(), 8.into())
+        );
+
+        let (status, body) = http("POST", &addr, "/replication/promote").unwrap();
+        assert_eq!(status, 409, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["error"].clone(), v["epoch"].clone()),
+            ("already primary".into(), 8.into())
+        );
+    }
+
+    #[test]
+    fn promote_that_the_cores_never_finish_is_503() {
+        let (stats, addr) = start_node(1, Role::Fenced);
+        let started = Instant::now();
+        let (status, body) = http("POST", &addr, "/replication/promote").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(started.elapsed() >= Duration::from_millis(PROMOTE_TIMEOUT_MS));
+        assert!(stats.promote_requested.load(SeqCst));
+        assert_eq!(stats.epoch.load(SeqCst), 7);
+    }
+
+    #[test]
+    fn histogram_count_is_taken_from_the_buckets() {
+        let stats = NodeStats::new(1, Role::Primary, Mode::Local, 1);
+        stats.record_fsync(100);
+        // A core mid-record: count bumped, bucket not yet (or the reverse).
+        stats.fsync_count.fetch_add(1, Relaxed);
+        let h = FsyncHistogram::read(&stats);
+        assert_eq!(h.count, 1);
+        assert_eq!(h.buckets.last().unwrap().0, f64::INFINITY);
+    }
+}
