@@ -5,11 +5,17 @@
 SERVER_CPU="${SERVER_CPU:-1}"
 DRIVER_CPU="${DRIVER_CPU:-0}"
 
+# PROFILE picks the cargo profile (default `profiling`: release with debug
+# info, so perf can name inlined frames too); BIN_DIR=dir skips the build and
+# uses the binaries already in that directory.
 build_profiling() {
-    # The `profiling` profile is release with debug info, so perf can name frames.
-    (cd "$ROOT" && cargo build --profile profiling -p engine --bin iris -p bench --bin iris-bench) >&2
-    IRIS="$ROOT/target/profiling/iris"
-    BENCH="$ROOT/target/profiling/iris-bench"
+    local profile="${PROFILE:-profiling}"
+    if [ -z "${BIN_DIR:-}" ]; then
+        (cd "$ROOT" && cargo build --profile "$profile" -p engine --bin iris -p bench --bin iris-bench) >&2
+        BIN_DIR="$ROOT/target/$profile"
+    fi
+    IRIS="$BIN_DIR/iris"
+    BENCH="$BIN_DIR/iris-bench"
 }
 
 # Starts iris pinned to SERVER_CPU; sets IRIS_PID, IRIS_ADDR, IRIS_DATA.

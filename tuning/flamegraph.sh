@@ -39,9 +39,15 @@ perf record -e cpu-clock -F 997 --call-graph dwarf,16384 -p "$IRIS_PID" \
 wait "$bench_pid"
 perf script -i "$out/perf.data" 2>/dev/null | inferno-collapse-perf >"$out/folded.txt"
 inferno-flamegraph --title "iris serve under iris-bench $*" <"$out/folded.txt" >"$out/iris.svg"
-perf report -i "$out/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-    | grep -v '^#' | grep -v '^$' | head -40 >"$out/top.txt"
+# Where the time goes: by thread, then the hottest functions (self time).
+{
+    echo "== by thread and object =="
+    perf report -i "$out/perf.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null \
+        | grep -v '^#' | grep -v '^$' | sed -n '1,12p' || true
+    echo "== hottest functions (self) =="
+    perf report -i "$out/perf.data" --no-children --sort comm,symbol --stdio -g none 2>/dev/null \
+        | grep -v '^#' | grep -v '^$' | sed -n '1,40p' || true
+} >"$out/top.txt"
 echo "flamegraph: $out/iris.svg"
-echo "hottest (self time):"
-head -15 "$out/top.txt"
+sed -n '1,30p' "$out/top.txt"
 echo "driver: $(cat "$out/bench.json")"
