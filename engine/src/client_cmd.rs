@@ -204,7 +204,7 @@ fn recv(args: &RecvArgs) -> Result<(), CmdError> {
 
 /// True while `received` has not reached `--count` (no count: forever).
 fn below(count: Option<u64>, received: u64) -> bool {
-    count.map_or(true, |count| received < count)
+    count.is_none_or(|count| received < count)
 }
 
 /// The DELIVER in `event`; None for events `recv` ignores; ERROR stops.

@@ -20,7 +20,73 @@ pub struct Config {
     pub data: PathBuf,
     /// Executors (one pinned thread per core); 0 = every core. One shard per core.
     pub cores: usize,
+    /// Admin HTTP (health, stats, promote, metrics) on the control thread; port 0 allowed.
+    pub admin: Option<SocketAddr>,
     pub limits: Limits,
+    pub replication: ReplicationConfig,
+}
+
+/// What STORED waits for when a replica is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The local fsync only (replicas still follow, asynchronously).
+    Local,
+    /// The local fsync and the replica's ack.
+    Replica,
+}
+
+/// What a primary in `replica` durability does when its replica is gone past the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossPolicy {
+    /// Keep taking writes on local durability, loudly; back to `replica` once one catches up.
+    Degrade,
+    /// Refuse writes with REJECTED 4 until a replica is back.
+    Block,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Where replicas connect to this node (a primary, or a replica that may be promoted).
+    pub listen: Option<SocketAddr>,
+    /// Start as a replica of the primary whose replication address this is.
+    pub replica_of: Option<String>,
+    /// Default: `replica` when a replication listener is configured, else `local`.
+    pub durability: Option<Durability>,
+    pub on_replica_loss: LossPolicy,
+    /// A replica silent this long is lost (and a primary silent this long, for a replica).
+    pub loss_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Cap of the replica's reconnect backoff (doubling from 100 ms).
+    pub reconnect_backoff_max_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            listen: None,
+            replica_of: None,
+            durability: None,
+            on_replica_loss: LossPolicy::Degrade,
+            loss_timeout_ms: 5000,
+            heartbeat_ms: 1000,
+            reconnect_backoff_max_ms: 5000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// Whether STORED waits for a replica's ack (when one is there).
+    pub fn synchronous(&self) -> bool {
+        let default = if self.listen.is_some() {
+            Durability::Replica
+        } else {
+            Durability::Local
+        };
+        self.durability.unwrap_or(default) == Durability::Replica
+    }
 }
 
 /// Every bound of the engine. Hitting one gives the error PROTOCOL.md names.
@@ -69,7 +135,9 @@ impl Default for Config {
             listen: "127.0.0.1:7070".parse().expect("literal address"),
             data: PathBuf::from("./iris-data"),
             cores: 0,
+            admin: None,
             limits: Limits::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -145,6 +213,12 @@ impl Config {
             if !ok {
                 return Err(format!("invalid configuration: {why}"));
             }
+        }
+        let r = &self.replication;
+        if r.heartbeat_ms == 0 || r.loss_timeout_ms <= r.heartbeat_ms {
+            return Err(
+                "invalid configuration: loss_timeout_ms must exceed heartbeat_ms > 0".into(),
+            );
         }
         if l.idle_timeout_ms < 100 {
             return Err("invalid configuration: idle_timeout_ms must be at least 100".into());

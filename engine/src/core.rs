@@ -39,7 +39,13 @@ pub enum Mail {
         conn: ConnRef,
         msg_id: MsgId,
         code: u16,
-        reason: &'static str,
+        reason: Box<str>,
+    },
+    /// A replica's stream for this core's shard, accepted on another core:
+    /// a descriptor this core now owns, and the replica's HELLO.
+    AdoptReplica {
+        fd: std::os::fd::RawFd,
+        hello: crate::repl_proto::Hello,
     },
     Welcome {
         conn: ConnRef,
@@ -129,6 +135,9 @@ pub struct Edge {
     pub read_waiters: Vec<Waker>,
     pub sends_in_flight_total: u64,
     pub connections: usize,
+    /// STORED / REJECTED answers written (published to the stats each tick).
+    pub stored_count: u64,
+    pub rejected_count: u64,
     pub shutting_down: bool,
     pub clock_ms: u64,
 }
@@ -159,6 +168,8 @@ impl Edge {
             read_waiters: Vec::new(),
             sends_in_flight_total: 0,
             connections: 0,
+            stored_count: 0,
+            rejected_count: 0,
             shutting_down: false,
             clock_ms: now_ms(),
         }
@@ -312,6 +323,11 @@ impl Edge {
     }
 
     fn answered(&mut self, conn: ConnRef, frame: &ServerFrame<'_>) {
+        if matches!(frame, ServerFrame::Stored { .. }) {
+            self.stored_count += 1;
+        } else {
+            self.rejected_count += 1;
+        }
         let Some(slot) = self.live_slot(conn) else {
             return;
         };
@@ -329,7 +345,7 @@ impl Edge {
                 msg_id,
                 code,
                 reason,
-            } => self.rejected(conn, msg_id, code, reason),
+            } => self.rejected(conn, msg_id, code, &reason),
             Mail::Welcome { conn, pending } => self.welcome(conn, pending),
             Mail::Deliver {
                 conn,
@@ -405,7 +421,7 @@ impl Sink for Edge {
         }
     }
 
-    fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &'static str) {
+    fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &str) {
         if conn.core == self.id {
             self.answered(
                 conn,
@@ -422,7 +438,7 @@ impl Sink for Edge {
                     conn,
                     msg_id,
                     code,
-                    reason,
+                    reason: reason.into(),
                 },
             );
         }
@@ -472,6 +488,7 @@ impl Sink for Edge {
 pub struct Core {
     pub shard: Shard,
     pub edge: Edge,
+    pub repl: crate::repl::ReplState,
     pub commit_waker: Option<Waker>,
     /// The acceptor, waiting to notice shutdown.
     pub shutdown_waker: Option<Waker>,
@@ -526,9 +543,14 @@ impl Core {
         }
     }
 
+    /// New records: wake the committer (group commit) and the replica
+    /// stream writer (records go out in parallel with the local fsync).
     pub fn kick_committer(&mut self) {
         if self.shard.needs_sync() {
             if let Some(w) = self.commit_waker.take() {
+                w.wake();
+            }
+            if let Some(w) = self.repl.writer_waker.take() {
                 w.wake();
             }
         }
@@ -619,6 +641,7 @@ impl Core {
 
     /// A REJECTED the edge gives itself (bad recipient, too large) without a shard.
     pub fn reject_here(&mut self, index: u32, msg_id: MsgId, code: u16, reason: &str) {
+        self.edge.rejected_count += 1;
         self.edge.write_frame(
             index,
             &ServerFrame::Rejected {

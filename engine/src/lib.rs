@@ -13,11 +13,12 @@ pub mod conn;
 pub mod core;
 pub mod dedup;
 pub mod record;
+pub mod repl;
 pub mod repl_proto;
 pub mod runtime;
 pub mod shard;
 pub mod stats;
-mod sys;
+pub(crate) mod sys;
 
 use clap::{Parser, Subcommand};
 use config::Config;
@@ -50,6 +51,9 @@ enum Command {
     Send(client_cmd::SendArgs),
     /// Receive (and ACK) messages; prints one line per DELIVER.
     Recv(client_cmd::RecvArgs),
+    /// Talk to a node's admin HTTP endpoint (promote, stats, health).
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
 }
 
 /// Flags override the TOML file, which overrides the defaults.
@@ -92,6 +96,27 @@ struct ServeArgs {
     /// WAL segment size in bytes. [default: 67108864]
     #[arg(long)]
     wal_segment_bytes: Option<u64>,
+    /// Admin HTTP address (GET /health, /replication/stats, /metrics; POST /replication/promote).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    /// Accept replicas on this address (prints `iris replication listening on ADDR`).
+    #[arg(long)]
+    replication_listen: Option<std::net::SocketAddr>,
+    /// Run as a replica of the primary whose replication address this is.
+    #[arg(long)]
+    replica_of: Option<String>,
+    /// What STORED waits for. [default: replica with --replication-listen, else local]
+    #[arg(long, value_enum)]
+    durability: Option<config::Durability>,
+    /// When the replica is gone past the timeout: keep writing on local durability, or refuse. [default: degrade]
+    #[arg(long, value_enum)]
+    on_replica_loss: Option<config::LossPolicy>,
+    /// How long a silent replica (or primary) counts as present. [default: 5000]
+    #[arg(long)]
+    replica_loss_timeout_ms: Option<u64>,
+    /// Replication heartbeat interval. [default: 1000]
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -110,7 +135,21 @@ impl ServeArgs {
              outbox_bytes_max => limits.outbox_bytes_max,
              connections_per_core_max => limits.connections_per_core_max,
              dedup_entries_max => limits.dedup_entries_max, frame_len_max => limits.frame_len_max,
-             body_len_max => limits.body_len_max, wal_segment_bytes => limits.wal_segment_bytes);
+             body_len_max => limits.body_len_max, wal_segment_bytes => limits.wal_segment_bytes,
+             on_replica_loss => replication.on_replica_loss,
+             replica_loss_timeout_ms => replication.loss_timeout_ms, heartbeat_ms => replication.heartbeat_ms);
+        if self.admin.is_some() {
+            c.admin = self.admin;
+        }
+        if self.replication_listen.is_some() {
+            c.replication.listen = self.replication_listen;
+        }
+        if self.replica_of.is_some() {
+            c.replication.replica_of = self.replica_of.clone();
+        }
+        if self.durability.is_some() {
+            c.replication.durability = self.durability;
+        }
         if self.frame_len_max.is_some() && self.body_len_max.is_none() {
             c.limits.body_len_max = c.limits.frame_len_max.saturating_sub(64);
         }
@@ -146,5 +185,6 @@ pub fn main() -> ExitCode {
         }
         Command::Send(args) => client_cmd::run_send(&args),
         Command::Recv(args) => client_cmd::run_recv(&args),
+        Command::Admin(cmd) => admin_cmd::run(&cmd),
     }
 }

@@ -5,6 +5,7 @@
 use crate::config::{Config, IO_MEMORY_BYTES};
 use crate::core::{Core, Edge, Mail};
 use crate::shard::{now_ms, Shard, ShardError};
+use crate::stats::{NodeStats, Role};
 use crate::sys;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
@@ -16,7 +17,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,38 @@ struct CoreSpec {
     cpu: usize,
     nr_cores: usize,
     config: Config,
+    stats: Arc<NodeStats>,
+}
+
+/// Addresses core 0 resolved (port 0) that the other cores bind too.
+#[derive(Clone, Copy)]
+struct Bound {
+    client: SocketAddr,
+    replication: Option<SocketAddr>,
+}
+
+/// The node's epoch, persisted across restarts (`DATA/epoch`); 1 when new.
+fn read_epoch(data: &Path) -> Result<u64, String> {
+    let path = data.join("epoch");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{} is malformed", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(1),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Writes the node's epoch durably (temp file, fsync, rename, fsync dir).
+pub fn persist_epoch(data: &Path, epoch: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = data.join("epoch.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{epoch}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, data.join("epoch"))?;
+    std::fs::File::open(data)?.sync_all()
 }
 
 /// Runs `iris serve` until SIGTERM/SIGINT.
@@ -71,19 +104,31 @@ pub fn serve(config: Config) -> Result<(), String> {
     check_layout(&config.data, nr_cores)?;
     sys::install_signal_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
+    let epoch = read_epoch(&config.data)?;
+    let role = if config.replication.replica_of.is_some() {
+        Role::Replica
+    } else {
+        Role::Primary
+    };
+    let mode = crate::repl::initial_mode(&config.replication);
+    let stats = Arc::new(NodeStats::new(nr_cores, role, mode, epoch));
     let mesh = (nr_cores > 1)
         .then(|| MeshBuilder::<Batch, Full>::full(nr_cores, config.limits.mesh_channel_batches));
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<SocketAddr, String>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Bound, String>>();
     let mut handles = Vec::new();
-    let mut listen = config.listen;
+    let mut bound = Bound {
+        client: config.listen,
+        replication: config.replication.listen,
+    };
     for core in 0..nr_cores {
+        let mut core_config = config.clone();
+        core_config.listen = bound.client;
+        core_config.replication.listen = bound.replication;
         let spec = CoreSpec {
             cpu: cpus[core % cpus.len()],
             nr_cores,
-            config: Config {
-                listen,
-                ..config.clone()
-            },
+            config: core_config,
+            stats: stats.clone(),
         };
         let (mesh, ready_tx) = (mesh.clone(), ready_tx.clone());
         let handle = LocalExecutorBuilder::new(Placement::Fixed(spec.cpu))
@@ -92,16 +137,31 @@ pub fn serve(config: Config) -> Result<(), String> {
             .spawn(move || core_main(spec, mesh, ready_tx))
             .map_err(|e| format!("cannot start the executor of core {core}: {e}"))?;
         handles.push(handle);
-        // Core 0 resolves port 0; the others bind the same port (SO_REUSEPORT).
-        listen = wait_ready(&ready_rx)?;
+        // Core 0 resolves port 0; the others bind the same ports (SO_REUSEPORT).
+        bound = wait_ready(&ready_rx)?;
     }
     for _ in 0..nr_cores {
         wait_ready(&ready_rx)?;
     }
+    let admin = match config.admin {
+        Some(addr) => Some(
+            crate::admin::start(addr, stats.clone())
+                .map_err(|e| format!("cannot start admin HTTP on {addr}: {e}"))?
+                .0,
+        ),
+        None => None,
+    };
+    let listen = bound.client;
     println!("iris listening on {listen}");
+    if let Some(r) = bound.replication {
+        println!("iris replication listening on {r}");
+    }
+    if let Some(a) = admin {
+        println!("iris admin listening on {a}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    tracing::info!(%listen, cores = nr_cores, data = %config.data.display(), "iris serving");
+    tracing::info!(%listen, cores = nr_cores, data = %config.data.display(), role = role.name(), epoch, "iris serving");
     let mut failure = None;
     for handle in handles {
         match handle.join() {
@@ -113,7 +173,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     failure.map_or(Ok(()), Err)
 }
 
-fn wait_ready(rx: &mpsc::Receiver<Result<SocketAddr, String>>) -> Result<SocketAddr, String> {
+fn wait_ready(rx: &mpsc::Receiver<Result<Bound, String>>) -> Result<Bound, String> {
     rx.recv()
         .map_err(|_| "an executor exited during startup".to_string())?
 }
@@ -167,18 +227,32 @@ fn shard_dir(data: &Path, shard: usize) -> PathBuf {
 async fn core_main(
     spec: CoreSpec,
     mesh: Option<MeshBuilder<Batch, Full>>,
-    ready: mpsc::Sender<Result<SocketAddr, String>>,
+    ready: mpsc::Sender<Result<Bound, String>>,
 ) -> Result<(), String> {
+    let fail = |msg: String| {
+        let _ = ready.send(Err(msg.clone()));
+        Err(msg)
+    };
     let listener = match TcpListener::bind(spec.config.listen) {
         Ok(l) => l,
-        Err(e) => {
-            let msg = format!("cannot listen on {}: {e}", spec.config.listen);
-            let _ = ready.send(Err(msg.clone()));
-            return Err(msg);
+        Err(e) => return fail(format!("cannot listen on {}: {e}", spec.config.listen)),
+    };
+    let repl_listener = match spec.config.replication.listen.map(TcpListener::bind) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            return fail(format!(
+                "cannot listen for replicas on {:?}: {e}",
+                spec.config.replication.listen
+            ))
         }
     };
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let _ = ready.send(Ok(addr));
+    let client = listener.local_addr().map_err(|e| e.to_string())?;
+    let replication = repl_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let _ = ready.send(Ok(Bound {
+        client,
+        replication,
+    }));
     let (senders, receivers, id) = match mesh {
         Some(mesh) => {
             let (s, mut r) = mesh.join().await.map_err(|e| format!("core mesh: {e}"))?;
@@ -187,25 +261,35 @@ async fn core_main(
         }
         None => (None, Vec::new(), 0),
     };
-    let opened = Shard::open(id, &shard_dir(&spec.config.data, id), &spec.config.limits);
-    let (shard, report) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            let msg = format!("cannot open shard {id}: {e}");
-            let _ = ready.send(Err(msg.clone()));
-            return Err(msg);
-        }
-    };
+    let (mut shard, report) =
+        match Shard::open(id, &shard_dir(&spec.config.data, id), &spec.config.limits) {
+            Ok(x) => x,
+            Err(e) => return fail(format!("cannot open shard {id}: {e}")),
+        };
     tracing::info!(shard = id, cpu = spec.cpu, users = shard.users(), recovery = %report, "shard open");
+    shard.set_epoch(spec.stats.epoch.load(Ordering::SeqCst));
+    let repl_config = spec.config.replication.clone();
+    if let Some(primary) = &repl_config.replica_of {
+        shard.become_replica(format!("read-only replica of {primary}"));
+    } else {
+        shard.mode = crate::repl::initial_mode(&repl_config);
+    }
     let edge = Edge::new(
         id as u16,
         spec.nr_cores,
         spec.config.limits.clone(),
         spec.config.net_limits(),
     );
+    let repl = crate::repl::ReplState::new(
+        repl_config.clone(),
+        spec.stats.clone(),
+        spec.nr_cores as u32,
+        client.to_string(),
+    );
     let core = Rc::new(RefCell::new(Core {
         shard,
         edge,
+        repl,
         commit_waker: None,
         shutdown_waker: None,
     }));
@@ -216,11 +300,38 @@ async fn core_main(
         glommio::spawn_local(mesh_flusher(core.clone(), senders)).detach();
     }
     glommio::spawn_local(committer(core.clone())).detach();
-    glommio::spawn_local(maintenance(core.clone())).detach();
-    let _ = ready.send(Ok(addr));
+    glommio::spawn_local(maintenance(core.clone(), spec.config.data.clone())).detach();
+    if let Some(l) = repl_listener {
+        glommio::spawn_local(replication_acceptor(core.clone(), l)).detach();
+    }
+    if let Some(primary) = repl_config.replica_of {
+        glommio::spawn_local(crate::repl::follow(core.clone(), primary)).detach();
+    }
+    let _ = ready.send(Ok(Bound {
+        client,
+        replication,
+    }));
     acceptor(core.clone(), listener).await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
+}
+
+/// Accepts replica streams until shutdown (a dead listener ends the task).
+async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(crate::repl::accept_replica(core.clone(), stream)).detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replication accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if core.borrow().edge.shutting_down {
+            return;
+        }
+    }
 }
 
 async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
@@ -276,7 +387,15 @@ fn refuse(fd: RawFd) {
 }
 
 async fn mesh_receiver(core: Rc<RefCell<Core>>, rx: ConnectedReceiver<Batch>) {
-    while let Some(batch) = rx.recv().await {
+    while let Some(mut batch) = rx.recv().await {
+        // Replica streams become tasks here; everything else is state.
+        batch.retain(|mail| match mail {
+            Mail::AdoptReplica { fd, hello } => {
+                crate::repl::adopt(&core, *fd, hello.clone());
+                false
+            }
+            _ => true,
+        });
         core.borrow_mut().handle_mail(batch);
     }
 }
@@ -354,13 +473,14 @@ async fn fdatasync_all(fds: &[RawFd]) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn maintenance(core: Rc<RefCell<Core>>) {
+async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
     let mut last_sweep = Instant::now();
     loop {
         glommio::timer::sleep(MAINTENANCE_TICK).await;
         let mut c = core.borrow_mut();
         let now = now_ms();
         c.edge.clock_ms = now;
+        crate::repl::tick(&mut c, &data);
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             c.edge.expire_idle();

@@ -9,6 +9,7 @@
 use crate::config::Limits;
 use crate::dedup::{sender_hash, Dedup};
 use crate::record::{self, Decoded, MsgRecord};
+use crate::stats::{Mode, Role};
 use net::{reject_code, MsgId};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -28,7 +29,7 @@ pub struct ConnRef {
 /// writes to a local connection directly or forwards to the connection's core.
 pub trait Sink {
     fn stored(&mut self, conn: ConnRef, msg_id: MsgId);
-    fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &'static str);
+    fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &str);
     fn welcome(&mut self, conn: ConnRef, pending: u64);
     fn deliver(&mut self, conn: ConnRef, msg: &PendingMsg);
 }
@@ -76,6 +77,15 @@ struct Waiting {
     recipient: Option<Rc<str>>,
 }
 
+/// A message of a dropped tail, to send again to the new primary.
+#[derive(Debug, Clone)]
+pub struct Resubmit {
+    pub sender: Box<str>,
+    pub recipient: Box<str>,
+    pub msg_id: MsgId,
+    pub body: Box<[u8]>,
+}
+
 /// A request to store one message (from a local or a remote connection).
 pub struct SendRequest<'a> {
     pub reply: ConnRef,
@@ -113,6 +123,15 @@ pub struct Shard {
     pub id: usize,
     wal: Wal,
     epoch: u64,
+    /// Primary: takes SENDs. Replica: applies the primary's stream. Fenced:
+    /// saw a higher epoch, refuses SENDs.
+    pub role: Role,
+    /// What STORED waits for (see stats::Mode).
+    pub mode: Mode,
+    /// Highest position the replica reported durable (primary side).
+    replica_acked: u64,
+    /// REJECTED 4's reason when this shard does not take writes.
+    not_primary_reason: String,
     live: Live,
     waiting: VecDeque<Waiting>,
     limits: Limits,
@@ -148,11 +167,11 @@ impl Shard {
             id,
             wal,
             epoch,
-            live: Live {
-                inboxes: HashMap::new(),
-                dedup: Dedup::new(limits.dedup_entries_max, limits.dedup_window_secs * 1000),
-                pending_bytes: 0,
-            },
+            role: Role::Primary,
+            mode: Mode::Local,
+            replica_acked: 0,
+            not_primary_reason: String::new(),
+            live: Live::new(limits),
             waiting: VecDeque::new(),
             limits: limits.clone(),
             scratch: Vec::with_capacity(limits.frame_len_max as usize + 256),
@@ -254,6 +273,20 @@ impl Shard {
 
     /// Stores one message, or answers at once (duplicate already durable, or a limit).
     pub fn send(&mut self, req: SendRequest<'_>, sink: &mut impl Sink) -> Result<(), ShardError> {
+        if self.role != Role::Primary {
+            sink.rejected(
+                req.reply,
+                req.msg_id,
+                reject_code::UNAVAILABLE,
+                &self.not_primary_reason,
+            );
+            return Ok(());
+        }
+        if self.mode == Mode::Blocked {
+            let reason = "no durable quorum: the replica is unavailable";
+            sink.rejected(req.reply, req.msg_id, reject_code::UNAVAILABLE, reason);
+            return Ok(());
+        }
         let key = (sender_hash(req.sender), req.msg_id);
         if let Some(position) = self.live.dedup.get(&key) {
             self.answer_when_durable(position, req.reply, req.msg_id, None, sink);
@@ -350,7 +383,7 @@ impl Shard {
         recipient: Option<Rc<str>>,
         sink: &mut impl Sink,
     ) {
-        if position <= self.wal.durable_position() {
+        if position <= self.commit_position() {
             sink.stored(reply, msg_id);
         } else {
             // A duplicate of a record still in flight: answered with it, in position order.
@@ -369,7 +402,7 @@ impl Shard {
 
     /// Called by the committer when a sync completed: answers STORED and delivers.
     pub fn on_durable(&mut self, sink: &mut impl Sink) {
-        let durable = self.wal.durable_position();
+        let durable = self.commit_position();
         while self.waiting.front().is_some_and(|w| w.position <= durable) {
             let w = self.waiting.pop_front().expect("front checked");
             sink.stored(w.reply, w.msg_id);
@@ -382,7 +415,10 @@ impl Shard {
 
     /// Sends a recipient's durable, undelivered messages, within its window.
     fn pump(&mut self, user: &str, sink: &mut impl Sink) {
-        let durable = self.wal.durable_position();
+        if self.role != Role::Primary {
+            return; // a replica delivers nothing until promoted
+        }
+        let durable = self.commit_position();
         let window = self.limits.deliver_window;
         let Some(inbox) = self.live.inboxes.get_mut(user) else {
             return;
@@ -451,6 +487,236 @@ impl Shard {
         Ok(())
     }
 
+    /// The position STORED and delivery wait for: the local fsync, and the
+    /// replica's ack while replication is synchronous (or blocked).
+    pub fn commit_position(&self) -> u64 {
+        let local = self.wal.durable_position();
+        match self.mode {
+            Mode::Replica | Mode::Blocked => local.min(self.replica_acked),
+            Mode::Local | Mode::Degraded => local,
+        }
+    }
+
+    pub fn replica_acked(&self) -> u64 {
+        self.replica_acked
+    }
+
+    /// The replica reported `position` durable (primary side).
+    pub fn on_replica_ack(&mut self, position: u64, sink: &mut impl Sink) {
+        if position > self.replica_acked {
+            self.replica_acked = position.min(self.wal.last_position());
+            self.on_durable(sink);
+        }
+    }
+
+    /// Changes what STORED waits for. Degrading releases every STORED the
+    /// local fsync covers; blocking answers the waiting SENDs REJECTED 6
+    /// (they stay stored, and a retry with the same msg_id gets STORED once
+    /// the replica is back).
+    pub fn set_mode(&mut self, mode: Mode, sink: &mut impl Sink) {
+        if mode == self.mode {
+            return;
+        }
+        tracing::warn!(
+            shard = self.id,
+            from = self.mode.name(),
+            to = mode.name(),
+            "durability mode changed"
+        );
+        self.mode = mode;
+        if mode == Mode::Blocked {
+            for w in self.waiting.drain(..) {
+                sink.rejected(
+                    w.reply,
+                    w.msg_id,
+                    reject_code::TIMED_OUT,
+                    "timed out waiting for the replica",
+                );
+            }
+        }
+        self.on_durable(sink);
+    }
+
+    /// Takes the replica role: SENDs are refused with `reason`.
+    pub fn become_replica(&mut self, reason: String) {
+        self.role = Role::Replica;
+        self.not_primary_reason = reason;
+    }
+
+    /// Saw a higher epoch: stops acting as primary at once.
+    pub fn fence(&mut self, epoch: u64, sink: &mut impl Sink) {
+        tracing::error!(
+            shard = self.id,
+            my_epoch = self.epoch,
+            seen = epoch,
+            "higher epoch seen: fenced, no longer primary"
+        );
+        self.role = Role::Fenced;
+        self.not_primary_reason = format!("not the primary: a node with epoch {epoch} took over");
+        for w in self.waiting.drain(..) {
+            sink.rejected(
+                w.reply,
+                w.msg_id,
+                reject_code::UNAVAILABLE,
+                "not the primary any more",
+            );
+        }
+    }
+
+    /// Promotion: primary with a new epoch; delivers to whoever is logged in.
+    pub fn promote(&mut self, epoch: u64, mode: Mode, sink: &mut impl Sink) {
+        assert!(epoch > self.epoch, "promotion raises the epoch");
+        self.epoch = epoch;
+        self.role = Role::Primary;
+        self.mode = mode;
+        self.replica_acked = 0;
+        let online: Vec<Rc<str>> = self
+            .live
+            .inboxes
+            .iter()
+            .filter(|(_, i)| i.presence.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for user in online {
+            self.pump(&user, sink);
+        }
+    }
+
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
+    /// Replica side: appends one record from the primary at its position and
+    /// applies it to the live state.
+    pub fn apply_replicated(&mut self, rec: &wal::Record<'_>) -> Result<(), ShardError> {
+        let shard = self.id;
+        let decoded =
+            record::decode(rec.record_type, rec.payload).map_err(|e| ShardError::Replay {
+                shard,
+                position: rec.position,
+                why: e.to_string(),
+            })?;
+        self.wal
+            .append_at(rec.position, rec.epoch, rec.record_type, rec.payload)
+            .map_err(|source| ShardError::Wal { shard, source })?;
+        if let Decoded::Checkpoint { start } = decoded {
+            // The primary's checkpoint frees our old segments too, once durable here.
+            self.checkpoint.in_progress = Some((start, rec.position));
+        }
+        self.live
+            .apply(rec.position, decoded)
+            .map_err(|why| ShardError::Replay {
+                shard,
+                position: rec.position,
+                why,
+            })?;
+        self.epoch = self.epoch.max(rec.epoch);
+        Ok(())
+    }
+
+    /// Replica side, full sync: drops the log and state, to be rebuilt from a
+    /// snapshot whose first position is `first_position`.
+    pub fn reset_for_snapshot(&mut self, first_position: u64) -> Result<(), ShardError> {
+        let shard = self.id;
+        self.wal
+            .reset(first_position)
+            .map_err(|source| ShardError::Wal { shard, source })?;
+        self.live = Live::new(&self.limits);
+        self.waiting.clear();
+        self.checkpoint.in_progress = None;
+        Ok(())
+    }
+
+    /// Replica side, an old primary rejoining: drops the log after
+    /// `keep_through`, rebuilds the state, and returns the messages of the
+    /// dropped tail (sender, recipient, msg_id, sent_ms, body) for re-submission.
+    pub fn truncate_and_rebuild(&mut self, keep_through: u64) -> Result<Vec<Resubmit>, ShardError> {
+        let shard = self.id;
+        let mut tail = Vec::new();
+        if keep_through < self.wal.last_position() {
+            let iter = self
+                .wal
+                .iter_from(keep_through + 1)
+                .map_err(|source| ShardError::Wal { shard, source })?;
+            for item in iter {
+                let rec = item.map_err(|source| ShardError::Wal { shard, source })?;
+                if let Ok(Decoded::Msg(m)) = record::decode(rec.record_type, rec.payload) {
+                    tail.push(Resubmit {
+                        sender: m.sender.into(),
+                        recipient: m.recipient.into(),
+                        msg_id: m.msg_id,
+                        body: m.body.into(),
+                    });
+                }
+            }
+        }
+        self.wal
+            .truncate_after(keep_through)
+            .map_err(|source| ShardError::Wal { shard, source })?;
+        self.live = Live::new(&self.limits);
+        self.waiting.clear();
+        self.checkpoint.in_progress = None;
+        self.replay()?;
+        Ok(tail)
+    }
+
+    /// Primary side, full sync: the live state as WAL record frames at
+    /// positions `first..=last` (last = the log's last position), ending with a
+    /// CKPT naming `first`. None when the log is too short to hold the
+    /// snapshot's positions (then the whole log is streamed instead).
+    pub fn snapshot_frames(&self) -> Option<(u64, u64, u64, Vec<u8>)> {
+        let mut records: Vec<(u8, Vec<u8>)> = Vec::new();
+        for (user, inbox) in &self.live.inboxes {
+            if inbox.last_seq == 0 {
+                continue;
+            }
+            let mut buf = Vec::new();
+            record::encode_ack(user, inbox.acked, &mut buf);
+            records.push((record::ACK, buf));
+            for msg in &inbox.pending {
+                let mut buf = Vec::new();
+                let m = MsgRecord {
+                    recipient: user,
+                    seq: msg.seq,
+                    sender: &msg.from,
+                    msg_id: msg.msg_id,
+                    sent_ms: msg.sent_ms,
+                    body: &msg.body,
+                };
+                record::encode_msg(&m, &mut buf);
+                records.push((record::MSG, buf));
+            }
+        }
+        let entries: Vec<_> = self.live.dedup.entries().collect();
+        for chunk in entries.chunks(record::DEDUP_ENTRIES_PER_RECORD) {
+            let mut buf = Vec::new();
+            record::encode_dedup(chunk, &mut buf);
+            records.push((record::DEDUP, buf));
+        }
+        let last = self.wal.last_position();
+        let count = records.len() as u64 + 1;
+        if count > last {
+            return None;
+        }
+        let first = last - count + 1;
+        let mut ckpt = Vec::new();
+        record::encode_checkpoint(first, &mut ckpt);
+        records.push((record::CKPT, ckpt));
+        let mut frames = Vec::new();
+        for (i, (record_type, payload)) in records.iter().enumerate() {
+            let rec = wal::Record {
+                position: first + i as u64,
+                epoch: self.epoch,
+                record_type: *record_type,
+                payload,
+            };
+            let start = frames.len();
+            frames.resize(start + wal::format::frame_len(payload.len()), 0);
+            wal::format::encode_record(&mut frames[start..], &rec);
+        }
+        Some((first, last, count, frames))
+    }
+
     /// Forgets expired dedup entries; bounded work per call.
     pub fn expire_dedup(&mut self, now_ms: u64) {
         self.live.dedup.expire(now_ms, 10_000);
@@ -463,7 +729,12 @@ impl Shard {
     /// Writes a checkpoint when the log has grown well past the live state, so
     /// old segments can be deleted: the log's disk use stays bounded.
     pub fn maybe_checkpoint(&mut self) -> Result<bool, ShardError> {
-        if self.checkpoint.in_progress.is_some() || self.wal.segment_count() < 3 {
+        // A replica's log mirrors the primary's positions: only the primary
+        // writes checkpoints, and the replica follows them.
+        if self.role != Role::Primary
+            || self.checkpoint.in_progress.is_some()
+            || self.wal.segment_count() < 3
+        {
             return Ok(false);
         }
         let threshold = self.limits.wal_segment_bytes.max(2 * self.live_bytes());
@@ -574,6 +845,14 @@ struct Live {
 }
 
 impl Live {
+    fn new(limits: &Limits) -> Live {
+        Live {
+            inboxes: HashMap::new(),
+            dedup: Dedup::new(limits.dedup_entries_max, limits.dedup_window_secs * 1000),
+            pending_bytes: 0,
+        }
+    }
+
     /// Applies one replayed record. Idempotent: a checkpoint restates state the
     /// log may already have given.
     fn apply(&mut self, position: u64, rec: Decoded<'_>) -> Result<(), String> {
@@ -647,7 +926,7 @@ mod tests {
         fn stored(&mut self, _: ConnRef, msg_id: MsgId) {
             self.stored.push(msg_id);
         }
-        fn rejected(&mut self, _: ConnRef, msg_id: MsgId, code: u16, _: &'static str) {
+        fn rejected(&mut self, _: ConnRef, msg_id: MsgId, code: u16, _: &str) {
             self.rejected.push((msg_id, code));
         }
         fn welcome(&mut self, _: ConnRef, pending: u64) {

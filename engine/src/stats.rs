@@ -2,7 +2,7 @@
 //! atomics written once per group commit or replication event, never per
 //! message, and read without locks by the control thread.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,10 @@ pub struct NodeStats {
     pub fsync_count: AtomicU64,
     /// Set by the control thread (admin promote); each core acts on it once.
     pub promote_requested: AtomicBool,
+    /// During a promotion: the new epoch the first core chose (0 otherwise).
+    pub promotion_epoch: AtomicU64,
+    /// During a promotion: cores that have promoted their shard.
+    pub promoted_cores: AtomicUsize,
     /// The primary's client address, when this node is a replica and knows it.
     pub primary_client_addr: Mutex<Option<String>>,
 }
@@ -100,6 +104,8 @@ impl NodeStats {
             fsync_sum_us: AtomicU64::new(0),
             fsync_count: AtomicU64::new(0),
             promote_requested: AtomicBool::new(false),
+            promotion_epoch: AtomicU64::new(0),
+            promoted_cores: AtomicUsize::new(0),
             primary_client_addr: Mutex::new(None),
         }
     }

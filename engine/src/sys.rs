@@ -146,3 +146,11 @@ pub fn send_nonblocking(fd: RawFd, bytes: &[u8]) {
         )
     };
 }
+
+/// Wraps a socket descriptor we own into a glommio stream (closed with it).
+pub fn tcp_stream(fd: RawFd) -> glommio::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: callers pass a descriptor they own (a fresh dup() or one handed
+    // over by another core), which nothing else will close.
+    unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
+}

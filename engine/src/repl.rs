@@ -1,0 +1,1042 @@
+//! Per-shard replication, on the shard's own core: a primary streams every
+//! WAL record to its replica as soon as it is appended (in parallel with its
+//! own fsync); the replica verifies, appends at the same position, applies,
+//! fsyncs in batches and acknowledges its durable position. STORED waits for
+//! that ack while the mode is `replica` (see `Shard::commit_position`).
+//!
+//! Sync on connect: the replica says (epoch, last position, epoch of its last
+//! record). Same record at that position here: partial sync from the next one.
+//! An old primary's diverged tail: TRUNCATE to the last common position, then
+//! partial sync (it re-submits the messages of the dropped tail as a client;
+//! msg_id dedup makes that safe). Otherwise: a full sync from a snapshot of the
+//! live state, then streaming from the snapshot's position.
+
+use crate::config::{LossPolicy, ReplicationConfig};
+use crate::core::Core;
+use crate::repl_proto::{self as proto, Hello, Msg};
+use crate::shard::{now_ms, Resubmit};
+use crate::stats::{Mode, NodeStats, Role};
+use crate::sys;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Send-time samples kept for the lag-in-ms figure (oldest dropped beyond it).
+const LAG_SAMPLES_MAX: usize = 4096;
+/// A replica within this many positions of the primary counts as caught up
+/// (the mode returns to `replica`; STORED then waits for its ack).
+const CAUGHT_UP_LAG_OPS_MAX: u64 = 10_000;
+/// Bytes of a replication peer's frames buffered at most (one frame).
+const READ_BUFFER_MAX: usize = proto::FRAME_LEN_MAX as usize + 4;
+/// How long a replica's first frame may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// A core's replication state, beside its shard.
+pub struct ReplState {
+    pub config: ReplicationConfig,
+    pub stats: Arc<NodeStats>,
+    pub nr_shards: u32,
+    /// This node's client address (told to replicas, for redirects and re-submission).
+    pub client_addr: String,
+    /// Primary side: the connected replica stream, if any.
+    pub link: Option<Link>,
+    link_generation: u64,
+    /// Primary side: the stream writer, waiting for new records.
+    pub writer_waker: Option<Waker>,
+    /// Replica side: the ack writer, waiting for a sync to complete.
+    pub acker_waker: Option<Waker>,
+    /// Replica side: the primary's last position from its heartbeats.
+    pub primary_last_position: u64,
+    /// When this shard last heard its peer (ms since the Unix epoch).
+    pub last_heard_ms: u64,
+    /// Counter values already added to the node stats: (stored, rejected, connections).
+    published: (u64, u64, u64),
+}
+
+pub struct Link {
+    generation: u64,
+    pub acked: u64,
+    /// (last position sent in a batch, when): for lag in ms.
+    sent: VecDeque<(u64, Instant)>,
+}
+
+impl ReplState {
+    pub fn new(
+        config: ReplicationConfig,
+        stats: Arc<NodeStats>,
+        nr_shards: u32,
+        client_addr: String,
+    ) -> ReplState {
+        ReplState {
+            config,
+            stats,
+            nr_shards,
+            client_addr,
+            link: None,
+            link_generation: 0,
+            writer_waker: None,
+            acker_waker: None,
+            primary_last_position: 0,
+            last_heard_ms: 0,
+            published: (0, 0, 0),
+        }
+    }
+
+    pub fn wake_writers(&mut self) {
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.acker_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn lag_ms(&self) -> u64 {
+        let Some(link) = &self.link else { return 0 };
+        link.sent
+            .front()
+            .map_or(0, |(_, at)| at.elapsed().as_millis() as u64)
+    }
+}
+
+fn hello_of(c: &Core) -> Hello {
+    let wal = c.shard.wal();
+    let last = wal.last_position();
+    Hello {
+        shards: c.repl.nr_shards,
+        slots: u32::from(net::SLOT_COUNT),
+        shard: c.shard.id as u32,
+        epoch: c.shard.epoch(),
+        last_position: last,
+        last_record_epoch: wal.epoch_at(last).unwrap_or(0),
+    }
+}
+
+/// Two glommio streams over one socket (a dup), so reading and writing can
+/// wait independently.
+fn split(stream: TcpStream) -> std::io::Result<(TcpStream, TcpStream)> {
+    let writer = sys::tcp_stream(sys::dup(stream.as_raw_fd())?);
+    Ok((stream, writer))
+}
+
+/// Reads one replication frame into `buf` (bounded); returns its length.
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    pending: &mut usize,
+) -> Result<usize, String> {
+    loop {
+        match proto::decode(&buf[..*pending]) {
+            Ok(Some((_, used))) => return Ok(used),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if *pending == buf.len() {
+            if buf.len() >= READ_BUFFER_MAX {
+                return Err("replication frame over its bound".into());
+            }
+            buf.resize((buf.len() * 2).min(READ_BUFFER_MAX), 0);
+        }
+        let n = stream
+            .read(&mut buf[*pending..])
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("peer closed the connection".into());
+        }
+        *pending += n;
+    }
+}
+
+fn consume(buf: &mut [u8], pending: &mut usize, used: usize) {
+    buf.copy_within(used..*pending, 0);
+    *pending -= used;
+}
+
+// ---------------------------------------------------------------- primary side
+
+enum Plan {
+    Refuse(String),
+    Partial {
+        from: u64,
+        truncate: Option<u64>,
+    },
+    Full {
+        first: u64,
+        last: u64,
+        records: u64,
+        frames: Vec<u8>,
+    },
+}
+
+fn plan(c: &mut Core, hello: &Hello) -> Plan {
+    let nr = c.repl.nr_shards;
+    if hello.shards != nr || hello.slots != u32::from(net::SLOT_COUNT) {
+        return Plan::Refuse(format!(
+            "slot map differs: this primary has {nr} shards and {} slots, the replica {} shards and {} slots",
+            net::SLOT_COUNT,
+            hello.shards,
+            hello.slots
+        ));
+    }
+    if hello.epoch > c.shard.epoch() {
+        c.shard.fence(hello.epoch, &mut c.edge);
+        c.repl.stats.set_role(Role::Fenced);
+        return Plan::Refuse(format!(
+            "this node's epoch {} is older than the peer's {}",
+            c.shard.epoch(),
+            hello.epoch
+        ));
+    }
+    if c.shard.role != Role::Primary {
+        return Plan::Refuse(format!("not a primary (role {})", c.shard.role.name()));
+    }
+    let wal = c.shard.wal();
+    let (first, last, l, e) = (
+        wal.first_position(),
+        wal.last_position(),
+        hello.last_position,
+        hello.last_record_epoch,
+    );
+    if l == 0 && first == 1 {
+        return Plan::Partial {
+            from: 1,
+            truncate: None,
+        };
+    }
+    if l >= first && l <= last && wal.epoch_at(l) == Some(e) {
+        return Plan::Partial {
+            from: l + 1,
+            truncate: None,
+        };
+    }
+    if l >= first && e < c.shard.epoch() {
+        // An old primary: keep what both logs share (records of epochs <= e).
+        let mut common = first - 1;
+        if let Ok(iter) = wal.iter_from(first) {
+            for rec in iter.flatten() {
+                if rec.position > l || rec.epoch > e {
+                    break;
+                }
+                common = rec.position;
+            }
+        }
+        if common >= first {
+            return Plan::Partial {
+                from: common + 1,
+                truncate: Some(common),
+            };
+        }
+    }
+    match c.shard.snapshot_frames() {
+        Some((first, last, records, frames)) => Plan::Full {
+            first,
+            last,
+            records,
+            frames,
+        },
+        None => Plan::Partial {
+            from: 1,
+            truncate: Some(0),
+        },
+    }
+}
+
+/// Serves one replica's stream for this core's shard until it breaks.
+pub async fn serve_replica(core: Rc<RefCell<Core>>, stream: TcpStream, hello: Hello) {
+    let shard = core.borrow().shard.id;
+    match serve_replica_inner(&core, stream, &hello).await {
+        Ok(()) => {}
+        Err(e) => tracing::warn!(shard, error = %e, "replica stream ended"),
+    }
+}
+
+async fn serve_replica_inner(
+    core: &Rc<RefCell<Core>>,
+    stream: TcpStream,
+    hello: &Hello,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = split(stream).map_err(|e| e.to_string())?;
+    let (plan, epoch, client_addr) = {
+        let mut c = core.borrow_mut();
+        let plan = plan(&mut c, hello);
+        (plan, c.shard.epoch(), c.repl.client_addr.clone())
+    };
+    let mut out = Vec::new();
+    let from = match plan {
+        Plan::Refuse(reason) => {
+            tracing::error!(shard = hello.shard, %reason, "replica refused");
+            proto::encode(&Msg::Refuse { reason: &reason }, &mut out);
+            let _ = writer.write_all(&out).await;
+            return Err(reason);
+        }
+        Plan::Partial { from, truncate } => {
+            proto::encode(
+                &Msg::Welcome {
+                    epoch,
+                    full: false,
+                    start_position: from,
+                    client_addr: &client_addr,
+                },
+                &mut out,
+            );
+            if let Some(keep_through) = truncate {
+                proto::encode(&Msg::Truncate { keep_through }, &mut out);
+            }
+            tracing::info!(shard = hello.shard, from, truncate = ?truncate, "replica: partial sync");
+            from
+        }
+        Plan::Full {
+            first,
+            last,
+            records,
+            frames,
+        } => {
+            proto::encode(
+                &Msg::Welcome {
+                    epoch,
+                    full: true,
+                    start_position: last + 1,
+                    client_addr: &client_addr,
+                },
+                &mut out,
+            );
+            write_snapshot(&mut writer, &mut out, first, last, records, &frames).await?;
+            tracing::info!(
+                shard = hello.shard,
+                first,
+                last,
+                records,
+                bytes = frames.len(),
+                "replica: full sync sent"
+            );
+            last + 1
+        }
+    };
+    writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    let generation = {
+        let mut c = core.borrow_mut();
+        c.repl.link_generation += 1;
+        let generation = c.repl.link_generation;
+        c.repl.link = Some(Link {
+            generation,
+            acked: from - 1,
+            sent: VecDeque::new(),
+        });
+        c.repl.last_heard_ms = now_ms();
+        generation
+    };
+    let result = futures_lite::future::or(
+        stream_records(core, &mut writer, from, generation),
+        read_acks(core, &mut reader, generation),
+    )
+    .await;
+    let mut c = core.borrow_mut();
+    if c.repl
+        .link
+        .as_ref()
+        .is_some_and(|l| l.generation == generation)
+    {
+        c.repl.link = None;
+    }
+    result
+}
+
+async fn write_snapshot(
+    writer: &mut TcpStream,
+    out: &mut Vec<u8>,
+    first: u64,
+    last: u64,
+    records: u64,
+    frames: &[u8],
+) -> Result<(), String> {
+    proto::encode(
+        &Msg::SnapBegin {
+            first_position: first,
+            last_position: last,
+            records,
+            bytes: frames.len() as u64,
+        },
+        out,
+    );
+    let mut total = crc32fast::Hasher::new();
+    let mut rest = frames;
+    while !rest.is_empty() {
+        // Cut on frame boundaries so every chunk holds whole records.
+        let mut cut = 0;
+        while cut < rest.len() && cut < proto::BATCH_BYTES_MAX {
+            let len = u32::from_le_bytes(rest[cut..cut + 4].try_into().expect("4")) as usize;
+            cut += wal::format::frame_len(len);
+        }
+        let (chunk, tail) = rest.split_at(cut);
+        total.update(chunk);
+        proto::encode(
+            &Msg::SnapChunk {
+                crc: crc32fast::hash(chunk),
+                data: chunk,
+            },
+            out,
+        );
+        writer.write_all(out).await.map_err(|e| e.to_string())?;
+        out.clear();
+        rest = tail;
+    }
+    proto::encode(
+        &Msg::SnapEnd {
+            crc: total.finalize(),
+        },
+        out,
+    );
+    Ok(())
+}
+
+/// Sends records as they are appended, and a heartbeat every heartbeat_ms.
+async fn stream_records(
+    core: &Rc<RefCell<Core>>,
+    writer: &mut TcpStream,
+    from: u64,
+    generation: u64,
+) -> Result<(), String> {
+    let mut cursor = core
+        .borrow()
+        .shard
+        .wal()
+        .cursor_at(from)
+        .map_err(|e| e.to_string())?;
+    let heartbeat = Duration::from_millis(core.borrow().repl.config.heartbeat_ms);
+    let mut next_heartbeat = Instant::now();
+    let (mut frames, mut out) = (Vec::new(), Vec::new());
+    loop {
+        let wait = std::future::poll_fn(|cx| {
+            let mut c = core.borrow_mut();
+            if c.repl
+                .link
+                .as_ref()
+                .is_none_or(|l| l.generation != generation)
+            {
+                return Poll::Ready(false);
+            }
+            if cursor.next_position() <= c.shard.wal().last_position() {
+                return Poll::Ready(true);
+            }
+            c.repl.writer_waker = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        let timer = async {
+            glommio::timer::sleep(next_heartbeat.saturating_duration_since(Instant::now())).await;
+            true
+        };
+        if !futures_lite::future::or(wait, timer).await {
+            return Err("superseded by a newer stream".into());
+        }
+        {
+            let mut c = core.borrow_mut();
+            let c = &mut *c;
+            frames.clear();
+            c.shard
+                .wal()
+                .read_frames(&mut cursor, proto::BATCH_BYTES_MAX, &mut frames)
+                .map_err(|e| e.to_string())?;
+            if !frames.is_empty() {
+                proto::encode(&Msg::Records { frames: &frames }, &mut out);
+                let last = cursor.next_position() - 1;
+                if let Some(link) = c.repl.link.as_mut() {
+                    if link.sent.len() >= LAG_SAMPLES_MAX {
+                        link.sent.pop_front();
+                    }
+                    link.sent.push_back((last, Instant::now()));
+                }
+            }
+            if Instant::now() >= next_heartbeat {
+                let msg = Msg::Heartbeat {
+                    epoch: c.shard.epoch(),
+                    last_position: c.shard.wal().last_position(),
+                    now_ms: now_ms(),
+                };
+                proto::encode(&msg, &mut out);
+                next_heartbeat = Instant::now() + heartbeat;
+            }
+            c.repl
+                .stats
+                .replication_bytes_sent
+                .fetch_add(out.len() as u64, Relaxed);
+        }
+        if !out.is_empty() {
+            writer.write_all(&out).await.map_err(|e| e.to_string())?;
+            out.clear();
+        }
+    }
+}
+
+/// Reads the replica's acks: each may release STORED answers.
+async fn read_acks(
+    core: &Rc<RefCell<Core>>,
+    reader: &mut TcpStream,
+    generation: u64,
+) -> Result<(), String> {
+    let timeout = Duration::from_millis(core.borrow().repl.config.loss_timeout_ms);
+    let _ = reader.set_read_timeout(Some(timeout));
+    let (mut buf, mut pending) = (vec![0u8; 4096], 0);
+    loop {
+        let used = read_frame(reader, &mut buf, &mut pending).await?;
+        let msg = proto::decode(&buf[..used])
+            .map_err(|e| e.to_string())?
+            .expect("whole frame")
+            .0;
+        on_replica_msg(&mut core.borrow_mut(), msg, generation)?;
+        consume(&mut buf, &mut pending, used);
+    }
+}
+
+fn on_replica_msg(c: &mut Core, msg: Msg<'_>, generation: u64) -> Result<(), String> {
+    if c.repl
+        .link
+        .as_ref()
+        .is_none_or(|l| l.generation != generation)
+    {
+        return Err("superseded by a newer stream".into());
+    }
+    match msg {
+        Msg::Ack {
+            epoch,
+            durable_position,
+            ..
+        } => {
+            if epoch > c.shard.epoch() {
+                c.shard.fence(epoch, &mut c.edge);
+                c.repl.stats.set_role(Role::Fenced);
+                return Err("the replica has a higher epoch: fenced".into());
+            }
+            c.repl.last_heard_ms = now_ms();
+            if let Some(link) = c.repl.link.as_mut() {
+                link.acked = link.acked.max(durable_position);
+                while link
+                    .sent
+                    .front()
+                    .is_some_and(|(p, _)| *p <= durable_position)
+                {
+                    link.sent.pop_front();
+                }
+            }
+            c.shard.on_replica_ack(durable_position, &mut c.edge);
+            Ok(())
+        }
+        Msg::Refuse { reason } => Err(format!("replica refused: {reason}")),
+        other => Err(format!("unexpected frame from a replica: {other:?}")),
+    }
+}
+
+/// Accepts a replication connection on any core, reads its HELLO, and serves
+/// it here or hands the socket to the core that owns the shard.
+pub async fn accept_replica(core: Rc<RefCell<Core>>, mut stream: TcpStream) {
+    let (mut buf, mut pending) = (vec![0u8; 512], 0);
+    let read = futures_lite::future::or(
+        async { Some(read_frame(&mut stream, &mut buf, &mut pending).await) },
+        async {
+            glommio::timer::sleep(HANDSHAKE_TIMEOUT).await;
+            None
+        },
+    )
+    .await;
+    let hello = match read {
+        Some(Ok(used)) => match proto::decode(&buf[..used]) {
+            Ok(Some((Msg::Hello(h), _))) => h,
+            other => {
+                tracing::warn!(
+                    ?other,
+                    "replication connection without a valid HELLO: closed"
+                );
+                return;
+            }
+        },
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "bad replication handshake: closed");
+            return;
+        }
+        None => return,
+    };
+    let (my_shard, nr) = {
+        let c = core.borrow();
+        (c.shard.id as u32, c.repl.nr_shards)
+    };
+    if hello.shard == my_shard || hello.shards != nr || hello.shard >= nr {
+        serve_replica(core, stream, hello).await;
+        return;
+    }
+    match sys::dup(stream.as_raw_fd()) {
+        Ok(fd) => core.borrow_mut().edge.post(
+            hello.shard as u16,
+            crate::core::Mail::AdoptReplica { fd, hello },
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot hand a replica stream to its core"),
+    }
+}
+
+/// Adopts a replica stream accepted by another core.
+pub fn adopt(core: &Rc<RefCell<Core>>, fd: std::os::fd::RawFd, hello: Hello) {
+    // The accepting core dup()ed `fd` for us and no longer touches it.
+    let stream = sys::tcp_stream(fd);
+    glommio::spawn_local(serve_replica(core.clone(), stream, hello)).detach();
+}
+
+// ---------------------------------------------------------------- replica side
+
+/// Follows the primary at `primary` for this core's shard, reconnecting with
+/// capped exponential backoff, until this node is promoted.
+pub async fn follow(core: Rc<RefCell<Core>>, primary: String) {
+    let backoff_max = Duration::from_millis(core.borrow().repl.config.reconnect_backoff_max_ms);
+    let mut backoff = BACKOFF_MIN;
+    let shard = core.borrow().shard.id;
+    loop {
+        if core.borrow().shard.role != Role::Replica {
+            return;
+        }
+        match TcpStream::connect_timeout(primary.as_str(), HANDSHAKE_TIMEOUT).await {
+            Ok(stream) => {
+                let started = Instant::now();
+                match follow_session(&core, stream).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(shard, error = %e, "replication from the primary stopped; reconnecting")
+                    }
+                }
+                if started.elapsed() > backoff_max {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+            Err(e) => tracing::debug!(shard, error = %e, "cannot reach the primary"),
+        }
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(backoff_max);
+    }
+}
+
+/// Full-sync progress on the replica.
+struct Snapshot {
+    records_expected: u64,
+    records: u64,
+    crc: crc32fast::Hasher,
+}
+
+async fn follow_session(core: &Rc<RefCell<Core>>, stream: TcpStream) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (loss, heartbeat) = {
+        let c = core.borrow();
+        (
+            Duration::from_millis(c.repl.config.loss_timeout_ms),
+            Duration::from_millis(c.repl.config.heartbeat_ms),
+        )
+    };
+    let _ = stream.set_read_timeout(Some(loss));
+    let (mut reader, mut writer) = split(stream).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    proto::encode(&Msg::Hello(hello_of(&core.borrow())), &mut out);
+    writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    futures_lite::future::or(
+        apply_stream(core, &mut reader),
+        send_acks(core, &mut writer, heartbeat),
+    )
+    .await
+}
+
+async fn apply_stream(core: &Rc<RefCell<Core>>, reader: &mut TcpStream) -> Result<(), String> {
+    let (mut buf, mut pending) = (vec![0u8; 64 << 10], 0);
+    let mut snapshot: Option<Snapshot> = None;
+    loop {
+        let used = read_frame(reader, &mut buf, &mut pending).await?;
+        let msg = proto::decode(&buf[..used])
+            .map_err(|e| e.to_string())?
+            .expect("whole frame")
+            .0;
+        let mut c = core.borrow_mut();
+        if c.shard.role != Role::Replica {
+            return Ok(()); // promoted: stop following
+        }
+        c.repl.last_heard_ms = now_ms();
+        c.repl
+            .stats
+            .replication_bytes_received
+            .fetch_add(used as u64, Relaxed);
+        apply_msg(&mut c, msg, &mut snapshot)?;
+        c.kick_committer();
+        drop(c);
+        consume(&mut buf, &mut pending, used);
+    }
+}
+
+fn apply_msg(c: &mut Core, msg: Msg<'_>, snapshot: &mut Option<Snapshot>) -> Result<(), String> {
+    let shard = c.shard.id;
+    match msg {
+        Msg::Welcome {
+            epoch,
+            full,
+            start_position,
+            client_addr,
+        } => {
+            tracing::info!(
+                shard,
+                epoch,
+                full,
+                start_position,
+                primary = client_addr,
+                "following the primary"
+            );
+            c.shard.set_epoch(epoch);
+            c.shard
+                .become_replica(format!("read-only replica; the primary is {client_addr}"));
+            *c.repl
+                .stats
+                .primary_client_addr
+                .lock()
+                .expect("not poisoned") = Some(client_addr.to_string());
+            c.repl.stats.epoch.fetch_max(epoch, SeqCst);
+        }
+        Msg::Refuse { reason } => return Err(format!("the primary refused: {reason}")),
+        Msg::Truncate { keep_through } => {
+            let tail = c
+                .shard
+                .truncate_and_rebuild(keep_through)
+                .map_err(|e| e.to_string())?;
+            tracing::warn!(
+                shard,
+                keep_through,
+                resubmit = tail.len(),
+                "dropped a diverged tail; re-submitting its messages"
+            );
+            let addr = c
+                .repl
+                .stats
+                .primary_client_addr
+                .lock()
+                .expect("not poisoned")
+                .clone();
+            if let (Some(addr), false) = (addr, tail.is_empty()) {
+                resubmit(addr, tail);
+            }
+        }
+        Msg::SnapBegin {
+            first_position,
+            last_position,
+            records,
+            bytes,
+        } => {
+            tracing::info!(
+                shard,
+                first_position,
+                last_position,
+                records,
+                bytes,
+                "full sync: receiving a snapshot"
+            );
+            c.shard
+                .reset_for_snapshot(first_position)
+                .map_err(|e| e.to_string())?;
+            *snapshot = Some(Snapshot {
+                records_expected: records,
+                records: 0,
+                crc: crc32fast::Hasher::new(),
+            });
+        }
+        Msg::SnapChunk { crc, data } => {
+            let snap = snapshot
+                .as_mut()
+                .ok_or("snapshot chunk outside a snapshot")?;
+            if crc32fast::hash(data) != crc {
+                return Err("snapshot chunk checksum mismatch".into());
+            }
+            snap.crc.update(data);
+            snap.records += apply_frames(c, data)?;
+        }
+        Msg::SnapEnd { crc } => {
+            let snap = snapshot.take().ok_or("snapshot end outside a snapshot")?;
+            if snap.crc.finalize() != crc || snap.records != snap.records_expected {
+                return Err("snapshot incomplete or corrupt".into());
+            }
+            tracing::info!(shard, records = snap.records, "full sync: snapshot applied");
+        }
+        Msg::Records { frames } => {
+            apply_frames(c, frames)?;
+        }
+        Msg::Heartbeat {
+            epoch,
+            last_position,
+            ..
+        } => {
+            if epoch < c.shard.epoch() {
+                return Err(format!("the primary's epoch {epoch} is older than ours"));
+            }
+            c.shard.set_epoch(epoch);
+            c.repl.primary_last_position = last_position;
+        }
+        other => return Err(format!("unexpected frame from the primary: {other:?}")),
+    }
+    Ok(())
+}
+
+/// Verifies every frame (checksum, dense positions) before applying any: a
+/// bad or truncated batch is refused whole.
+fn apply_frames(c: &mut Core, frames: &[u8]) -> Result<u64, String> {
+    let limit = c.shard.wal().config().record_payload_len_max;
+    let mut expected = c.shard.wal().last_position() + 1;
+    let mut records = Vec::new();
+    let mut rest = frames;
+    while !rest.is_empty() {
+        match wal::format::decode_record(rest, limit) {
+            wal::format::Decoded::Record(rec, len) if rec.position == expected => {
+                records.push(rec);
+                expected += 1;
+                rest = &rest[len..];
+            }
+            wal::format::Decoded::Record(rec, _) => {
+                return Err(format!(
+                    "record at position {} where {expected} was due: refused",
+                    rec.position
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "bad record in the stream at position {expected}: {other:?}: refused"
+                ))
+            }
+        }
+    }
+    for rec in &records {
+        c.shard.apply_replicated(rec).map_err(|e| e.to_string())?;
+    }
+    Ok(records.len() as u64)
+}
+
+/// Acknowledges the durable position after each sync, and at least every heartbeat.
+async fn send_acks(
+    core: &Rc<RefCell<Core>>,
+    writer: &mut TcpStream,
+    heartbeat: Duration,
+) -> Result<(), String> {
+    let mut acked = 0;
+    let mut out = Vec::new();
+    loop {
+        let changed = std::future::poll_fn(|cx| {
+            let mut c = core.borrow_mut();
+            if c.shard.wal().durable_position() != acked {
+                return Poll::Ready(());
+            }
+            c.repl.acker_waker = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        futures_lite::future::or(changed, glommio::timer::sleep(heartbeat)).await;
+        {
+            let c = core.borrow();
+            if c.shard.role != Role::Replica {
+                return Ok(());
+            }
+            acked = c.shard.wal().durable_position();
+            out.clear();
+            proto::encode(
+                &Msg::Ack {
+                    epoch: c.shard.epoch(),
+                    durable_position: acked,
+                    now_ms: now_ms(),
+                },
+                &mut out,
+            );
+        }
+        writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    }
+}
+
+/// Sends the messages of a dropped tail to the new primary as their senders
+/// (msg_id dedup makes a repeat harmless). On its own thread: a blocking client.
+fn resubmit(addr: String, tail: Vec<Resubmit>) {
+    let spawned = std::thread::Builder::new()
+        .name("iris-resubmit".into())
+        .spawn(move || {
+            let (mut stored, mut failed) = (0usize, 0usize);
+            for m in &tail {
+                let ok = (|| -> Result<bool, net::ClientError> {
+                    let (mut client, _) =
+                        net::Client::connect(&addr, &m.sender, b"", Duration::from_secs(10))?;
+                    client.send(m.msg_id, &m.recipient, &m.body)?;
+                    loop {
+                        match client.recv(Duration::from_secs(10))? {
+                            Some(net::Event::Stored { msg_id }) if msg_id == m.msg_id => {
+                                return Ok(true)
+                            }
+                            Some(net::Event::Rejected { .. })
+                            | Some(net::Event::Error { .. })
+                            | None => return Ok(false),
+                            Some(_) => {}
+                        }
+                    }
+                })();
+                match ok {
+                    Ok(true) => stored += 1,
+                    _ => failed += 1,
+                }
+            }
+            tracing::warn!(
+                stored,
+                failed,
+                "re-submitted the messages of a dropped tail"
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the re-submission thread");
+    }
+}
+
+// ------------------------------------------------------- modes and promotion
+
+/// Run every maintenance tick: promotion, the durability mode, and stats.
+pub fn tick(c: &mut Core, data: &std::path::Path) {
+    let stats = c.repl.stats.clone();
+    if stats.promote_requested.load(SeqCst) && c.shard.role == Role::Replica {
+        promote(c, &stats, data);
+    }
+    if c.shard.role == Role::Primary {
+        update_mode(c);
+    }
+    publish(c, &stats);
+}
+
+fn promote(c: &mut Core, stats: &NodeStats, data: &std::path::Path) {
+    // The first core to promote picks the new epoch and persists it; the others adopt it.
+    let proposed = stats.epoch.load(SeqCst).max(c.shard.epoch()) + 1;
+    let epoch = match stats
+        .promotion_epoch
+        .compare_exchange(0, proposed, SeqCst, SeqCst)
+    {
+        Ok(_) => {
+            if let Err(e) = crate::runtime::persist_epoch(data, proposed) {
+                tracing::error!(error = %e, "cannot persist the new epoch; promotion aborted");
+                stats.promotion_epoch.store(0, SeqCst);
+                stats.promote_requested.store(false, SeqCst);
+                return;
+            }
+            proposed
+        }
+        Err(current) => current,
+    };
+    let mode = initial_mode(&c.repl.config);
+    c.shard.promote(epoch, mode, &mut c.edge);
+    tracing::warn!(
+        shard = c.shard.id,
+        epoch,
+        mode = mode.name(),
+        "promoted to primary"
+    );
+    if stats.promoted_cores.fetch_add(1, SeqCst) + 1 == c.repl.nr_shards as usize {
+        stats.epoch.store(epoch, SeqCst);
+        stats.set_mode(mode);
+        stats.set_role(Role::Primary);
+        stats.promote_requested.store(false, SeqCst);
+        stats.promotion_epoch.store(0, SeqCst);
+        stats.promoted_cores.store(0, SeqCst);
+    }
+}
+
+/// The mode a primary starts in (or is promoted to) before any replica acks.
+pub fn initial_mode(config: &ReplicationConfig) -> Mode {
+    if !config.synchronous() {
+        Mode::Local
+    } else if config.on_replica_loss == LossPolicy::Block {
+        Mode::Blocked
+    } else {
+        Mode::Degraded
+    }
+}
+
+fn update_mode(c: &mut Core) {
+    if !c.repl.config.synchronous() {
+        return;
+    }
+    let loss_timeout_ms = c.repl.config.loss_timeout_ms;
+    let heard = now_ms().saturating_sub(c.repl.last_heard_ms) < loss_timeout_ms;
+    let lag = c
+        .repl
+        .link
+        .as_ref()
+        .map(|l| c.shard.wal().last_position().saturating_sub(l.acked));
+    let healthy = heard && lag.is_some();
+    let next = match c.shard.mode {
+        Mode::Replica if !healthy => match c.repl.config.on_replica_loss {
+            LossPolicy::Degrade => Mode::Degraded,
+            LossPolicy::Block => Mode::Blocked,
+        },
+        Mode::Degraded | Mode::Blocked | Mode::Local
+            if healthy && lag.is_some_and(|l| l <= CAUGHT_UP_LAG_OPS_MAX) =>
+        {
+            Mode::Replica
+        }
+        Mode::Local => initial_mode(&c.repl.config),
+        same => same,
+    };
+    if next != c.shard.mode {
+        if next == Mode::Degraded {
+            tracing::error!(
+                shard = c.shard.id,
+                "replica lost: DEGRADED, STORED now means the local fsync only"
+            );
+        }
+        c.shard.set_mode(next, &mut c.edge);
+        c.repl.stats.set_mode(next);
+    }
+}
+
+fn publish(c: &mut Core, stats: &NodeStats) {
+    let (stored, rejected, conns) = (
+        c.edge.stored_count,
+        c.edge.rejected_count,
+        c.edge.connections as u64,
+    );
+    let (s0, r0, c0) = c.repl.published;
+    stats.stored_total.fetch_add(stored - s0, Relaxed);
+    stats.rejected_total.fetch_add(rejected - r0, Relaxed);
+    if conns >= c0 {
+        stats.connections.fetch_add(conns - c0, Relaxed);
+    } else {
+        stats.connections.fetch_sub(c0 - conns, Relaxed);
+    }
+    c.repl.published = (stored, rejected, conns);
+    let Some(s) = stats.shards.get(c.shard.id) else {
+        return;
+    };
+    let wal = c.shard.wal();
+    s.last_position.store(wal.last_position(), Relaxed);
+    s.durable_position.store(wal.durable_position(), Relaxed);
+    let connected = match c.shard.role {
+        Role::Primary => c.repl.link.is_some(),
+        _ => now_ms().saturating_sub(c.repl.last_heard_ms) < c.repl.config.loss_timeout_ms,
+    };
+    s.replica_connected.store(connected, Relaxed);
+    s.last_heartbeat_ms.store(c.repl.last_heard_ms, Relaxed);
+    if c.shard.role == Role::Primary {
+        let acked = c
+            .repl
+            .link
+            .as_ref()
+            .map_or(c.shard.replica_acked(), |l| l.acked);
+        s.replica_acked_position.store(acked, Relaxed);
+        s.replica_lag_ops
+            .store(wal.last_position().saturating_sub(acked), Relaxed);
+        s.replica_lag_ms.store(c.repl.lag_ms(), Relaxed);
+    } else {
+        s.replica_acked_position
+            .store(wal.durable_position(), Relaxed);
+        s.replica_lag_ops.store(
+            c.repl
+                .primary_last_position
+                .saturating_sub(wal.durable_position()),
+            Relaxed,
+        );
+    }
+    stats.epoch.fetch_max(c.shard.epoch(), Relaxed);
+}
