@@ -145,11 +145,18 @@ mod tests {
         assert!(rss_bytes(pid).unwrap() > 0);
         assert!(slab_bytes().unwrap() > 0);
         let before = cpu_ns(pid).unwrap();
+        // Spin for 50 ms, then sleep: a running thread's run time is only
+        // brought up to date at a tick or a context switch.
+        let spin = std::time::Instant::now();
         let mut x = 0u64;
-        for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while spin.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
         }
-        std::hint::black_box(x);
-        assert!(cpu_ns(pid).unwrap() > before);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let spent_ns = cpu_ns(pid).unwrap() - before;
+        assert!(
+            spent_ns >= 20_000_000,
+            "50 ms of spinning counted as {spent_ns} ns"
+        );
     }
 }
