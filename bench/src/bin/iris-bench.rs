@@ -20,6 +20,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Connecting threads per flood process: a handshake waits on a round trip,
+/// not on the CPU, so more threads than cores keep the rate up.
+const FLOOD_THREADS_DEFAULT: usize = 8;
+
 #[derive(Parser)]
 #[command(
     name = "iris-bench",
@@ -58,7 +62,8 @@ struct Common {
     /// HELLO token (empty by default).
     #[arg(long, default_value = "")]
     token: String,
-    /// Driver threads; default one per CPU this process may run on.
+    /// Driver threads (msgs: default one per CPU this process may run on;
+    /// flood: connecting threads per process, default 8).
     #[arg(long)]
     threads: Option<usize>,
     /// Per-connection connect + greeting timeout.
@@ -209,7 +214,7 @@ fn flood(args: FloodArgs) -> Result<(), String> {
         server_pid: c.server_pid,
         token: c.token.clone(),
         connect_timeout: c.connect_timeout,
-        threads: c.threads.unwrap_or_else(default_threads),
+        threads: c.threads.unwrap_or(FLOOD_THREADS_DEFAULT),
         progress: progress_wanted(c.json),
     };
     let report = bench::flood::run(&cfg)?;
