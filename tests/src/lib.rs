@@ -414,6 +414,26 @@ pub fn collect_deliveries(client: &mut Client, n: usize) -> Vec<Delivered> {
     out
 }
 
+/// DELIVERs a reader may leave unACKed before [`collect_and_ack`] ACKs:
+/// well below the server's delivery window (docs/PROTOCOL.md 6a: it sends
+/// at most `deliver_window`, 512, beyond the last ACK, then waits).
+pub const ACK_EVERY: usize = 128;
+
+/// Collects exactly `n` DELIVERs like [`collect_deliveries`], ACKing as it
+/// goes (every [`ACK_EVERY`] and the last one), as a real reader does. For
+/// backlogs beyond the delivery window.
+pub fn collect_and_ack(client: &mut Client, n: usize) -> Vec<Delivered> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = collect_deliveries(client, ACK_EVERY.min(n - out.len()));
+        let last_seq = batch.last().expect("non-empty batch").seq;
+        client.ack(last_seq).expect("ack");
+        client.flush().expect("flush");
+        out.extend(batch);
+    }
+    out
+}
+
 /// Asserts the next event is ERROR `code`, then that the server closes.
 pub fn expect_error_then_close(client: &mut Client, code: u16) {
     match next_event(client) {

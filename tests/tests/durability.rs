@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 
 use tests::{
-    ack_and_sync, collect_deliveries, connect, error_code, expect_error_then_close, expect_quiet,
-    hex, new_msg_id, next_event, pipeline_stored_to, send_id_stored, send_stored, Event, MsgId,
-    Server,
+    ack_and_sync, collect_and_ack, collect_deliveries, connect, error_code,
+    expect_error_then_close, expect_quiet, hex, new_msg_id, next_event, pipeline_stored_to,
+    send_id_stored, send_stored, Event, MsgId, Server,
 };
 
 #[test]
@@ -85,7 +85,7 @@ fn kill9_round(round: usize, count: usize) {
             expected.len() as u64,
             "round {round}: {to} pending after kill -9"
         );
-        let delivered = collect_deliveries(&mut client, expected.len());
+        let delivered = collect_and_ack(&mut client, expected.len());
         for (i, (d, (id, body))) in delivered.iter().zip(expected).enumerate() {
             assert_eq!(d.seq, i as u64 + 1, "round {round}: {to} seq");
             assert_eq!(
@@ -136,7 +136,7 @@ fn kill9_mid_pipeline_keeps_every_stored_message() {
         (KILL_AFTER_STORED..=COUNT).contains(&pending),
         "pending {pending}: STORED messages were lost"
     );
-    let delivered = collect_deliveries(&mut bob, pending);
+    let delivered = collect_and_ack(&mut bob, pending);
     let mut next_in_send_order = 0;
     for (i, d) in delivered.iter().enumerate() {
         assert_eq!(d.seq, i as u64 + 1);
