@@ -18,12 +18,13 @@ build_profiling() {
     BENCH="$BIN_DIR/iris-bench"
 }
 
-# Starts iris pinned to SERVER_CPU; sets IRIS_PID, IRIS_ADDR, IRIS_DATA.
+# Starts iris pinned to SERVER_CPU (extra arguments go to `iris serve`);
+# sets IRIS_PID, IRIS_ADDR, IRIS_DATA.
 start_iris() {
     IRIS_DATA="$(mktemp -d "${TMPDIR:-/tmp}/iris-tuning.XXXXXX")"
     local out="$IRIS_DATA/stdout"
     MIMALLOC_ALLOW_THP=0 taskset -c "$SERVER_CPU" "$IRIS" serve --listen 127.0.0.1:0 \
-        --data "$IRIS_DATA/data" --cores 1 >"$out" 2>"$IRIS_DATA/stderr" </dev/null &
+        --data "$IRIS_DATA/data" --cores 1 "$@" >"$out" 2>"$IRIS_DATA/stderr" </dev/null &
     IRIS_PID=$!
     for _ in $(seq 1 100); do
         IRIS_ADDR="$(sed -n 's/^iris listening on //p' "$out")"
