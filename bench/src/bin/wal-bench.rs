@@ -208,9 +208,12 @@ fn main() {
     let payload: Vec<u8> = (0..args.size).map(|i| i as u8).collect();
     let frame_bytes = wal::format::frame_len(args.size) as u64;
 
+    // The commit phase runs right after the floor, before the append-only
+    // phase creates and deletes files (with `discard` mounts, freeing blocks
+    // adds work to journal commits that a concurrent fdatasync may wait on).
     let raw = raw_fdatasync(&dir, frame_bytes as usize, args.raw_samples);
-    let appended = append_only(&dir.join("append"), &args, &payload);
     let committed = committed(&dir.join("commit"), &args, &payload);
+    let appended = append_only(&dir.join("append"), &args, &payload);
     std::fs::remove_dir_all(&dir).unwrap();
 
     let appends_per_sec = args.records as f64 / appended.elapsed.as_secs_f64();
