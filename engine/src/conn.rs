@@ -122,6 +122,15 @@ impl Conn {
                     slot.out_sent = 0;
                     core.edge.give_buffer(buf);
                 }
+                if core
+                    .edge
+                    .slot(self.index)
+                    .deliver_blocked_since_ms
+                    .is_some()
+                {
+                    core.edge.drained(self.index);
+                    core.route_edge_mail();
+                }
                 return Some(true);
             }
             match Pin::new(&mut self.stream).poll_write(cx, &slot.out[slot.out_sent..]) {

@@ -41,6 +41,17 @@ pub enum Mail {
         code: u16,
         reason: Box<str>,
     },
+    /// The edge dropped DELIVERs from `seq` on (outbox full): resend from there later.
+    Rewind {
+        conn: ConnRef,
+        user: Box<str>,
+        seq: u64,
+    },
+    /// The connection's outbox drained: deliveries may resume.
+    Resume {
+        conn: ConnRef,
+        user: Box<str>,
+    },
     /// A replica's stream for this core's shard, accepted on another core:
     /// a descriptor this core now owns, and the replica's HELLO.
     AdoptReplica {
@@ -86,8 +97,14 @@ pub struct Slot {
     /// Highest DELIVER seq written to this connection (an ACK above it is a violation).
     pub delivered_seq_max: u64,
     pub last_activity_ms: u64,
-    /// Drop the connection at once (outbox overflow): no flush.
+    /// Drop the connection at once: no flush.
     pub kill: bool,
+    /// DELIVERs did not fit the outbox since this time (ms): later ones are
+    /// dropped until it drains; the shard resends them after `Resume`.
+    pub deliver_blocked_since_ms: Option<u64>,
+    /// After a rewind: the only DELIVER seq accepted next (older mail in
+    /// flight from the shard is dropped, so order holds).
+    pub deliver_expected_seq: Option<u64>,
 }
 
 impl Slot {
@@ -103,6 +120,8 @@ impl Slot {
             delivered_seq_max: 0,
             last_activity_ms: 0,
             kill: false,
+            deliver_blocked_since_ms: None,
+            deliver_expected_seq: None,
         }
     }
 
@@ -125,6 +144,8 @@ pub struct Edge {
     pool: Vec<Vec<u8>>,
     pub outgoing: Vec<Vec<Mail>>,
     pub outgoing_len: usize,
+    /// Mail for this core's own shard raised inside the edge (Rewind, Resume).
+    pub pending_local: Vec<Mail>,
     pub flusher_waker: Option<Waker>,
     /// Connections that paused reading because `outgoing` was full.
     pub mesh_waiters: Vec<Waker>,
@@ -144,6 +165,8 @@ pub struct Edge {
 
 /// Buffers kept in a core's pool; more are freed on return.
 const BUFFERS_POOLED_MAX: usize = 64;
+/// A connection whose outbox stays full of DELIVERs this long is disconnected.
+const SLOW_READER_TIMEOUT_MS: u64 = 30_000;
 /// Read-ahead room in a read buffer beyond one whole frame.
 const READ_AHEAD_BYTES: usize = 16 << 10;
 /// A pooled outbox buffer larger than this is freed instead of kept.
@@ -161,6 +184,7 @@ impl Edge {
             pool: Vec::new(),
             outgoing: (0..nr_cores).map(|_| Vec::new()).collect(),
             outgoing_len: 0,
+            pending_local: Vec::new(),
             flusher_waker: None,
             mesh_waiters: Vec::new(),
             read_pool: Vec::new(),
@@ -275,9 +299,9 @@ impl Edge {
         }
     }
 
-    /// Appends a frame to a connection's outbox; a full outbox disconnects it
-    /// (its messages stay in the inbox).
-    pub fn write_frame(&mut self, index: u32, frame: &ServerFrame<'_>) {
+    /// Appends a frame to a connection's outbox; false when it does not fit
+    /// (the caller decides: a DELIVER is resent later, anything else closes).
+    pub fn write_frame(&mut self, index: u32, frame: &ServerFrame<'_>) -> bool {
         let outbox_max = self.limits.outbox_bytes_max;
         let len = net::encoded_len_server(frame);
         let needs_buffer = self.slots[index as usize].out.capacity() == 0;
@@ -291,16 +315,53 @@ impl Edge {
             slot.out = buf;
         }
         if slot.kill {
-            return;
+            return false;
         }
         if slot.out.len() - slot.out_sent + len > outbox_max {
-            tracing::debug!(slot = index, "outbox full: disconnecting a slow reader");
-            slot.kill = true;
-            slot.wake();
-            return;
+            if !matches!(frame, ServerFrame::Deliver { .. }) {
+                // Answers are bounded by sends_in_flight_max; overflowing means a
+                // client that does not read its answers at all.
+                tracing::debug!(slot = index, "outbox full: disconnecting");
+                slot.kill = true;
+                slot.wake();
+            }
+            return false;
         }
         encode_server_frame(frame, &mut slot.out);
         slot.wake();
+        true
+    }
+
+    /// Called when a connection's outbox drained: blocked deliveries resume.
+    pub fn drained(&mut self, index: u32) {
+        let slot = &mut self.slots[index as usize];
+        if slot.deliver_blocked_since_ms.take().is_none() {
+            return;
+        }
+        let Some(user) = slot.user.clone() else {
+            return;
+        };
+        let conn = ConnRef {
+            core: self.id,
+            slot: index,
+            generation: slot.generation,
+        };
+        self.pending_local.push(Mail::Resume { conn, user });
+    }
+
+    /// Disconnects readers whose outbox stayed full past the idle timeout:
+    /// a recipient that does not read (its messages stay in the inbox).
+    pub fn expire_stuck_readers(&mut self) {
+        let deadline = self
+            .clock_ms
+            .saturating_sub(self.limits.idle_timeout_ms.min(SLOW_READER_TIMEOUT_MS));
+        for slot in self.slots.iter_mut() {
+            if slot.deliver_blocked_since_ms.is_some_and(|t| t < deadline) && !slot.kill {
+                tracing::debug!("a recipient that does not read: disconnected");
+                slot.kill = true;
+                slot.wake();
+            }
+        }
     }
 
     /// Queues ERROR and closes after the flush.
@@ -374,17 +435,31 @@ impl Edge {
         if slot.state != SlotState::Ready {
             return;
         }
-        slot.delivered_seq_max = slot.delivered_seq_max.max(seq);
-        self.write_frame(
-            conn.slot,
-            &ServerFrame::Deliver {
-                seq,
-                msg_id,
-                from,
-                sent_ms,
-                body,
-            },
-        );
+        if slot.deliver_blocked_since_ms.is_some()
+            || slot.deliver_expected_seq.is_some_and(|e| e != seq)
+        {
+            return; // rewound: the shard resends from the expected seq after Resume
+        }
+        let frame = ServerFrame::Deliver {
+            seq,
+            msg_id,
+            from,
+            sent_ms,
+            body,
+        };
+        if self.write_frame(conn.slot, &frame) {
+            let slot = &mut self.slots[conn.slot as usize];
+            slot.delivered_seq_max = slot.delivered_seq_max.max(seq);
+            slot.deliver_expected_seq = None;
+            return;
+        }
+        let clock_ms = self.clock_ms;
+        let slot = &mut self.slots[conn.slot as usize];
+        slot.deliver_blocked_since_ms = Some(clock_ms);
+        slot.deliver_expected_seq = Some(seq);
+        if let Some(user) = slot.user.clone() {
+            self.pending_local.push(Mail::Rewind { conn, user, seq });
+        }
     }
 
     /// Every live connection gets ERROR 5 and is closed after its flush.
@@ -529,6 +604,14 @@ impl Core {
                 Ok(())
             }
             Mail::Ack { user, seq } => shard.ack(&user, seq, edge),
+            Mail::Rewind { conn, user, seq } => {
+                shard.rewind(conn, &user, seq);
+                Ok(())
+            }
+            Mail::Resume { conn, user } => {
+                shard.resume(conn, &user, edge);
+                Ok(())
+            }
             Mail::Logout { conn, user } => {
                 shard.logout(conn, &user);
                 Ok(())
@@ -546,6 +629,7 @@ impl Core {
     /// New records: wake the committer (group commit) and the replica
     /// stream writer (records go out in parallel with the local fsync).
     pub fn kick_committer(&mut self) {
+        self.route_edge_mail();
         if self.shard.needs_sync() {
             if let Some(w) = self.commit_waker.take() {
                 w.wake();
@@ -636,6 +720,22 @@ impl Core {
                     user: user.into(),
                 },
             );
+        }
+    }
+
+    /// Sends the edge's Rewind/Resume mail to the users' shards.
+    pub fn route_edge_mail(&mut self) {
+        while let Some(mail) = self.edge.pending_local.pop() {
+            let user = match &mail {
+                Mail::Rewind { user, .. } | Mail::Resume { user, .. } => user.clone(),
+                _ => unreachable!("only Rewind and Resume are raised by the edge"),
+            };
+            let dest = self.edge.shard_of(&user);
+            if dest == self.edge.id {
+                self.handle_one(mail);
+            } else {
+                self.edge.post(dest, mail);
+            }
         }
     }
 

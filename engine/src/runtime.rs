@@ -450,16 +450,26 @@ async fn committer(core: Rc<RefCell<Core>>) {
             glommio::timer::sleep(Duration::from_millis(1)).await;
             continue;
         };
+        let started = Instant::now();
         let result = fdatasync_all(ticket.fds()).await;
         let mut c = core.borrow_mut();
-        let Core { shard, edge, .. } = &mut *c;
+        let Core {
+            shard, edge, repl, ..
+        } = &mut *c;
+        repl.stats
+            .record_fsync(started.elapsed().as_micros() as u64);
         match shard.wal_mut().sync_complete(ticket, result) {
-            Ok(_) => shard.on_durable(edge),
+            Ok(_) => {
+                shard.on_durable(edge);
+                // A replica acks its new durable position at once.
+                repl.wake_writers();
+            }
             Err(source) => fatal_if_poisoned(&ShardError::Wal {
                 shard: shard.id,
                 source,
             }),
         }
+        c.route_edge_mail();
     }
 }
 
@@ -484,6 +494,7 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             c.edge.expire_idle();
+            c.edge.expire_stuck_readers();
             c.shard.expire_dedup(now);
         }
         match c.shard.maybe_checkpoint() {

@@ -55,6 +55,8 @@ struct Presence {
     conn: ConnRef,
     /// Highest seq sent to this connection.
     sent_up_to: u64,
+    /// The connection's outbox is full: wait for its Resume.
+    paused: bool,
 }
 
 #[derive(Default)]
@@ -426,6 +428,9 @@ impl Shard {
         let Some(p) = inbox.presence.as_mut() else {
             return;
         };
+        if p.paused {
+            return;
+        }
         p.sent_up_to = p.sent_up_to.max(inbox.acked);
         while p.sent_up_to < inbox.last_seq && p.sent_up_to - inbox.acked < window {
             let msg = &inbox.pending[(p.sent_up_to - inbox.acked) as usize];
@@ -451,9 +456,43 @@ impl Shard {
         inbox.presence = Some(Presence {
             conn,
             sent_up_to: inbox.acked,
+            paused: false,
         });
         sink.welcome(conn, inbox.last_seq - inbox.acked);
         self.pump(user, sink);
+    }
+
+    /// The edge could not fit DELIVER `seq` (and later ones): resend from it
+    /// once the connection's outbox drains.
+    pub fn rewind(&mut self, conn: ConnRef, user: &str, seq: u64) {
+        let Some(p) = self
+            .live
+            .inboxes
+            .get_mut(user)
+            .and_then(|i| i.presence.as_mut())
+        else {
+            return;
+        };
+        if p.conn == conn {
+            p.sent_up_to = p.sent_up_to.min(seq.saturating_sub(1));
+            p.paused = true;
+        }
+    }
+
+    /// The connection's outbox drained: deliveries continue.
+    pub fn resume(&mut self, conn: ConnRef, user: &str, sink: &mut impl Sink) {
+        let Some(p) = self
+            .live
+            .inboxes
+            .get_mut(user)
+            .and_then(|i| i.presence.as_mut())
+        else {
+            return;
+        };
+        if p.conn == conn {
+            p.paused = false;
+            self.pump(user, sink);
+        }
     }
 
     /// The connection closed; only the receiving one clears presence.
