@@ -111,6 +111,8 @@ struct Shared {
     stored: AtomicU64,
     rejected: AtomicU64,
     errors: AtomicU64,
+    /// Senders that completed their greeting.
+    senders_open: AtomicU64,
 }
 
 impl Shared {
@@ -120,6 +122,7 @@ impl Shared {
             stored: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            senders_open: AtomicU64::new(0),
         }
     }
 }
@@ -221,6 +224,9 @@ pub fn run(cfg: &MsgsConfig) -> Result<MsgsReport, String> {
     if cfg.conns > u32::MAX as usize {
         return Err("too many connections".to_string());
     }
+    if let Some(pid) = cfg.server_pid {
+        crate::procfs::cpu_ns(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?;
+    }
     let online = !cfg.offline && cfg.proto == Proto::Iris;
     let threads = cfg.threads.min(cfg.conns);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -253,7 +259,13 @@ pub fn run(cfg: &MsgsConfig) -> Result<MsgsReport, String> {
         handles.push(handle);
     }
     barrier.wait();
-    let timing = drive_phases(cfg, &shared)?;
+    let timing = if shared.senders_open.load(Ordering::Relaxed) == 0 {
+        Err("no sender could connect".to_string())
+    } else {
+        drive_phases(cfg, &shared)
+    };
+    // Whatever happened, the workers drain and stop (their loops end with the drain).
+    shared.phase.store(PHASE_DRAIN, Ordering::Relaxed);
     let mut tallies = Vec::with_capacity(threads);
     for handle in handles {
         tallies.push(
@@ -262,6 +274,13 @@ pub fn run(cfg: &MsgsConfig) -> Result<MsgsReport, String> {
                 .map_err(|_| "a driver thread panicked".to_string())?,
         );
     }
+    let timing = timing.map_err(|e| {
+        let first = tallies.iter().flat_map(|t| t.error_samples.first()).next();
+        format!(
+            "{e} (first error: {})",
+            first.map_or("none", String::as_str)
+        )
+    })?;
     Ok(report(cfg, threads, online, &timing, tallies))
 }
 
@@ -399,6 +418,9 @@ impl Worker {
             None
         };
         let sender = self.open_conn(&from, slot as u64 * 2, poller, tally);
+        if sender.is_some() {
+            self.shared.senders_open.fetch_add(1, Ordering::Relaxed);
+        }
         let lpush_prefix = resp::lpush_prefix(&to, self.cfg.size);
         Pair {
             sender,
