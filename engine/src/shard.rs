@@ -294,11 +294,19 @@ impl Shard {
             self.answer_when_durable(position, req.reply, req.msg_id, None, sink);
             return Ok(());
         }
-        if let Some((code, reason)) = self.refuse(req.to, req.body.len()) {
+        // One lookup finds the recipient's key, its next seq, and its limit.
+        let (recipient, seq, pending_len) = match self.live.inboxes.get_key_value(req.to) {
+            Some((k, inbox)) => (
+                Some(k.clone()),
+                inbox.last_seq + 1,
+                Some(inbox.pending.len()),
+            ),
+            None => (None, 1, None),
+        };
+        if let Some((code, reason)) = self.refuse(pending_len, req.body.len()) {
             sink.rejected(req.reply, req.msg_id, code, reason);
             return Ok(());
         }
-        let seq = self.live.inboxes.get(req.to).map_or(0, |i| i.last_seq) + 1;
         let m = MsgRecord {
             recipient: req.to,
             seq,
@@ -321,7 +329,8 @@ impl Shard {
                 return Err(e);
             }
         };
-        self.live.dedup.insert(key, position, now_ms());
+        // The turn's clock (sent_ms) is the store time the dedup window counts from.
+        self.live.dedup.insert(key, position, req.sent_ms);
         let msg = PendingMsg {
             seq,
             msg_id: req.msg_id,
@@ -331,14 +340,11 @@ impl Shard {
             position,
         };
         self.live.pending_bytes += msg.cost_bytes();
-        let recipient: Rc<str> = match self.live.inboxes.get_key_value(req.to) {
-            Some((k, _)) => k.clone(),
-            None => {
-                let k: Rc<str> = Rc::from(req.to);
-                self.live.inboxes.insert(k.clone(), Inbox::default());
-                k
-            }
-        };
+        let recipient = recipient.unwrap_or_else(|| {
+            let k: Rc<str> = Rc::from(req.to);
+            self.live.inboxes.insert(k.clone(), Inbox::default());
+            k
+        });
         let inbox = self.live.inboxes.get_mut(&*recipient).expect("present");
         inbox.last_seq = seq;
         inbox.pending.push_back(msg);
@@ -352,18 +358,16 @@ impl Shard {
     }
 
     /// A limit that refuses this SEND, if any.
-    fn refuse(&self, to: &str, body_len: usize) -> Option<(u16, &'static str)> {
-        match self.live.inboxes.get(to) {
-            Some(inbox) if inbox.pending.len() >= self.limits.inbox_len_max => {
-                Some((reject_code::INBOX_FULL, "recipient inbox full"))
-            }
-            None if self.live.inboxes.len() >= self.limits.inbox_users_max => {
-                Some((reject_code::UNAVAILABLE, "shard user table full"))
-            }
-            _ if self.live.pending_bytes + body_len > self.limits.shard_pending_bytes_max => {
-                Some((reject_code::UNAVAILABLE, "shard pending memory full"))
-            }
-            _ => None,
+    /// `pending_len`: the recipient's pending messages, None for a new recipient.
+    fn refuse(&self, pending_len: Option<usize>, body_len: usize) -> Option<(u16, &'static str)> {
+        if pending_len.is_some_and(|n| n >= self.limits.inbox_len_max) {
+            Some((reject_code::INBOX_FULL, "recipient inbox full"))
+        } else if pending_len.is_none() && self.live.inboxes.len() >= self.limits.inbox_users_max {
+            Some((reject_code::UNAVAILABLE, "shard user table full"))
+        } else if self.live.pending_bytes + body_len > self.limits.shard_pending_bytes_max {
+            Some((reject_code::UNAVAILABLE, "shard pending memory full"))
+        } else {
+            None
         }
     }
 
@@ -877,7 +881,7 @@ impl Inbox {
 
 /// The shard's in-memory state, rebuilt from the WAL on open.
 struct Live {
-    inboxes: HashMap<Rc<str>, Inbox>,
+    inboxes: HashMap<Rc<str>, Inbox, ahash::RandomState>,
     dedup: Dedup,
     /// Bytes held by pending messages (bounded by shard_pending_bytes_max).
     pending_bytes: usize,
@@ -886,7 +890,7 @@ struct Live {
 impl Live {
     fn new(limits: &Limits) -> Live {
         Live {
-            inboxes: HashMap::new(),
+            inboxes: HashMap::default(),
             dedup: Dedup::new(limits.dedup_entries_max, limits.dedup_window_secs * 1000),
             pending_bytes: 0,
         }
