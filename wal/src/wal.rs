@@ -90,7 +90,7 @@ pub struct Wal<S: Storage = FileStorage> {
     /// A segment file was created or removed since the last ticket began.
     dir_dirty: bool,
     /// Removed segments kept open (fds valid) until in-flight syncs complete.
-    parked: Vec<S::Segment>,
+    parked: Vec<SegmentState<S::Segment>>,
     poisoned: bool,
     /// `retain_from` deletes nothing until copies made by `copy_forward`
     /// up to this position are durable.
@@ -332,8 +332,12 @@ impl<S: Storage> Wal<S> {
     /// syncs `ticket.fds()` itself; this is for `sync` and the simulator.
     pub fn sync_perform(&mut self, ticket: &SyncTicket) -> io::Result<()> {
         for base in &ticket.bases {
-            // A segment removed since the ticket began no longer matters.
-            if let Some(state) = self.segments.iter().find(|s| s.base == *base) {
+            // A segment removed since the ticket began is parked until the
+            // ticket completes: sync it as the engine's fdatasync of the
+            // ticket's fd would (if its unlink is lost in a crash, it comes
+            // back, and it must not come back torn below the durable mark).
+            let mut retained = self.segments.iter().chain(&self.parked);
+            if let Some(state) = retained.find(|s| s.base == *base) {
                 self.storage.sync_segment(&state.segment)?;
             }
         }
@@ -545,7 +549,7 @@ impl<S: Storage> Wal<S> {
             .remove_segment(state.base)
             .map_err(WalError::io(format!("remove {}", path.display())))?;
         if !self.in_flight.is_empty() {
-            self.parked.push(state.segment);
+            self.parked.push(state);
         }
         Ok(())
     }
