@@ -21,9 +21,12 @@ pub struct WalConfig {
     /// Prepare the next segment (zero-fill, fdatasync, map) on a background
     /// thread so rollover is a rename, not a 64 MiB write on the append path.
     pub preallocate_in_background: bool,
-    /// Pre-fault segment mappings (`MAP_POPULATE`) so appends do not take
+    /// Pre-fault segment mappings (`MAP_POPULATE`) so readers do not take
     /// major faults.
     pub populate_map: bool,
+    /// Appended frames wait in a buffer of this size until one pwrite
+    /// writes them (see `Wal::flush`). Must hold the largest frame.
+    pub staging_bytes_max: usize,
 }
 
 impl WalConfig {
@@ -35,6 +38,7 @@ impl WalConfig {
             syncs_in_flight_max: SYNCS_IN_FLIGHT_MAX_DEFAULT,
             preallocate_in_background: true,
             populate_map: true,
+            staging_bytes_max: STAGING_BYTES_MAX_DEFAULT,
         }
     }
 
@@ -58,6 +62,13 @@ impl WalConfig {
             return Err(WalError::Config(format!(
                 "record_payload_len_max {} does not fit a segment of {size} bytes",
                 self.record_payload_len_max
+            )));
+        }
+        let frame_max = frame_len(self.record_payload_len_max as usize);
+        if self.staging_bytes_max < frame_max {
+            return Err(WalError::Config(format!(
+                "staging_bytes_max {} is below the largest record frame ({frame_max} bytes)",
+                self.staging_bytes_max
             )));
         }
         if !(1..=SYNCS_IN_FLIGHT_MAX_LIMIT).contains(&self.syncs_in_flight_max) {

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 #[derive(thiserror::Error, Debug)]
 pub enum WalError {
-    /// An fdatasync failed. Linux may already have dropped the dirty pages, so
-    /// a retry would lie: the WAL is poisoned and the process must restart and
+    /// An fdatasync, or a pwrite of staged records, failed. Linux may already
+    /// have dropped the dirty pages (or kept part of the write), so a retry
+    /// would lie: the WAL is poisoned and the process must restart and
     /// recover from what is on disk.
     #[error("WAL sync failed; the WAL is poisoned, restart to recover: {0}")]
     SyncFailed(#[source] io::Error),

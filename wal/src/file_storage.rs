@@ -1,15 +1,17 @@
-//! Real storage: one preallocated, zero-filled, mmap'ed file per segment,
+//! Real storage: one preallocated, zero-filled file per segment, read
+//! through a read-only mmap and written with pwrite,
 //! named `<base position, 20 digits>.wal`, plus a background thread that
 //! prepares the next segment so a rollover is a rename, not a 64 MiB write.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 
-use memmap2::MmapMut;
+use memmap2::Mmap;
 
 use crate::limits::ZERO_FILL_CHUNK_BYTES;
 use crate::mmap::map_segment;
@@ -22,7 +24,7 @@ const LOCK_FILE: &str = "LOCK";
 
 pub struct FileSegment {
     file: File,
-    map: MmapMut,
+    map: Mmap,
 }
 
 impl SegmentFile for FileSegment {
@@ -30,9 +32,12 @@ impl SegmentFile for FileSegment {
     fn bytes(&self) -> &[u8] {
         &self.map
     }
-    #[inline]
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map
+    fn write_at(&mut self, offset: usize, data: &[u8]) -> io::Result<()> {
+        assert!(
+            offset + data.len() <= self.map.len(),
+            "write past the segment end"
+        );
+        self.file.write_all_at(data, offset as u64)
     }
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())

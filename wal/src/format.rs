@@ -24,6 +24,9 @@
 /// the highest mark: an error) from a tail cut off by a crash (above it).
 pub const SEGMENT_HEADER_LEN: usize = 64;
 const DURABLE_MARK_OFFSET: usize = 40;
+/// The header bytes `encode_durable_mark` writes: the mark and its CRC.
+pub const DURABLE_MARK_RANGE: std::ops::Range<usize> =
+    DURABLE_MARK_OFFSET..DURABLE_MARK_OFFSET + 12;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"IRISWAL\0";
 pub const FORMAT_VERSION: u32 = 1;
 const SEGMENT_HEADER_CRC_OFFSET: usize = 32;
@@ -155,7 +158,7 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, HeaderError>
 /// Records that every position up to `position` is durable.
 #[inline]
 pub fn encode_durable_mark(position: u64, segment: &mut [u8]) {
-    let mark = &mut segment[DURABLE_MARK_OFFSET..DURABLE_MARK_OFFSET + 12];
+    let mark = &mut segment[DURABLE_MARK_RANGE];
     mark[..8].copy_from_slice(&position.to_le_bytes());
     let crc = crc32fast::hash(&mark[..8]);
     mark[8..].copy_from_slice(&crc.to_le_bytes());
@@ -171,8 +174,8 @@ pub fn decode_durable_mark(segment: &[u8]) -> Option<u64> {
     (position != 0 && crc32fast::hash(&mark[..8]) == u32_at(mark, 8)).then_some(position)
 }
 
-/// Writes one record frame at the start of `out` (which must be zeroed past
-/// the payload, as a preallocated segment is) and returns its length.
+/// Writes one record frame, padding zeros included, at the start of `out`
+/// and returns its length. `out` may hold old bytes (a reused staging buffer).
 #[inline]
 pub fn encode_record(out: &mut [u8], record: &Record<'_>) -> usize {
     let payload_len = record.payload.len();
@@ -185,6 +188,7 @@ pub fn encode_record(out: &mut [u8], record: &Record<'_>) -> usize {
     header[16..24].copy_from_slice(&record.epoch.to_le_bytes());
     header[24] = record.record_type;
     rest[..payload_len].copy_from_slice(record.payload);
+    rest[payload_len..len - RECORD_HEADER_LEN].fill(0);
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header[RECORD_CRC_START..]);
     hasher.update(record.payload);

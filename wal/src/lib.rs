@@ -1,10 +1,12 @@
 //! Iris write-ahead log.
 //!
-//! Fixed-size segments, preallocated and mmap'ed; each record framed with
-//! length, CRC, position, epoch and type (`FORMAT.md`). `append` is a memcpy
-//! into the map; durability is a separate, sans-IO group commit
-//! (`sync_begin` hands out the descriptors to fdatasync, `sync_complete`
-//! takes the result), so the caller's event loop never blocks on it.
+//! Fixed-size segments, preallocated, read through a read-only mmap and
+//! written with pwrite; each record framed with length, CRC, position, epoch
+//! and type (`FORMAT.md`). `append` is a memcpy into a staging buffer that
+//! one pwrite writes to the segment (`flush`, or when `sync_begin` starts a
+//! commit); durability is a separate, sans-IO group commit (`sync_begin`
+//! hands out the descriptors to fdatasync, `sync_complete` takes the
+//! result), so the caller's event loop never blocks on it.
 //! Recovery verifies every checksum and decides each tail state from one
 //! table (`recovery.rs`). Storage sits behind a small trait so the simulator
 //! (`sim`) can crash it the way a power cut would.

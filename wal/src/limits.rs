@@ -27,3 +27,11 @@ pub const SYNCS_IN_FLIGHT_MAX_LIMIT: u32 = 64;
 
 /// Bytes written per `write` call when zero-filling a new segment file.
 pub const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+
+/// Default bound of the append staging buffer: records are copied there and
+/// written to the active segment with one pwrite when it fills, at a
+/// rollover, or at `flush`/`sync_begin`. 4 MiB is 32,768 frames of 100-byte
+/// records, far more than a group commit holds at the engine's batch sizes,
+/// and small next to a 64 MiB segment. Allocated once, when the log opens
+/// (at most one segment's size).
+pub const STAGING_BYTES_MAX_DEFAULT: usize = 4 << 20;

@@ -7,11 +7,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapOptions};
 
-/// Maps a whole segment file read-write and shared, so stores through the
-/// map land in the page cache that fdatasync writes back.
-pub(crate) fn map_segment(file: &File, populate: bool) -> io::Result<MmapMut> {
+/// Maps a whole segment file read-only and shared: the map shows the page
+/// cache, so bytes written with pwrite are readable through it at once.
+/// Writes never go through the map: on ext4 a store to a mapped page dirties
+/// its whole folio (up to 2 MiB here), and the next fdatasync writes all of
+/// it back (DECISIONS.md, "WAL writes with pwrite, reads through the map").
+pub(crate) fn map_segment(file: &File, populate: bool) -> io::Result<Mmap> {
     let mut options = MmapOptions::new();
     if populate {
         // Pre-fault the page tables now (on the preallocation thread when
@@ -23,8 +26,10 @@ pub(crate) fn map_segment(file: &File, populate: bool) -> io::Result<MmapMut> {
     // segment files are private to the WAL: `FileStorage` holds an exclusive
     // lock on the directory, segments keep their length for their whole life
     // (they are only created full-size and unlinked, never truncated), and
-    // within this process all writes go through this one mapping.
-    unsafe { options.map_mut(file) }
+    // within this process the owning `FileSegment` is the only writer (pwrite
+    // through its descriptor). A reader can only see bytes change under it
+    // at offsets past what it has been told is written.
+    unsafe { options.map(file) }
 }
 
 /// fdatasync on a descriptor from a `SyncTicket`.

@@ -438,8 +438,10 @@ fn apply<S: Storage>(
     if let Some((index, from, to)) = plan.zero {
         let (base, segment) = &mut opened[index];
         report.truncated_bytes = (to - from) as u64;
-        segment.bytes_mut()[from..to].fill(0);
         let path = storage.segment_path(*base);
+        segment
+            .write_zeros(from, to)
+            .map_err(WalError::io(format!("zero the tail of {}", path.display())))?;
         storage
             .sync_segment(segment)
             .map_err(WalError::io(format!("sync {}", path.display())))?;

@@ -51,6 +51,9 @@ pub struct SimDisk {
     dir_synced: BTreeMap<u64, usize>,
     /// The next sync (file or directory) fails, as an EIO would.
     pub fail_next_sync: bool,
+    /// The next segment write fails after writing the first half of its
+    /// bytes, as an EIO or ENOSPC partway through a pwrite would.
+    pub fail_next_write: bool,
     pub syncs: u64,
 }
 
@@ -150,8 +153,16 @@ impl SegmentFile for SimSegment {
     fn bytes(&self) -> &[u8] {
         &self.data
     }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.data
+    /// Lands in `data`, the written-not-synced view (the page cache), as a
+    /// pwrite would; only a sync copies it to the synced bytes.
+    fn write_at(&mut self, offset: usize, data: &[u8]) -> io::Result<()> {
+        let fail = std::mem::take(&mut self.disk.borrow_mut().fail_next_write);
+        let len = if fail { data.len() / 2 } else { data.len() };
+        self.data[offset..offset + len].copy_from_slice(&data[..len]);
+        if fail {
+            return Err(io::Error::other("injected write failure"));
+        }
+        Ok(())
     }
     fn raw_fd(&self) -> Option<RawFd> {
         None

@@ -1,17 +1,38 @@
 //! The small trait between the log and the kernel. `FileStorage` is the real
-//! thing (files, mmap, fdatasync); `sim::SimStorage` keeps written bytes apart
+//! thing (files read through a read-only mmap, written with pwrite,
+//! fdatasync); `sim::SimStorage` keeps written bytes apart
 //! from synced bytes so a simulated crash loses exactly what a power cut would.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-/// One segment file, mapped whole.
+use crate::limits::ZERO_FILL_CHUNK_BYTES;
+
+/// One segment file: read whole through `bytes`, written only with `write_at`.
 pub trait SegmentFile {
+    /// The whole file as the page cache holds it (a read-only map).
     fn bytes(&self) -> &[u8];
-    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Positional write (pwrite) of all of `data` at `offset`: visible
+    /// through `bytes` at once, durable after the next sync. On error some
+    /// of `data` may have been written.
+    fn write_at(&mut self, offset: usize, data: &[u8]) -> io::Result<()>;
     /// The descriptor an fdatasync must target, if this is a real file.
     fn raw_fd(&self) -> Option<RawFd>;
+
+    /// Writes zeros over `from..to`, a chunk at a time (recovery and
+    /// truncation: rare, so the chunk is allocated per call).
+    fn write_zeros(&mut self, from: usize, to: usize) -> io::Result<()> {
+        assert!(from <= to && to <= self.bytes().len());
+        let zeros = vec![0u8; (to - from).min(ZERO_FILL_CHUNK_BYTES)];
+        let mut offset = from;
+        while offset < to {
+            let n = (to - offset).min(zeros.len());
+            self.write_at(offset, &zeros[..n])?;
+            offset += n;
+        }
+        Ok(())
+    }
 }
 
 pub trait Storage {

@@ -1,5 +1,7 @@
-//! The log itself: append into the mapped active segment, group commit as a
-//! sans-IO begin/complete pair, readers, truncation and retention.
+//! The log itself: append into a staging buffer that one pwrite writes to
+//! the active segment, group commit as a sans-IO begin/complete pair,
+//! readers over the read-only segment maps (and the staging buffer),
+//! truncation and retention.
 
 use std::collections::VecDeque;
 use std::io;
@@ -8,7 +10,8 @@ use std::os::fd::RawFd;
 use crate::file_storage::FileStorage;
 use crate::format::{
     decode_durable_mark, decode_record, encode_durable_mark, encode_record, encode_segment_header,
-    frame_len, trusted_frame_len, Decoded, Record, SegmentHeader, SEGMENT_HEADER_LEN,
+    frame_len, trusted_frame_len, Decoded, Record, SegmentHeader, DURABLE_MARK_RANGE,
+    SEGMENT_HEADER_LEN,
 };
 use crate::mmap::fdatasync_fd;
 use crate::recovery::{recover, RecoveryReport};
@@ -20,7 +23,8 @@ pub(crate) struct SegmentState<G> {
     pub base: u64,
     /// `base - 1` while the segment holds no record.
     pub last_position: u64,
-    /// Where the next record goes (one past the last record's frame).
+    /// Where the next record goes (one past the last record's frame, staged
+    /// or written).
     pub write_offset: usize,
     pub segment: G,
 }
@@ -96,6 +100,16 @@ pub struct Wal<S: Storage = FileStorage> {
     /// up to this position are durable.
     copy_barrier_position: u64,
     scratch: Vec<u8>,
+    /// Frames appended to the active segment but not yet written to it:
+    /// `staging[..staged_len]` belongs at `staged_offset`. Allocated once.
+    staging: Vec<u8>,
+    staged_len: usize,
+    /// Offset in the active segment up to which everything is written;
+    /// `staged_offset + staged_len == active.write_offset`.
+    staged_offset: usize,
+    /// A durable mark for the active segment's header, written at the next
+    /// flush (it rides on the next commit either way).
+    mark_pending: Option<u64>,
 }
 
 impl Wal<FileStorage> {
@@ -123,7 +137,7 @@ impl<S: Storage> Wal<S> {
         let mut report = recovered.report;
         if segments.is_empty() {
             let base = recovered.next_base;
-            let segment = create_segment(&mut storage, base, config.segment_size_bytes)?;
+            let segment = create_segment(&mut storage, base, config.segment_size_bytes, 0)?;
             storage
                 .sync_segment(&segment)
                 .map_err(WalError::io("sync first segment"))?;
@@ -138,7 +152,8 @@ impl<S: Storage> Wal<S> {
             // Everything recovered is about to be synced: mark it durable.
             let state = segments.back_mut().expect("non-empty");
             if state.last_position > 0 {
-                encode_durable_mark(state.last_position, state.segment.bytes_mut());
+                write_durable_mark(&mut state.segment, state.last_position)
+                    .map_err(WalError::io("write the durable mark"))?;
             }
             // What was read may only be in the page cache (a process killed
             // before its sync): make it durable before calling it durable.
@@ -153,9 +168,13 @@ impl<S: Storage> Wal<S> {
             .sync_dir()
             .map_err(WalError::io("sync WAL directory"))?;
         storage.prepare_segment(config.segment_size_bytes);
-        let last_position = segments.back().expect("at least one segment").last_position;
+        let active = segments.back().expect("at least one segment");
+        let (last_position, staged_offset) = (active.last_position, active.write_offset);
         assert_eq!(last_position, report.last_position);
         let in_flight = Vec::with_capacity(config.syncs_in_flight_max as usize + 1);
+        let staging_len = config
+            .staging_bytes_max
+            .min(config.segment_size_bytes as usize);
         let wal = Wal {
             storage,
             segments,
@@ -170,14 +189,21 @@ impl<S: Storage> Wal<S> {
             poisoned: false,
             copy_barrier_position: 0,
             scratch: Vec::new(),
+            staging: vec![0; staging_len],
+            staged_len: 0,
+            staged_offset,
+            mark_pending: None,
             config,
         };
         Ok((wal, report))
     }
 
     /// Appends one record and returns its position; durable only once a
-    /// later sync covers it. A memcpy into the map plus a CRC: no syscall,
-    /// no allocation, except at a segment rollover.
+    /// later sync covers it. A memcpy into the staging buffer plus a CRC: no
+    /// syscall and no allocation, except a pwrite when the staging buffer is
+    /// full and a new segment at a rollover. Every reader of this `Wal` sees
+    /// the record at once; the page cache (other processes, a kill -9) only
+    /// after the next `flush`.
     #[inline]
     pub fn append(&mut self, epoch: u64, record_type: u8, payload: &[u8]) -> Result<u64, WalError> {
         if self.poisoned {
@@ -201,19 +227,20 @@ impl<S: Storage> Wal<S> {
         if active.write_offset + frame > active.segment.bytes().len() {
             self.roll()?;
         }
+        if self.staged_len + frame > self.staging.len() {
+            self.write_staged()?;
+        }
         let position = self.last_position + 1;
-        let active = self.segments.back_mut().expect("at least one segment");
         let record = Record {
             position,
             epoch,
             record_type,
             payload,
         };
-        let written = encode_record(
-            &mut active.segment.bytes_mut()[active.write_offset..],
-            &record,
-        );
+        let written = encode_record(&mut self.staging[self.staged_len..], &record);
         debug_assert_eq!(written, frame);
+        self.staged_len += written;
+        let active = self.segments.back_mut().expect("at least one segment");
         active.write_offset += written;
         active.last_position = position;
         self.last_position = position;
@@ -225,11 +252,11 @@ impl<S: Storage> Wal<S> {
     /// tail stays zero, which recovery reads as its end.
     #[cold]
     fn roll(&mut self) -> Result<(), WalError> {
+        self.write_staged()?;
         let base = self.last_position + 1;
-        let mut segment = create_segment(&mut self.storage, base, self.config.segment_size_bytes)?;
-        if self.durable_position > 0 {
-            encode_durable_mark(self.durable_position, segment.bytes_mut());
-        }
+        let size_bytes = self.config.segment_size_bytes;
+        let segment = create_segment(&mut self.storage, base, size_bytes, self.durable_position)?;
+        self.staged_offset = SEGMENT_HEADER_LEN;
         self.segments.push_back(SegmentState {
             base,
             last_position: base - 1,
@@ -238,6 +265,52 @@ impl<S: Storage> Wal<S> {
         });
         self.dir_dirty = true;
         Ok(())
+    }
+
+    /// Writes the staged records (and a pending durable mark) into the
+    /// active segment with one pwrite each, so the page cache holds them:
+    /// other processes and a process killed after this see them, and the
+    /// next fdatasync covers them. Readers of this `Wal` need no flush.
+    /// `sync_begin` and `sync` flush first. A failed write poisons the log
+    /// (`WalError::SyncFailed`): part of the bytes may be in the page cache.
+    pub fn flush(&mut self) -> Result<(), WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        self.write_staged()
+    }
+
+    fn write_staged(&mut self) -> Result<(), WalError> {
+        let active = self.segments.back_mut().expect("at least one segment");
+        let base = active.base;
+        assert_eq!(self.staged_offset + self.staged_len, active.write_offset);
+        if self.staged_len > 0 {
+            let staged = &self.staging[..self.staged_len];
+            if let Err(error) = active.segment.write_at(self.staged_offset, staged) {
+                let context = format!("write at offset {}", self.staged_offset);
+                return Err(self.poison(base, context, error));
+            }
+            self.staged_offset += self.staged_len;
+            self.staged_len = 0;
+        }
+        if let Some(mark) = self.mark_pending.take() {
+            if let Err(error) = write_durable_mark(&mut active.segment, mark) {
+                return Err(self.poison(base, "write the durable mark".into(), error));
+            }
+        }
+        Ok(())
+    }
+
+    /// A write or sync of segment `base` failed: nothing this log says about
+    /// durability can be trusted any more.
+    #[cold]
+    fn poison(&mut self, base: u64, context: String, error: io::Error) -> WalError {
+        self.poisoned = true;
+        let path = self.storage.segment_path(base);
+        WalError::SyncFailed(io::Error::new(
+            error.kind(),
+            format!("{}: {context}: {error}", path.display()),
+        ))
     }
 
     pub fn last_position(&self) -> u64 {
@@ -280,9 +353,11 @@ impl<S: Storage> Wal<S> {
         self.in_flight.len()
     }
 
-    /// Begins a group commit of everything appended so far. `None` when
-    /// nothing is new since the last ticket began, when
-    /// `syncs_in_flight_max` tickets are in flight, or when poisoned.
+    /// Begins a group commit of everything appended so far, flushing it
+    /// first (one pwrite), so the ticket's fdatasyncs cover written bytes.
+    /// `None` when nothing is new since the last ticket began, when
+    /// `syncs_in_flight_max` tickets are in flight, or when poisoned
+    /// (including by a failed flush here: `is_poisoned` tells).
     pub fn sync_begin(&mut self) -> Option<SyncTicket> {
         if self.poisoned || self.in_flight.len() >= self.config.syncs_in_flight_max as usize {
             return None;
@@ -290,10 +365,12 @@ impl<S: Storage> Wal<S> {
         if self.last_position == self.sync_begun_position && !self.dir_dirty {
             return None;
         }
+        self.write_staged().ok()?;
         Some(self.make_ticket(self.sync_begun_position + 1, false))
     }
 
     fn make_ticket(&mut self, from_position: u64, include_dir_in_flight: bool) -> SyncTicket {
+        assert_eq!(self.staged_len, 0, "a ticket covers written bytes only");
         let target_position = self.last_position;
         let mut fds = Vec::with_capacity(2);
         let mut bases = Vec::with_capacity(2);
@@ -372,9 +449,9 @@ impl<S: Storage> Wal<S> {
         let durable_before = self.durable_position;
         self.apply_completions();
         if self.durable_position > durable_before {
-            // Rides on the next commit; see the durable mark in format.rs.
-            let active = self.segments.back_mut().expect("at least one segment");
-            encode_durable_mark(self.durable_position, active.segment.bytes_mut());
+            // Written by the next flush, durable with the next commit; see
+            // the durable mark in format.rs.
+            self.mark_pending = Some(self.durable_position);
         }
         if self.in_flight.is_empty() {
             self.parked.clear();
@@ -410,13 +487,15 @@ impl<S: Storage> Wal<S> {
         if self.last_position == self.durable_position && !self.dir_dirty {
             return Ok(self.durable_position);
         }
+        self.write_staged()?;
         let ticket = self.make_ticket(self.durable_position + 1, true);
         let result = self.sync_perform(&ticket);
         self.sync_complete(ticket, result)
     }
 
     /// Reads records from `position` (any retained position, or
-    /// `last_position() + 1` for an empty iterator) to the current end.
+    /// `last_position() + 1` for an empty iterator) to the current end:
+    /// every record appended, flushed or still staged.
     pub fn iter_from(&self, position: u64) -> Result<WalIter<'_, S>, WalError> {
         if self.poisoned {
             return Err(WalError::Poisoned);
@@ -448,19 +527,41 @@ impl<S: Storage> Wal<S> {
             .partition_point(|s| s.base <= position)
             .saturating_sub(1);
         let state = &self.segments[index];
-        let bytes = state.segment.bytes();
         let mut offset = SEGMENT_HEADER_LEN;
         for _ in state.base..position.min(state.last_position + 1) {
-            offset += trusted_frame_len(&bytes[offset..]);
+            offset += trusted_frame_len(self.record_bytes(index, offset));
         }
         assert!(offset <= state.write_offset);
         (index, offset)
     }
 
+    /// The appended bytes of segment `index` from `offset` (a frame
+    /// boundary) on, up to the end of a contiguous run: the frames written
+    /// to the file (read through the map), or, at and past `staged_offset`
+    /// in the active segment, the staged ones. A frame never straddles the
+    /// two, because the staging buffer starts and is written at frame
+    /// boundaries.
+    fn record_bytes(&self, index: usize, offset: usize) -> &[u8] {
+        let state = &self.segments[index];
+        assert!(offset <= state.write_offset);
+        let active = index + 1 == self.segments.len();
+        if active && offset >= self.staged_offset {
+            &self.staging[offset - self.staged_offset..self.staged_len]
+        } else {
+            let end = if active {
+                self.staged_offset
+            } else {
+                state.write_offset
+            };
+            &state.segment.bytes()[offset..end]
+        }
+    }
+
     /// Drops every record after `position` (a replica whose tail diverged).
-    /// Blocking: later segments are unlinked and the directory synced, then
-    /// the tail is zeroed and synced, so a crash cannot resurrect the dropped
-    /// records behind new ones. Tickets in flight stop counting.
+    /// Blocking: flushes, then later segments are unlinked and the directory
+    /// synced, then the tail is zeroed (pwrite) and synced, so a crash cannot
+    /// resurrect the dropped records behind new ones. Tickets in flight stop
+    /// counting.
     pub fn truncate_after(&mut self, position: u64) -> Result<(), WalError> {
         if self.poisoned {
             return Err(WalError::Poisoned);
@@ -476,6 +577,7 @@ impl<S: Storage> Wal<S> {
                 last: self.last_position,
             });
         }
+        self.write_staged()?;
         let keep = self.segments.partition_point(|s| s.base <= position + 1) - 1;
         if keep + 1 < self.segments.len() {
             let removed: Vec<_> = self.segments.drain(keep + 1..).collect();
@@ -483,23 +585,23 @@ impl<S: Storage> Wal<S> {
                 self.remove_segment_file(state)?;
             }
             self.sync_dir_now()?;
+            // `keep` is the active segment now, with nothing staged.
+            self.staged_offset = self.segments[keep].write_offset;
         }
         self.lower_durable_marks(position, keep)?;
         let (_, offset) = self.locate(position + 1);
         let state = &mut self.segments[keep];
-        state.segment.bytes_mut()[offset..state.write_offset].fill(0);
+        let base = state.base;
+        let mut result = state.segment.write_zeros(offset, state.write_offset);
         if decode_durable_mark(state.segment.bytes()).is_some_and(|mark| mark > position) {
-            encode_durable_mark(position, state.segment.bytes_mut());
+            result = result.and_then(|()| write_durable_mark(&mut state.segment, position));
         }
         state.write_offset = offset;
         state.last_position = position;
-        let path = self.storage.segment_path(state.base);
-        if let Err(error) = self.storage.sync_segment(&state.segment) {
-            self.poisoned = true;
-            return Err(WalError::SyncFailed(io::Error::new(
-                error.kind(),
-                format!("{}: {error}", path.display()),
-            )));
+        self.staged_offset = offset;
+        let result = result.and_then(|()| self.storage.sync_segment(&self.segments[keep].segment));
+        if let Err(error) = result {
+            return Err(self.poison(base, "zero and sync the truncated tail".into(), error));
         }
         self.last_position = position;
         self.durable_position = self.durable_position.min(position);
@@ -507,7 +609,7 @@ impl<S: Storage> Wal<S> {
         self.in_flight.iter_mut().for_each(|t| t.stale = true);
         if position >= first {
             let (index, offset) = self.locate(position);
-            let bytes = &self.segments[index].segment.bytes()[offset..];
+            let bytes = self.record_bytes(index, offset);
             if let Decoded::Record(record, _) =
                 decode_record(bytes, self.config.record_payload_len_max)
             {
@@ -524,10 +626,11 @@ impl<S: Storage> Wal<S> {
         for index in 0..keep {
             let state = &mut self.segments[index];
             if decode_durable_mark(state.segment.bytes()).is_some_and(|mark| mark > position) {
-                encode_durable_mark(position, state.segment.bytes_mut());
-                if let Err(error) = self.storage.sync_segment(&state.segment) {
-                    self.poisoned = true;
-                    return Err(WalError::SyncFailed(error));
+                let base = state.base;
+                let result = write_durable_mark(&mut state.segment, position)
+                    .and_then(|()| self.storage.sync_segment(&self.segments[index].segment));
+                if let Err(error) = result {
+                    return Err(self.poison(base, "lower the durable mark".into(), error));
                 }
             }
         }
@@ -608,7 +711,7 @@ impl<S: Storage> Wal<S> {
         let mut scratch = std::mem::take(&mut self.scratch);
         for old_position in live {
             let (index, offset) = self.locate(old_position);
-            let bytes = &self.segments[index].segment.bytes()[offset..];
+            let bytes = self.record_bytes(index, offset);
             let Decoded::Record(record, _) =
                 decode_record(bytes, self.config.record_payload_len_max)
             else {
@@ -670,7 +773,8 @@ impl<S: Storage> Wal<S> {
     /// Copies whole record frames, exactly as they are on disk, from the
     /// cursor onwards into `out`, up to about `bytes_max` bytes (at least one
     /// frame when one is there), and advances the cursor. Returns the number
-    /// of records copied (0 when the cursor is at the end).
+    /// of records copied (0 when the cursor is at the end). Sees every
+    /// record appended, flushed or still staged.
     pub fn read_frames(
         &self,
         cursor: &mut TailCursor,
@@ -715,10 +819,10 @@ impl<S: Storage> Wal<S> {
             if copied > 0 && out.len() - start_len >= bytes_max {
                 break;
             }
-            let bytes = state.segment.bytes();
-            let frame = trusted_frame_len(&bytes[cursor.offset..]);
+            let bytes = self.record_bytes(index - 1, cursor.offset);
+            let frame = trusted_frame_len(bytes);
             assert!(cursor.offset + frame <= state.write_offset);
-            out.extend_from_slice(&bytes[cursor.offset..cursor.offset + frame]);
+            out.extend_from_slice(&bytes[..frame]);
             cursor.offset += frame;
             cursor.next_position += 1;
             copied += 1;
@@ -742,13 +846,14 @@ impl<S: Storage> Wal<S> {
         self.append(epoch, record_type, payload)
     }
 
-    /// The epoch of the record at `position`, if it is retained.
+    /// The epoch of the record at `position`, if it is retained (flushed or
+    /// still staged).
     pub fn epoch_at(&self, position: u64) -> Option<u64> {
         if self.poisoned || position < self.first_position() || position > self.last_position {
             return None;
         }
         let (index, offset) = self.locate(position);
-        let bytes = &self.segments[index].segment.bytes()[offset..];
+        let bytes = self.record_bytes(index, offset);
         match decode_record(bytes, self.config.record_payload_len_max) {
             Decoded::Record(record, _) if record.position == position => Some(record.epoch),
             _ => None,
@@ -764,16 +869,16 @@ impl<S: Storage> Wal<S> {
             return Err(WalError::Poisoned);
         }
         assert!(first_position >= 1);
+        // The staged frames belong to segments about to be removed.
+        self.staged_len = 0;
+        self.mark_pending = None;
         let removed: Vec<_> = self.segments.drain(..).collect();
         for state in removed {
             self.remove_segment_file(state)?;
         }
         self.sync_dir_now()?;
-        let segment = create_segment(
-            &mut self.storage,
-            first_position,
-            self.config.segment_size_bytes,
-        )?;
+        let size_bytes = self.config.segment_size_bytes;
+        let segment = create_segment(&mut self.storage, first_position, size_bytes, 0)?;
         if let Err(error) = self.storage.sync_segment(&segment) {
             self.poisoned = true;
             return Err(WalError::SyncFailed(error));
@@ -785,6 +890,7 @@ impl<S: Storage> Wal<S> {
             segment,
         });
         self.sync_dir_now()?;
+        self.staged_offset = SEGMENT_HEADER_LEN;
         self.last_position = first_position - 1;
         self.durable_position = self.last_position;
         self.sync_begun_position = self.last_position;
@@ -795,10 +901,12 @@ impl<S: Storage> Wal<S> {
     }
 }
 
+/// A new segment with its header (and `durable_mark`, if not 0) written.
 fn create_segment<S: Storage>(
     storage: &mut S,
     base: u64,
     size_bytes: u64,
+    durable_mark: u64,
 ) -> Result<S::Segment, WalError> {
     let path = storage.segment_path(base);
     let mut segment = storage
@@ -810,14 +918,38 @@ fn create_segment<S: Storage>(
         .iter()
         .take(SEGMENT_HEADER_LEN)
         .all(|&b| b == 0));
-    encode_segment_header(
-        &SegmentHeader {
-            base_position: base,
-            segment_size_bytes: size_bytes,
-        },
-        segment.bytes_mut(),
-    );
+    let mut header = [0u8; SEGMENT_HEADER_LEN];
+    let fields = SegmentHeader {
+        base_position: base,
+        segment_size_bytes: size_bytes,
+    };
+    encode_segment_header(&fields, &mut header);
+    if durable_mark > 0 {
+        encode_durable_mark(durable_mark, &mut header);
+    }
+    segment.write_at(0, &header).map_err(WalError::io(format!(
+        "write the header of {}",
+        path.display()
+    )))?;
     Ok(segment)
+}
+
+/// Rewrites the durable mark (and its CRC) in a segment's header in place.
+fn write_durable_mark<G: SegmentFile>(segment: &mut G, position: u64) -> io::Result<()> {
+    let mut header = [0u8; SEGMENT_HEADER_LEN];
+    encode_durable_mark(position, &mut header);
+    segment.write_at(DURABLE_MARK_RANGE.start, &header[DURABLE_MARK_RANGE])
+}
+
+/// A log dropped without a sync leaves its staged records in the page cache,
+/// as a mapped log did: a process that exits cleanly loses nothing to its
+/// next run, and a simulated power cut still tears the unsynced tail.
+impl<S: Storage> Drop for Wal<S> {
+    fn drop(&mut self) {
+        if !self.poisoned && !std::thread::panicking() {
+            let _ = self.write_staged();
+        }
+    }
 }
 
 /// Iterator over records from a position to the end the log had when the
@@ -843,7 +975,7 @@ impl<'a, S: Storage> Iterator for WalIter<'a, S> {
             self.offset = SEGMENT_HEADER_LEN;
             state = &self.wal.segments[self.segment_index];
         }
-        let bytes = &state.segment.bytes()[self.offset..state.write_offset];
+        let bytes = self.wal.record_bytes(self.segment_index, self.offset);
         match decode_record(bytes, self.wal.config.record_payload_len_max) {
             Decoded::Record(record, frame) if record.position == self.next_position => {
                 self.offset += frame;

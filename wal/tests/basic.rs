@@ -238,3 +238,49 @@ fn copy_forward_frees_the_oldest_segment() {
     drop(wal);
     std::fs::remove_dir_all(&config.dir).unwrap();
 }
+
+/// Appends wait in the staging buffer: this `Wal`'s readers see them at
+/// once, the file (page cache) only after `flush` or `sync_begin`.
+#[test]
+fn staged_records_are_readable_and_reach_the_file_on_flush() {
+    let config = small_config("staging");
+    let (mut wal, _) = Wal::open(config.clone()).unwrap();
+    let segment = std::fs::read_dir(&config.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "wal"))
+        .unwrap();
+    let file_records = || record_offsets(&std::fs::read(&segment).unwrap()).len();
+    for position in 1..=10u64 {
+        wal.append(1, 7, &payload_for(position)).unwrap();
+    }
+    assert_eq!(file_records(), 0, "appends are staged, not written");
+    assert_eq!(wal.iter_from(1).unwrap().count(), 10);
+    assert_eq!(wal.epoch_at(10), Some(1));
+    let mut cursor = wal.cursor_at(3).unwrap();
+    let mut frames = Vec::new();
+    assert_eq!(
+        wal.read_frames(&mut cursor, usize::MAX, &mut frames)
+            .unwrap(),
+        8
+    );
+    wal.flush().unwrap();
+    assert_eq!(file_records(), 10, "flush writes the staged frames");
+    wal.append(1, 7, &payload_for(11)).unwrap();
+    let ticket = wal.sync_begin().unwrap();
+    assert_eq!(file_records(), 11, "a ticket covers written bytes only");
+    let result = ticket.fdatasync();
+    assert_eq!(wal.sync_complete(ticket, result).unwrap(), 11);
+    wal.append(1, 7, &payload_for(12)).unwrap();
+    drop(wal);
+    assert_eq!(file_records(), 12, "drop writes what is staged");
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// A record frame larger than the staging buffer could never be staged.
+#[test]
+fn staging_must_hold_the_largest_frame() {
+    let mut config = small_config("staging-bound");
+    config.staging_bytes_max = config.record_payload_len_max as usize;
+    assert!(matches!(Wal::open(config), Err(WalError::Config(_))));
+}

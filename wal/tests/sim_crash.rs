@@ -1,5 +1,6 @@
 //! Seeded property test on the simulated disk: random sequences of appends,
-//! group commits (blocking and begin/complete), failed syncs, retention,
+//! group commits (blocking and begin/complete), failed syncs, flushes of the
+//! staging buffer (some failing halfway, as a pwrite can), retention,
 //! truncation, copy-forward, power cuts and reopens. After every reopen:
 //! every record reported durable is back intact and in order, nothing comes
 //! back that was never written, and positions continue without a gap.
@@ -72,6 +73,11 @@ impl Run {
                 Ok(())
             }
             Err(WalError::Poisoned) => Ok(()),
+            // The staging buffer was full and writing it failed.
+            Err(WalError::SyncFailed(_)) => check(
+                self.wal().is_poisoned(),
+                "write failed but not poisoned".into(),
+            ),
             Err(e) => Err(format!("append: {e}")),
         }
     }
@@ -95,6 +101,21 @@ impl Run {
                 "sync failed but not poisoned".into(),
             ),
             Err(e) => Err(format!("sync: {e}")),
+        }
+    }
+
+    /// Writes the staged records; sometimes the write fails halfway.
+    fn flush(&mut self) -> Result<(), String> {
+        self.disk.borrow_mut().fail_next_write = self.rng.chance(5);
+        let result = self.wal().flush();
+        self.disk.borrow_mut().fail_next_write = false;
+        match result {
+            Ok(()) => Ok(()),
+            Err(WalError::SyncFailed(_)) | Err(WalError::Poisoned) => check(
+                self.wal().is_poisoned(),
+                "write failed but not poisoned".into(),
+            ),
+            Err(e) => Err(format!("flush: {e}")),
         }
     }
 
@@ -245,6 +266,10 @@ fn run_sequence(seed: u64) -> Result<(), String> {
     let mut config = sim_config(SEGMENT_SIZES_BYTES[rng.below(4) as usize]);
     config.record_payload_len_max = 64 + rng.below(448) as u32;
     config.syncs_in_flight_max = 1 + rng.below(3) as u32;
+    // From one largest frame up to more than a segment: staging-full writes
+    // happen often in some sequences and never in others.
+    let frame_max = wal::format::frame_len(config.record_payload_len_max as usize);
+    config.staging_bytes_max = frame_max + rng.below(2 * config.segment_size_bytes) as usize;
     let disk = SimDisk::new();
     let (wal, _) = open_sim(&disk, &config).map_err(|e| e.to_string())?;
     let model = Model {
@@ -265,7 +290,8 @@ fn run_sequence(seed: u64) -> Result<(), String> {
     let steps = 20 + run.rng.below(120);
     for _ in 0..steps {
         match run.rng.below(100) {
-            0..=54 => run.append()?,
+            0..=51 => run.append()?,
+            52..=54 => run.flush()?,
             55..=62 => {
                 run.disk.borrow_mut().fail_next_sync = run.rng.chance(2);
                 let result = run.wal().sync();
