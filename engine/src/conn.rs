@@ -9,6 +9,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use net::{decode_client_frame, error_code, ClientFrame, ServerFrame};
 use std::cell::RefCell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -47,10 +48,18 @@ struct Conn {
     rend: usize,
 }
 
-pub async fn serve(core: Rc<RefCell<Core>>, index: u32, generation: u32, stream: TcpStream) {
+/// The task of one connection. A hand-written future, so an idle connection
+/// costs exactly a `Conn` (no generator copies of its arguments, no close-time
+/// state): the drain after an ERROR is boxed only when it happens.
+pub struct ConnTask {
+    conn: Option<Conn>,
+    linger: Option<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+pub fn serve(core: Rc<RefCell<Core>>, index: u32, generation: u32, stream: TcpStream) -> ConnTask {
     // TCP_NODELAY: answers are small and latency-bound; batching is done per turn.
     let _ = stream.set_nodelay(true);
-    let mut conn = Conn {
+    let conn = Conn {
         core,
         index,
         generation,
@@ -60,8 +69,51 @@ pub async fn serve(core: Rc<RefCell<Core>>, index: u32, generation: u32, stream:
         rstart: 0,
         rend: 0,
     };
-    let linger = std::future::poll_fn(|cx| conn.poll(cx)).await;
-    conn.finish(linger).await;
+    ConnTask {
+        conn: Some(conn),
+        linger: None,
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Some(linger) = this.linger.as_mut() {
+            return linger.as_mut().poll(cx);
+        }
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(());
+        };
+        let Poll::Ready(linger) = conn.poll(cx) else {
+            return Poll::Pending;
+        };
+        let mut conn = this.conn.take().expect("present");
+        conn.release();
+        if !linger {
+            return Poll::Ready(());
+        }
+        let linger = this.linger.insert(Box::pin(linger_close(conn.stream)));
+        linger.as_mut().poll(cx)
+    }
+}
+
+/// After an ERROR: FIN, then drain what the peer still sends for a moment, so
+/// the kernel does not answer with RST (which could destroy the unread ERROR).
+async fn linger_close(mut stream: TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let drain = async {
+        let mut scratch = vec![0u8; 512];
+        let mut drained = 0;
+        while drained < LINGER_DRAIN_BYTES_MAX {
+            match futures_lite::AsyncReadExt::read(&mut stream, &mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    futures_lite::future::or(drain, glommio::timer::sleep(LINGER_AFTER_ERROR)).await;
 }
 
 impl Conn {
@@ -359,33 +411,17 @@ impl Conn {
         }
     }
 
-    /// Leaves the shard's presence, frees the slot, closes the socket.
-    async fn finish(mut self, linger: bool) {
-        {
-            let mut core = self.core.borrow_mut();
-            let conn = self.conn_ref(core.edge.id);
-            if let Some(buf) = self.rbuf.take() {
-                core.edge.give_read_buffer(buf);
-            }
-            let user = core.edge.slot(self.index).user.take();
-            if let Some(user) = user {
-                core.route_logout(conn, &user);
-            }
-            core.edge.release_slot(self.index);
+    /// Leaves the shard's presence and frees the slot (the socket closes with the stream).
+    fn release(&mut self) {
+        let mut core = self.core.borrow_mut();
+        let conn = self.conn_ref(core.edge.id);
+        if let Some(buf) = self.rbuf.take() {
+            core.edge.give_read_buffer(buf);
         }
-        if linger {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
-            let drain = async {
-                let mut scratch = [0u8; 512];
-                let mut drained = 0;
-                while drained < LINGER_DRAIN_BYTES_MAX {
-                    match futures_lite::AsyncReadExt::read(&mut self.stream, &mut scratch).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => drained += n,
-                    }
-                }
-            };
-            futures_lite::future::or(drain, glommio::timer::sleep(LINGER_AFTER_ERROR)).await;
+        let user = core.edge.slot(self.index).user.take();
+        if let Some(user) = user {
+            core.route_logout(conn, &user);
         }
+        core.edge.release_slot(self.index);
     }
 }

@@ -353,13 +353,8 @@ async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
                 let slot = core.borrow_mut().edge.alloc_slot();
                 match slot {
                     Some((index, generation)) => {
-                        glommio::spawn_local(crate::conn::serve(
-                            core.clone(),
-                            index,
-                            generation,
-                            stream,
-                        ))
-                        .detach();
+                        let task = crate::conn::serve(core.clone(), index, generation, stream);
+                        glommio::spawn_local(task).detach();
                     }
                     None => refuse(stream.as_raw_fd()),
                 }
