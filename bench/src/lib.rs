@@ -7,6 +7,7 @@ pub mod conn;
 pub mod flood;
 pub mod floor;
 pub mod handshake;
+pub mod lag;
 pub mod msgs;
 pub mod poller;
 pub mod procfs;

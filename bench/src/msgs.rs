@@ -62,6 +62,8 @@ pub struct MsgsConfig {
     pub connect_timeout: Duration,
     /// Print a live progress line to stderr once a second.
     pub progress: bool,
+    /// The primary's admin HTTP address: sample replica lag while measuring.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Everything `msgs` reports; the keys are documented in bench/README.md.
@@ -103,6 +105,11 @@ pub struct MsgsReport {
     pub duplicate_deliveries: u64,
     pub unexpected_deliveries: u64,
     pub seq_gaps: u64,
+    /// Replica lag sampled every 10 ms from the primary's admin stats (with --admin).
+    pub replica_lag_p50_ms: Option<f64>,
+    pub replica_lag_p99_ms: Option<f64>,
+    pub replica_lag_max_ms: Option<f64>,
+    pub replica_lag_samples: Option<u64>,
 }
 
 /// The phase, set by the main thread, and counters it reads for the progress line.
@@ -287,6 +294,8 @@ pub fn run(cfg: &MsgsConfig) -> Result<MsgsReport, String> {
 /// CPU and wall time of the measured window.
 struct Timing {
     measured: Duration,
+    /// Replica lag over the measured window, and failed samples.
+    lag: Option<(LatencySummary, u64)>,
     server_cpu_ns: Option<u64>,
     driver_cpu_ns: u64,
 }
@@ -302,15 +311,18 @@ fn drive_phases(cfg: &MsgsConfig, shared: &Shared) -> Result<Timing, String> {
     let driver_before = crate::procfs::cpu_ns(me).map_err(|e| format!("driver cpu: {e}"))?;
     let start = Instant::now();
     shared.phase.store(PHASE_MEASURE, Ordering::Relaxed);
+    let sampler = cfg.admin.map(crate::lag::start);
     progress.sleep(cfg.duration, "measure");
     shared.phase.store(PHASE_DRAIN, Ordering::Relaxed);
     let measured = start.elapsed();
+    let lag = sampler.map(crate::lag::LagSampler::stop);
     let server_after = cfg.server_pid.map(crate::procfs::cpu_ns).transpose();
     let server_after = server_after.map_err(|e| format!("server cpu: {e}"))?;
     let driver_after = crate::procfs::cpu_ns(me).map_err(|e| format!("driver cpu: {e}"))?;
     progress.finish();
     Ok(Timing {
         measured,
+        lag,
         server_cpu_ns: server_before
             .zip(server_after)
             .map(|(b, a)| a.saturating_sub(b)),
@@ -954,6 +966,10 @@ fn report(
         duplicate_deliveries: total.duplicates,
         unexpected_deliveries: total.unexpected,
         seq_gaps: total.seq_gaps,
+        replica_lag_p50_ms: timing.lag.as_ref().map(|(l, _)| l.p50_us / 1000.0),
+        replica_lag_p99_ms: timing.lag.as_ref().map(|(l, _)| l.p99_us / 1000.0),
+        replica_lag_max_ms: timing.lag.as_ref().map(|(l, _)| l.max_us / 1000.0),
+        replica_lag_samples: timing.lag.as_ref().map(|(l, _)| l.count),
     }
 }
 

@@ -120,6 +120,9 @@ struct MsgsArgs {
     /// Longest wait, after the measured time, for answers and deliveries still due.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// The primary's admin HTTP address: sample replica lag (ms) every 10 ms while measuring.
+    #[arg(long)]
+    admin: Option<String>,
 }
 
 #[derive(Args)]
@@ -267,6 +270,7 @@ fn msgs(args: MsgsArgs) -> Result<(), String> {
         drain_timeout: args.drain_timeout,
         connect_timeout: c.connect_timeout,
         progress: progress_wanted(c.json),
+        admin: args.admin.as_deref().map(loopback_addr).transpose()?,
     };
     let report = bench::msgs::run(&cfg)?;
     if c.json {
@@ -351,6 +355,16 @@ fn print_msgs(r: &MsgsReport) {
         row(
             "send-to-deliver p50 / p99 / p999 / max",
             format!("{p50:.1} / {p99:.1} / {p999:.1} / {max:.1} µs"),
+        );
+    }
+    if let (Some(p50), Some(p99), Some(max)) = (
+        r.replica_lag_p50_ms,
+        r.replica_lag_p99_ms,
+        r.replica_lag_max_ms,
+    ) {
+        row(
+            "replica lag p50 / p99 / max",
+            format!("{p50:.1} / {p99:.1} / {max:.1} ms"),
         );
     }
     row("server CPU per message", opt_us(r.server_cpu_us_per_msg));
