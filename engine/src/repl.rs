@@ -329,7 +329,7 @@ async fn serve_replica_inner(
         let generation = c.repl.link_generation;
         c.repl.link = Some(Link {
             generation,
-            acked: from - 1,
+            acked: 0, // nothing counts as acknowledged before the replica's first ACK
             sent: VecDeque::new(),
         });
         c.repl.last_heard_ms = now_ms();
@@ -927,6 +927,7 @@ fn promote(c: &mut Core, stats: &NodeStats, data: &std::path::Path) {
     };
     let mode = initial_mode(&c.repl.config);
     c.shard.promote(epoch, mode, &mut c.edge);
+    stats.set_shard_mode(c.shard.id, mode);
     tracing::warn!(
         shard = c.shard.id,
         epoch,
@@ -935,7 +936,6 @@ fn promote(c: &mut Core, stats: &NodeStats, data: &std::path::Path) {
     );
     if stats.promoted_cores.fetch_add(1, SeqCst) + 1 == c.repl.nr_shards as usize {
         stats.epoch.store(epoch, SeqCst);
-        stats.set_mode(mode);
         stats.set_role(Role::Primary);
         stats.promote_requested.store(false, SeqCst);
         stats.promotion_epoch.store(0, SeqCst);
@@ -987,11 +987,11 @@ fn update_mode(c: &mut Core) {
             );
         }
         c.shard.set_mode(next, &mut c.edge);
-        c.repl.stats.set_mode(next);
     }
 }
 
 fn publish(c: &mut Core, stats: &NodeStats) {
+    stats.set_shard_mode(c.shard.id, c.shard.mode);
     let (stored, rejected, conns) = (
         c.edge.stored_count,
         c.edge.rejected_count,

@@ -57,6 +57,8 @@ struct Presence {
     sent_up_to: u64,
     /// The connection's outbox is full: wait for its Resume.
     paused: bool,
+    /// Listed in `Shard::stalled`: its next message waits for the commit position.
+    stalled: bool,
 }
 
 #[derive(Default)]
@@ -134,6 +136,9 @@ pub struct Shard {
     replica_acked: u64,
     /// REJECTED 4's reason when this shard does not take writes.
     not_primary_reason: String,
+    /// Online recipients whose next message waits for the commit position
+    /// (bounded by the online users); pumped again when it advances.
+    stalled: Vec<Rc<str>>,
     live: Live,
     waiting: VecDeque<Waiting>,
     limits: Limits,
@@ -173,6 +178,7 @@ impl Shard {
             mode: Mode::Local,
             replica_acked: 0,
             not_primary_reason: String::new(),
+            stalled: Vec::new(),
             live: Live::new(limits),
             waiting: VecDeque::new(),
             limits: limits.clone(),
@@ -416,6 +422,19 @@ impl Shard {
                 self.pump(&recipient, sink);
             }
         }
+        // Recipients whose messages were stored without waiting SENDs of
+        // their own here (degraded mode, before a login, a replica catching up).
+        for user in std::mem::take(&mut self.stalled) {
+            if let Some(p) = self
+                .live
+                .inboxes
+                .get_mut(&*user)
+                .and_then(|i| i.presence.as_mut())
+            {
+                p.stalled = false;
+            }
+            self.pump(&user, sink);
+        }
         self.finish_checkpoint();
     }
 
@@ -440,7 +459,16 @@ impl Shard {
             let msg = &inbox.pending[(p.sent_up_to - inbox.acked) as usize];
             debug_assert_eq!(msg.seq, p.sent_up_to + 1);
             if msg.position > durable {
-                break;
+                if !p.stalled {
+                    p.stalled = true;
+                    let key = self
+                        .live
+                        .inboxes
+                        .get_key_value(user)
+                        .map(|(k, _)| k.clone());
+                    self.stalled.extend(key);
+                }
+                return;
             }
             sink.deliver(p.conn, msg);
             p.sent_up_to += 1;
@@ -461,6 +489,7 @@ impl Shard {
             conn,
             sent_up_to: inbox.acked,
             paused: false,
+            stalled: false,
         });
         sink.welcome(conn, inbox.last_seq - inbox.acked);
         self.pump(user, sink);

@@ -52,6 +52,8 @@ pub const FSYNC_BUCKETS_US: [u64; 12] = [
 
 #[derive(Default)]
 pub struct ShardStats {
+    /// This shard's Mode (as u8); the node's mode is the worst of its shards'.
+    pub mode: AtomicU8,
     pub last_position: AtomicU64,
     pub durable_position: AtomicU64,
     pub replica_connected: AtomicBool,
@@ -94,7 +96,12 @@ impl NodeStats {
             role: AtomicU8::new(role as u8),
             mode: AtomicU8::new(mode as u8),
             epoch: AtomicU64::new(epoch),
-            shards: (0..shards).map(|_| ShardStats::default()).collect(),
+            shards: (0..shards)
+                .map(|_| ShardStats {
+                    mode: AtomicU8::new(mode as u8),
+                    ..ShardStats::default()
+                })
+                .collect(),
             connections: AtomicU64::new(0),
             stored_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
@@ -118,6 +125,21 @@ impl NodeStats {
     }
     pub fn mode(&self) -> Mode {
         Mode::from_u8(self.mode.load(Relaxed))
+    }
+
+    /// Publishes one shard's mode; the node's becomes the worst of all
+    /// shards' (blocked > degraded > replica > local: the enum's order).
+    pub fn set_shard_mode(&self, shard: usize, mode: Mode) {
+        if let Some(s) = self.shards.get(shard) {
+            s.mode.store(mode as u8, Relaxed);
+        }
+        let worst = self
+            .shards
+            .iter()
+            .map(|s| s.mode.load(Relaxed))
+            .max()
+            .unwrap_or(mode as u8);
+        self.mode.store(worst, Relaxed);
     }
     pub fn set_mode(&self, mode: Mode) {
         self.mode.store(mode as u8, Relaxed);

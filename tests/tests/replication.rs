@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tests::{
     ack_and_sync, collect_and_ack, collect_deliveries, connect, expect_quiet, hex, iris_bin,
-    new_msg_id, next_event, pipeline_stored_to, reject_code, send_id_stored, Client, Delivered,
-    Event, MsgId, EVENT_TIMEOUT,
+    new_msg_id, next_event, pipeline_stored_to, reject_code, send_id_stored, send_rejected, Client,
+    Delivered, Event, MsgId, EVENT_TIMEOUT,
 };
 
 /// How long any one awaited condition may take before the test fails.
@@ -954,6 +954,37 @@ fn degrade_keeps_storing_and_recovers() {
     wait_converged(&primary, &replica);
 }
 
+#[test]
+fn block_refuses_while_the_replica_is_away() {
+    let (primary, mut replica) = pair(&["--on-replica-loss", "block"]);
+    // One recipient per shard: the policy holds on every shard.
+    let recipients = users("b6r", CORES);
+    let (mut alice, _) = connect(&primary.client, "alice");
+    for to in &recipients {
+        tests::send_stored(&mut alice, to, b"with the replica");
+    }
+    replica.kill9();
+    wait_mode(&primary, "blocked");
+    for to in &recipients {
+        assert_eq!(
+            send_rejected(&mut alice, to, b"blocked"),
+            reject_code::UNAVAILABLE,
+            "SEND to {to} (shard {}) while stats say blocked",
+            shard_of(to)
+        );
+    }
+    replica.restart();
+    wait_mode(&primary, "replica");
+    for to in &recipients {
+        tests::send_stored(&mut alice, to, b"replica is back");
+    }
+    wait_converged(&primary, &replica);
+    for to in &recipients {
+        let (_c, delivered) = take_inbox(&primary.client, to);
+        assert_eq!(delivered.len(), 2, "{to}: refused SENDs were not stored");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 7: a bad stream from a (fake) primary is refused, not applied.
 // ---------------------------------------------------------------------------
@@ -1119,4 +1150,85 @@ fn bad_stream_is_refused_and_the_replica_reconnects() {
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].msg_id, msg_id);
     assert_eq!(delivered[0].from, "alice");
+}
+
+// ---------------------------------------------------------------------------
+// A recipient who logs in while a replica (re)joins still gets its messages.
+// ---------------------------------------------------------------------------
+
+fn hello_frame(shards: u32, shard: u32, epoch: u64, last: u64, last_epoch: u64) -> Vec<u8> {
+    let mut p = b"IRPL".to_vec();
+    p.push(1);
+    for v in [shards, u32::from(net::SLOT_COUNT), shard] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [epoch, last, last_epoch] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    repl_frame(0x01, &p)
+}
+
+fn ack_frame(epoch: u64, durable_position: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    for v in [epoch, durable_position, 1] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    repl_frame(0x30, &p)
+}
+
+/// A primary that stored messages in degraded mode gets a replica (a fake
+/// one here, so the test controls when it acks). bob logs in after the mode
+/// is back to `replica` but before the replica acked his messages; once it
+/// has acked everything, bob must get them: they were STORED long ago.
+#[test]
+fn login_while_the_replica_catches_up_gets_its_messages() {
+    let primary = Node::primary("primary", &["--cores", "1"]);
+    wait_mode(&primary, "degraded");
+    let (mut alice, _) = connect(&primary.client, "alice");
+    let ids: Vec<MsgId> = (0..3)
+        .map(|i| tests::send_stored(&mut alice, "bob", format!("degraded {i}").as_bytes()))
+        .collect();
+    // The stats are published on a tick: wait until they show the 3 records.
+    wait_until("the stats show the stored messages", || {
+        let stats = primary.stats();
+        let shard = &stats["shards"][0];
+        shard["last_position"].as_u64() >= Some(3)
+            && shard["durable_position"] == shard["last_position"]
+    });
+    let last = primary.positions()[0];
+
+    let mut link = TcpStream::connect(&primary.repl).expect("connect as a replica");
+    link.write_all(&hello_frame(1, 0, 1, last, 1))
+        .expect("HELLO");
+    let mut reader = link.try_clone().expect("clone");
+    // Drains the primary's WELCOME, records and heartbeats.
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let acked = std::sync::Arc::new(AtomicU64::new(0));
+    let acked2 = acked.clone();
+    let mut writer = link.try_clone().expect("clone");
+    // Acks (the position in `acked`) every 100 ms: a live replica.
+    thread::spawn(move || loop {
+        if writer
+            .write_all(&ack_frame(1, acked2.load(Ordering::SeqCst)))
+            .is_err()
+        {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    });
+    wait_mode(&primary, "replica");
+
+    let (mut bob, welcome) = connect(&primary.client, "bob");
+    assert_eq!(welcome.pending, 3);
+    acked.store(last, Ordering::SeqCst);
+    wait_until("the replica's ack reaches the primary", || {
+        primary.stats()["shards"][0]["replicas"][0]["acked_position"] == last
+    });
+    let delivered = collect_deliveries(&mut bob, 3);
+    let got: Vec<MsgId> = delivered.iter().map(|d| d.msg_id).collect();
+    assert_eq!(got, ids);
+    drop(link);
 }
