@@ -21,12 +21,15 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 : >"$results"
 
-# Starts a node pinned to SERVER_CPU; prints "pid client_addr repl_addr admin_addr".
+# REPLICA_CPU pins the replica (default: SERVER_CPU, beside the primary).
+REPLICA_CPU="${REPLICA_CPU:-$SERVER_CPU}"
+
+# Starts a node pinned to CPU $2; prints "pid client_addr repl_addr admin_addr".
 start_node() {
-    local dir="$1"
-    shift
+    local dir="$1" cpu="$2"
+    shift 2
     mkdir -p "$dir"
-    MIMALLOC_ALLOW_THP=0 taskset -c "$SERVER_CPU" "$IRIS" serve --cores 1 --listen 127.0.0.1:0 \
+    MIMALLOC_ALLOW_THP=0 taskset -c "$cpu" "$IRIS" serve --cores 1 --listen 127.0.0.1:0 \
         --replication-listen 127.0.0.1:0 --admin 127.0.0.1:0 --data "$dir/data" \
         --inbox-len-max 1000000 "$@" >"$dir/stdout" 2>"$dir/stderr" </dev/null &
     local pid=$!
@@ -58,8 +61,8 @@ pair_run() {
     shift
     local base
     base="$(mktemp -d "${TMPDIR:-/tmp}/iris-pair.XXXXXX")"
-    read -r ppid paddr prepl padmin < <(start_node "$base/primary")
-    read -r rpid _ _ _ < <(start_node "$base/replica" --replica-of "$prepl")
+    read -r ppid paddr prepl padmin < <(start_node "$base/primary" "$SERVER_CPU")
+    read -r rpid _ _ _ < <(start_node "$base/replica" "$REPLICA_CPU" --replica-of "$prepl")
     wait_sync_mode "$padmin"
     taskset -c "$DRIVER_CPU" "$BENCH" msgs --addr "$paddr" --server-pid "$ppid" --admin "$padmin" \
         --json "$@" | jq -c --arg l "$label" '. + {"label": $l}' >>"$results"
