@@ -1232,3 +1232,24 @@ fn login_while_the_replica_catches_up_gets_its_messages() {
     assert_eq!(got, ids);
     drop(link);
 }
+
+/// Both sides must agree on the slot map and the shard count: a replica
+/// started with another `--cores` is refused at the handshake, both sides say
+/// why in their logs, and nothing is applied.
+#[test]
+fn shard_count_mismatch_is_refused_on_both_sides() {
+    let primary = Node::primary("mismatch-primary", &["--cores", "2"]);
+    let replica = Node::replica("mismatch-replica", &primary, &["--cores", "1"]);
+    wait_until("both sides log the refusal", || {
+        primary.log().contains("slot map differs")
+            && replica
+                .log()
+                .contains("the primary refused: slot map differs")
+    });
+    assert_eq!(shard_field(&replica.stats(), "last_position"), vec![0]);
+    assert_ne!(
+        primary.stats()["mode"],
+        "replica",
+        "a refused replica never counts"
+    );
+}
