@@ -368,11 +368,13 @@ impl Conn {
                 false
             }
             (_, ClientFrame::Send { msg_id, to, body }) => {
+                // A handle, not a take: a delivery made during this SEND's
+                // routing may need the slot's user (to rewind its shard).
                 let user = core
                     .edge
                     .slot(index)
                     .user
-                    .take()
+                    .clone()
                     .expect("a Ready connection has a user");
                 match precheck_send(&user, to, body.len(), &core.edge) {
                     Some((code, reason)) => core.reject_here(index, msg_id, code, reason),
@@ -382,7 +384,6 @@ impl Conn {
                         core.route_send(conn, &user, msg_id, to, body);
                     }
                 }
-                core.edge.slot(index).user = Some(user);
                 true
             }
             (_, ClientFrame::Ack { seq }) => {
@@ -395,9 +396,8 @@ impl Conn {
                     );
                     return false;
                 }
-                let user = slot.user.take().expect("a Ready connection has a user");
+                let user = slot.user.clone().expect("a Ready connection has a user");
                 core.route_ack(&user, seq);
-                core.edge.slot(index).user = Some(user);
                 true
             }
             (_, ClientFrame::Ping { nonce }) => {

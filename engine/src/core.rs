@@ -89,7 +89,8 @@ pub enum SlotState {
 pub struct Slot {
     pub generation: u32,
     pub state: SlotState,
-    pub user: Option<Box<str>>,
+    /// Shared handle (cloned per routed frame without allocating).
+    pub user: Option<std::rc::Rc<str>>,
     pub out: Vec<u8>,
     pub out_sent: usize,
     pub waker: Option<Waker>,
@@ -144,8 +145,9 @@ pub struct Edge {
     pool: Vec<Vec<u8>>,
     pub outgoing: Vec<Vec<Mail>>,
     pub outgoing_len: usize,
-    /// Mail for this core's own shard raised inside the edge (Rewind, Resume).
-    pub pending_local: Vec<Mail>,
+    /// Mail raised inside the edge (Rewind, Resume), routed in FIFO order: a
+    /// Resume must never overtake the Rewind it answers.
+    pub pending_local: std::collections::VecDeque<Mail>,
     pub flusher_waker: Option<Waker>,
     /// Connections that paused reading because `outgoing` was full.
     pub mesh_waiters: Vec<Waker>,
@@ -184,7 +186,7 @@ impl Edge {
             pool: Vec::new(),
             outgoing: (0..nr_cores).map(|_| Vec::new()).collect(),
             outgoing_len: 0,
-            pending_local: Vec::new(),
+            pending_local: std::collections::VecDeque::new(),
             flusher_waker: None,
             mesh_waiters: Vec::new(),
             read_pool: Vec::new(),
@@ -338,7 +340,7 @@ impl Edge {
         if slot.deliver_blocked_since_ms.take().is_none() {
             return;
         }
-        let Some(user) = slot.user.clone() else {
+        let Some(user) = slot.user.as_deref().map(Box::<str>::from) else {
             return;
         };
         let conn = ConnRef {
@@ -346,7 +348,8 @@ impl Edge {
             slot: index,
             generation: slot.generation,
         };
-        self.pending_local.push(Mail::Resume { conn, user });
+        tracing::debug!(slot = index, "outbox drained: deliveries resume");
+        self.pending_local.push_back(Mail::Resume { conn, user });
     }
 
     /// Disconnects readers whose outbox stayed full past the idle timeout:
@@ -457,8 +460,14 @@ impl Edge {
         let slot = &mut self.slots[conn.slot as usize];
         slot.deliver_blocked_since_ms = Some(clock_ms);
         slot.deliver_expected_seq = Some(seq);
-        if let Some(user) = slot.user.clone() {
-            self.pending_local.push(Mail::Rewind { conn, user, seq });
+        tracing::debug!(
+            slot = conn.slot,
+            seq,
+            "outbox full: deliveries rewound to seq"
+        );
+        if let Some(user) = slot.user.as_deref().map(Box::<str>::from) {
+            self.pending_local
+                .push_back(Mail::Rewind { conn, user, seq });
         }
     }
 
@@ -725,7 +734,7 @@ impl Core {
 
     /// Sends the edge's Rewind/Resume mail to the users' shards.
     pub fn route_edge_mail(&mut self) {
-        while let Some(mail) = self.edge.pending_local.pop() {
+        while let Some(mail) = self.edge.pending_local.pop_front() {
             let user = match &mail {
                 Mail::Rewind { user, .. } | Mail::Resume { user, .. } => user.clone(),
                 _ => unreachable!("only Rewind and Resume are raised by the edge"),

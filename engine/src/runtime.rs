@@ -486,6 +486,8 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         let now = now_ms();
         c.edge.clock_ms = now;
         crate::repl::tick(&mut c, &data);
+        // A mode change may have delivered (and rewound) something.
+        c.route_edge_mail();
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             c.edge.expire_idle();

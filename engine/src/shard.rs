@@ -506,6 +506,12 @@ impl Shard {
         else {
             return;
         };
+        tracing::debug!(
+            seq,
+            same = p.conn == conn,
+            sent_up_to = p.sent_up_to,
+            "deliveries rewound"
+        );
         if p.conn == conn {
             p.sent_up_to = p.sent_up_to.min(seq.saturating_sub(1));
             p.paused = true;
@@ -522,6 +528,11 @@ impl Shard {
         else {
             return;
         };
+        tracing::debug!(
+            same = p.conn == conn,
+            sent_up_to = p.sent_up_to,
+            "deliveries resumed"
+        );
         if p.conn == conn {
             p.paused = false;
             self.pump(user, sink);
