@@ -749,33 +749,11 @@ impl Shard {
     /// snapshot's positions (then the whole log is streamed instead).
     pub fn snapshot_frames(&self) -> Option<(u64, u64, u64, Vec<u8>)> {
         let mut records: Vec<(u8, Vec<u8>)> = Vec::new();
-        for (user, inbox) in &self.live.inboxes {
-            if inbox.last_seq == 0 {
-                continue;
-            }
-            let mut buf = Vec::new();
-            record::encode_ack(user, inbox.acked, &mut buf);
-            records.push((record::ACK, buf));
-            for msg in &inbox.pending {
-                let mut buf = Vec::new();
-                let m = MsgRecord {
-                    recipient: user,
-                    seq: msg.seq,
-                    sender: &msg.from,
-                    msg_id: msg.msg_id,
-                    sent_ms: msg.sent_ms,
-                    body: &msg.body,
-                };
-                record::encode_msg(&m, &mut buf);
-                records.push((record::MSG, buf));
-            }
-        }
-        let entries: Vec<_> = self.live.dedup.entries().collect();
-        for chunk in entries.chunks(record::DEDUP_ENTRIES_PER_RECORD) {
-            let mut buf = Vec::new();
-            record::encode_dedup(chunk, &mut buf);
-            records.push((record::DEDUP, buf));
-        }
+        let restated = self.live.restate(&mut Vec::new(), |record_type, payload| {
+            records.push((record_type, payload.to_vec()));
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let Ok(()) = restated;
         let last = self.wal.last_position();
         let count = records.len() as u64 + 1;
         if count > last {
@@ -839,46 +817,12 @@ impl Shard {
     fn write_checkpoint(&mut self) -> Result<(), ShardError> {
         let (shard, epoch) = (self.id, self.epoch);
         let wal = &mut self.wal;
-        let live = &self.live;
-        let buf = &mut self.scratch;
-        let put = |wal: &mut Wal, record_type: u8, buf: &[u8]| {
-            wal.append(epoch, record_type, buf)
-                .map(|_| ())
-                .map_err(|source| ShardError::Wal { shard, source })
-        };
-        for (user, inbox) in &live.inboxes {
-            if inbox.last_seq == 0 {
-                continue;
-            }
-            record::encode_ack(user, inbox.acked, buf);
-            put(wal, record::ACK, buf)?;
-            for msg in &inbox.pending {
-                let m = MsgRecord {
-                    recipient: user,
-                    seq: msg.seq,
-                    sender: &msg.from,
-                    msg_id: msg.msg_id,
-                    sent_ms: msg.sent_ms,
-                    body: &msg.body,
-                };
-                record::encode_msg(&m, buf);
-                put(wal, record::MSG, buf)?;
-            }
-        }
-        let mut chunk = Vec::with_capacity(record::DEDUP_ENTRIES_PER_RECORD);
-        for entry in live.dedup.entries() {
-            chunk.push(entry);
-            if chunk.len() == record::DEDUP_ENTRIES_PER_RECORD {
-                record::encode_dedup(&chunk, buf);
-                put(wal, record::DEDUP, buf)?;
-                chunk.clear();
-            }
-        }
-        if !chunk.is_empty() {
-            record::encode_dedup(&chunk, buf);
-            put(wal, record::DEDUP, buf)?;
-        }
-        Ok(())
+        self.live
+            .restate(&mut self.scratch, |record_type, payload| {
+                wal.append(epoch, record_type, payload)
+                    .map(|_| ())
+                    .map_err(|source| ShardError::Wal { shard, source })
+            })
     }
 
     fn finish_checkpoint(&mut self) {
@@ -928,6 +872,49 @@ struct Live {
 }
 
 impl Live {
+    /// The live state as records, in replay order: per recipient its ACK, then
+    /// its pending MSGs; then the dedup table in DEDUP batches. A checkpoint
+    /// appends them to the WAL; a full sync ships them to a replica.
+    fn restate<E>(
+        &self,
+        buf: &mut Vec<u8>,
+        mut emit: impl FnMut(u8, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for (user, inbox) in &self.inboxes {
+            if inbox.last_seq == 0 {
+                continue;
+            }
+            record::encode_ack(user, inbox.acked, buf);
+            emit(record::ACK, buf)?;
+            for msg in &inbox.pending {
+                let m = MsgRecord {
+                    recipient: user,
+                    seq: msg.seq,
+                    sender: &msg.from,
+                    msg_id: msg.msg_id,
+                    sent_ms: msg.sent_ms,
+                    body: &msg.body,
+                };
+                record::encode_msg(&m, buf);
+                emit(record::MSG, buf)?;
+            }
+        }
+        let mut chunk = Vec::with_capacity(record::DEDUP_ENTRIES_PER_RECORD);
+        for entry in self.dedup.entries() {
+            chunk.push(entry);
+            if chunk.len() == record::DEDUP_ENTRIES_PER_RECORD {
+                record::encode_dedup(&chunk, buf);
+                emit(record::DEDUP, buf)?;
+                chunk.clear();
+            }
+        }
+        if !chunk.is_empty() {
+            record::encode_dedup(&chunk, buf);
+            emit(record::DEDUP, buf)?;
+        }
+        Ok(())
+    }
+
     fn new(limits: &Limits) -> Live {
         Live {
             inboxes: HashMap::default(),
