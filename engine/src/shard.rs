@@ -608,13 +608,12 @@ impl Shard {
         );
         self.mode = mode;
         if mode == Mode::Blocked {
+            // Stored locally but never acknowledged by the replica: the server
+            // gives up waiting (6, not 4: the message may still be delivered).
+            // A retry with the same msg_id gets STORED once the replica is back.
             for w in self.waiting.drain(..) {
-                sink.rejected(
-                    w.reply,
-                    w.msg_id,
-                    reject_code::TIMED_OUT,
-                    "timed out waiting for the replica",
-                );
+                let reason = "timed out waiting for the replica";
+                sink.rejected(w.reply, w.msg_id, reject_code::TIMED_OUT, reason);
             }
         }
         self.on_durable(sink);

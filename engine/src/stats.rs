@@ -127,20 +127,23 @@ impl NodeStats {
         Mode::from_u8(self.mode.load(Relaxed))
     }
 
-    /// Publishes one shard's mode; the node's becomes the worst of all
-    /// shards' (blocked > degraded > replica > local: the enum's order).
+    /// Publishes one shard's mode. The node's mode changes only once every
+    /// shard is in the new mode, so "blocked" means every shard refuses and
+    /// "replica" means every shard waits for the replica (shards move a few
+    /// milliseconds apart).
     pub fn set_shard_mode(&self, shard: usize, mode: Mode) {
         if let Some(s) = self.shards.get(shard) {
             s.mode.store(mode as u8, Relaxed);
         }
-        let worst = self
+        if self
             .shards
             .iter()
-            .map(|s| s.mode.load(Relaxed))
-            .max()
-            .unwrap_or(mode as u8);
-        self.mode.store(worst, Relaxed);
+            .all(|s| s.mode.load(Relaxed) == mode as u8)
+        {
+            self.mode.store(mode as u8, Relaxed);
+        }
     }
+
     pub fn set_mode(&self, mode: Mode) {
         self.mode.store(mode as u8, Relaxed);
     }
