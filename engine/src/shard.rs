@@ -77,8 +77,6 @@ struct Waiting {
     position: u64,
     reply: ConnRef,
     msg_id: MsgId,
-    /// The recipient, when this is a new message (not a duplicate) to deliver.
-    recipient: Option<Rc<str>>,
 }
 
 /// A message of a dropped tail, to send again to the new primary.
@@ -297,7 +295,7 @@ impl Shard {
         }
         let key = (sender_hash(req.sender), req.msg_id);
         if let Some(position) = self.live.dedup.get(&key) {
-            self.answer_when_durable(position, req.reply, req.msg_id, None, sink);
+            self.answer_when_durable(position, req.reply, req.msg_id, sink);
             return Ok(());
         }
         // One lookup finds the recipient's key, its next seq, and its limit.
@@ -354,11 +352,15 @@ impl Shard {
         let inbox = self.live.inboxes.get_mut(&*recipient).expect("present");
         inbox.last_seq = seq;
         inbox.pending.push_back(msg);
+        // An online recipient waits for this message's commit like any other.
+        if let Some(p) = inbox.presence.as_mut().filter(|p| !p.stalled) {
+            p.stalled = true;
+            self.stalled.push(recipient);
+        }
         self.waiting.push_back(Waiting {
             position,
             reply: req.reply,
             msg_id: req.msg_id,
-            recipient: Some(recipient),
         });
         Ok(())
     }
@@ -392,7 +394,6 @@ impl Shard {
         position: u64,
         reply: ConnRef,
         msg_id: MsgId,
-        recipient: Option<Rc<str>>,
         sink: &mut impl Sink,
     ) {
         if position <= self.commit_position() {
@@ -406,7 +407,6 @@ impl Shard {
                     position,
                     reply,
                     msg_id,
-                    recipient,
                 },
             );
         }
@@ -418,12 +418,9 @@ impl Shard {
         while self.waiting.front().is_some_and(|w| w.position <= durable) {
             let w = self.waiting.pop_front().expect("front checked");
             sink.stored(w.reply, w.msg_id);
-            if let Some(recipient) = w.recipient {
-                self.pump(&recipient, sink);
-            }
         }
-        // Recipients whose messages were stored without waiting SENDs of
-        // their own here (degraded mode, before a login, a replica catching up).
+        // Online recipients whose next message waited for the commit position
+        // (marked by SEND, by a pump that stopped at it, by a login).
         for user in std::mem::take(&mut self.stalled) {
             if let Some(p) = self
                 .live
