@@ -134,10 +134,8 @@ async fn read_frame(
     pending: &mut usize,
 ) -> Result<usize, String> {
     loop {
-        match proto::decode(&buf[..*pending]) {
-            Ok(Some((_, used))) => return Ok(used),
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Some(used) = proto::frame_len(&buf[..*pending]).map_err(|e| e.to_string())? {
+            return Ok(used);
         }
         if *pending == buf.len() {
             if buf.len() >= READ_BUFFER_MAX {
@@ -153,6 +151,15 @@ async fn read_frame(
             return Err("peer closed the connection".into());
         }
         *pending += n;
+    }
+}
+
+/// Decodes a whole frame that `read_frame` delimited.
+fn decode_frame(frame: &[u8]) -> Result<Msg<'_>, String> {
+    match proto::decode(frame) {
+        Ok(Some((msg, _))) => Ok(msg),
+        Ok(None) => unreachable!("read_frame returns whole frames"),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -488,10 +495,7 @@ async fn read_acks(
     let (mut buf, mut pending) = (vec![0u8; 4096], 0);
     loop {
         let used = read_frame(reader, &mut buf, &mut pending).await?;
-        let msg = proto::decode(&buf[..used])
-            .map_err(|e| e.to_string())?
-            .expect("whole frame")
-            .0;
+        let msg = decode_frame(&buf[..used])?;
         on_replica_msg(&mut core.borrow_mut(), msg, generation)?;
         consume(&mut buf, &mut pending, used);
     }
@@ -548,8 +552,8 @@ pub async fn accept_replica(core: Rc<RefCell<Core>>, mut stream: TcpStream) {
     )
     .await;
     let hello = match read {
-        Some(Ok(used)) => match proto::decode(&buf[..used]) {
-            Ok(Some((Msg::Hello(h), _))) => h,
+        Some(Ok(used)) => match decode_frame(&buf[..used]) {
+            Ok(Msg::Hello(h)) => h,
             other => {
                 tracing::warn!(
                     ?other,
@@ -653,10 +657,7 @@ async fn apply_stream(core: &Rc<RefCell<Core>>, reader: &mut TcpStream) -> Resul
     let mut snapshot: Option<Snapshot> = None;
     loop {
         let used = read_frame(reader, &mut buf, &mut pending).await?;
-        let msg = proto::decode(&buf[..used])
-            .map_err(|e| e.to_string())?
-            .expect("whole frame")
-            .0;
+        let msg = decode_frame(&buf[..used])?;
         let mut c = core.borrow_mut();
         if c.shard.role != Role::Replica {
             return Ok(()); // promoted: stop following

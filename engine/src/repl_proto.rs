@@ -216,19 +216,26 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Ok(None): not a whole frame yet. Ok(Some((msg, consumed))) otherwise.
-pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
-    if buf.len() < 4 {
+/// The length of the whole frame at the start of `buf` (header included),
+/// checked against its bound as soon as the 4 length bytes are there;
+/// Ok(None) until the whole frame is in `buf`.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ProtoError> {
+    let Some(header) = buf.get(..4) else {
         return Ok(None);
-    }
-    let len = u32::from_le_bytes(buf[..4].try_into().expect("4"));
+    };
+    let len = u32::from_le_bytes(header.try_into().expect("4"));
     if len == 0 || len > FRAME_LEN_MAX {
         return Err(ProtoError::BadLength(len));
     }
     let total = 4 + len as usize;
-    if buf.len() < total {
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// Ok(None): not a whole frame yet. Ok(Some((msg, consumed))) otherwise.
+pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
+    let Some(total) = frame_len(buf)? else {
         return Ok(None);
-    }
+    };
     let mut c = Cursor(&buf[5..total]);
     let msg = match buf[4] {
         t::HELLO => {
