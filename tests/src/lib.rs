@@ -215,9 +215,10 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-/// Spawns `iris-e2e <args>` with stderr appended to `log_path`, and waits for
-/// its listening line on stdout.
-fn spawn_server(args: &[String], log_path: &Path) -> (Child, String) {
+/// Spawns `iris-e2e <args>` with stderr appended to `log_path`; returns the
+/// child and its stdout lines, read to the end on a thread so the server never
+/// blocks on a full pipe. Shared by every harness that starts servers.
+pub fn spawn_iris(args: &[String], log_path: &Path) -> (Child, mpsc::Receiver<String>) {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -233,13 +234,18 @@ fn spawn_server(args: &[String], log_path: &Path) -> (Child, String) {
         .expect("spawn iris serve");
     let stdout = child.stdout.take().expect("piped stdout");
     let (lines_tx, lines_rx) = mpsc::channel();
-    // Reads stdout to its end so the server never blocks on a full pipe.
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             let _ = lines_tx.send(line);
         }
     });
+    (child, lines_rx)
+}
+
+/// Spawns `iris-e2e <args>` and waits for its listening line on stdout.
+fn spawn_server(args: &[String], log_path: &Path) -> (Child, String) {
+    let (mut child, lines_rx) = spawn_iris(args, log_path);
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         match lines_rx.recv_timeout(Duration::from_millis(100)) {

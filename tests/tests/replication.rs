@@ -9,11 +9,11 @@
 //! soon as its condition holds; nothing asserts a timing.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
@@ -21,9 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tests::{
-    ack_and_sync, collect_and_ack, collect_deliveries, connect, expect_quiet, hex, iris_bin,
-    new_msg_id, next_event, pipeline_stored_to, reject_code, send_id_stored, send_rejected, Client,
-    Delivered, Event, MsgId, EVENT_TIMEOUT,
+    ack_and_sync, collect_and_ack, collect_deliveries, connect, expect_quiet, hex, new_msg_id,
+    next_event, pipeline_stored_to, reject_code, send_id_stored, send_rejected, Client, Delivered,
+    Event, MsgId, EVENT_TIMEOUT,
 };
 
 /// How long any one awaited condition may take before the test fails.
@@ -220,32 +220,13 @@ fn spawn_node(
     extra: &[String],
     log_path: &Path,
 ) -> (Child, String, String, String) {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .expect("open node log");
-    let mut child = Command::new(iris_bin())
-        .arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(data_dir)
-        .args(extra)
-        .env("RUST_BACKTRACE", "1")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn iris serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    // Reads stdout to its end so the server never blocks on a full pipe.
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--data"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(data_dir.display().to_string());
+    args.extend(extra.iter().cloned());
+    let (mut child, rx) = tests::spawn_iris(&args, log_path);
     let (mut client, mut repl, mut admin) = (None, None, None);
     let deadline = Instant::now() + WAIT_TIMEOUT;
     while client.is_none() || repl.is_none() || admin.is_none() {
