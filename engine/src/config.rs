@@ -127,6 +127,10 @@ pub struct Limits {
     pub wal_segment_bytes: u64,
     /// Graceful shutdown: how long to wait for in-flight SENDs to be answered.
     pub shutdown_drain_ms: u64,
+    /// At start: how long to wait for a listen address whose only holder is a
+    /// listener no live process owns (a killed process's io_uring listener lingers
+    /// for a few hundred ms). A live holder is refused at once.
+    pub listen_busy_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -162,6 +166,7 @@ impl Default for Limits {
             read_buffers_per_core: 256,
             wal_segment_bytes: 64 << 20,
             shutdown_drain_ms: 3000,
+            listen_busy_wait_ms: 5000,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod dedup;
+pub mod ports;
 pub mod record;
 pub mod repl;
 pub mod repl_proto;
@@ -46,7 +47,7 @@ enum Command {
     /// On startup it prints `iris listening on ADDR` on stdout (ADDR is the bound
     /// address, useful with port 0); logs go to stderr (filter with RUST_LOG).
     /// SIGTERM/SIGINT: stop accepting, answer SENDs in flight, ERROR 5 to clients, exit 0.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>), // boxed: by far the largest variant
     /// Send TEXT to a user; prints one line per STORED.
     Send(client_cmd::SendArgs),
     /// Receive (and ACK) messages; prints one line per DELIVER.
@@ -117,6 +118,11 @@ struct ServeArgs {
     /// Replication heartbeat interval. [default: 1000]
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// At start, how long to wait for a listen address held by a listener no live
+    /// process owns (a killed iris's io_uring listener lingers a few hundred ms).
+    /// A live process on the address is an error at once. [default: 5000]
+    #[arg(long)]
+    listen_busy_wait_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -136,6 +142,7 @@ impl ServeArgs {
              connections_per_core_max => limits.connections_per_core_max,
              dedup_entries_max => limits.dedup_entries_max, frame_len_max => limits.frame_len_max,
              body_len_max => limits.body_len_max, wal_segment_bytes => limits.wal_segment_bytes,
+             listen_busy_wait_ms => limits.listen_busy_wait_ms,
              on_replica_loss => replication.on_replica_loss,
              replica_loss_timeout_ms => replication.loss_timeout_ms, heartbeat_ms => replication.heartbeat_ms);
         if self.admin.is_some() {
@@ -174,7 +181,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_logging();
-            let result = args.into_config().and_then(runtime::serve);
+            let result = (*args).into_config().and_then(runtime::serve);
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

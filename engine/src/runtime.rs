@@ -6,14 +6,14 @@ use crate::config::{Config, IO_MEMORY_BYTES};
 use crate::core::{Core, Edge, Mail};
 use crate::shard::{now_ms, Shard, ShardError};
 use crate::stats::{NodeStats, Role};
-use crate::sys;
+use crate::{ports, sys};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +27,15 @@ const MAINTENANCE_TICK: Duration = Duration::from_millis(50);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// After ERROR 5 is queued to every connection: how long to let them flush.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// Retry of an accept the kernel answered EAGAIN instead of waiting (acceptor).
+const ACCEPT_AGAIN: Duration = Duration::from_millis(1);
+/// A core holding this many more connections than the least loaded one
+/// pauses before its next accept, leaving the shared queue to the others
+/// (without it, the core that is awake drains a burst on its own: measured
+/// 147/53 of 200 connections on 2 cores).
+const ACCEPT_LEAD_MAX: u64 = 8;
+/// That pause; the core then accepts anyway (a busy peer cannot stall it).
+const ACCEPT_DEFER: Duration = Duration::from_millis(1);
 /// Exit code when the WAL fails a sync (the node stops; restart recovers).
 const EXIT_WAL_FAILED: i32 = 70;
 
@@ -50,15 +59,60 @@ pub fn fatal_if_poisoned(e: &ShardError) {
 struct CoreSpec {
     cpu: usize,
     nr_cores: usize,
+    /// Its listen addresses are the bound ones (port 0 resolved).
     config: Config,
     stats: Arc<NodeStats>,
+    /// This core's dup of the process's one client listener.
+    client_fd: OwnedFd,
+    /// This core's dup of the replication listener, if there is one.
+    replication_fd: Option<OwnedFd>,
 }
 
-/// Addresses core 0 resolved (port 0) that the other cores bind too.
-#[derive(Clone, Copy)]
-struct Bound {
-    client: SocketAddr,
-    replication: Option<SocketAddr>,
+/// The process's listening sockets: one per address, made before the cores
+/// start, every core accepting on a dup (engine::ports).
+struct Listeners {
+    client: std::net::TcpListener,
+    replication: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    fn open(config: &Config) -> Result<Listeners, String> {
+        let wait = Duration::from_millis(config.limits.listen_busy_wait_ms);
+        let client = ports::listen_exclusive(config.listen, "client listener", wait)
+            .map_err(|e| e.to_string())?;
+        let replication = match config.replication.listen {
+            Some(addr) => Some(
+                ports::listen_exclusive(addr, "replication listener", wait)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            client,
+            replication,
+        })
+    }
+
+    /// The bound addresses (port 0 resolved).
+    fn addrs(&self) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+        let addr = |l: &std::net::TcpListener| {
+            l.local_addr()
+                .map_err(|e| format!("cannot read a listener's address: {e}"))
+        };
+        let replication = self.replication.as_ref().map(addr).transpose()?;
+        Ok((addr(&self.client)?, replication))
+    }
+
+    /// A core's own descriptors for the same sockets.
+    fn dup(&self) -> Result<(OwnedFd, Option<OwnedFd>), String> {
+        let dup = |l: &std::net::TcpListener| {
+            l.try_clone()
+                .map(OwnedFd::from)
+                .map_err(|e| format!("cannot dup a listening socket: {e}"))
+        };
+        let replication = self.replication.as_ref().map(dup).transpose()?;
+        Ok((dup(&self.client)?, replication))
+    }
 }
 
 /// The node's epoch, persisted across restarts (`DATA/epoch`); 1 when new.
@@ -114,21 +168,22 @@ pub fn serve(config: Config) -> Result<(), String> {
     let stats = Arc::new(NodeStats::new(nr_cores, role, mode, epoch));
     let mesh = (nr_cores > 1)
         .then(|| MeshBuilder::<Batch, Full>::full(nr_cores, config.limits.mesh_channel_batches));
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<Bound, String>>();
+    let listeners = Listeners::open(&config)?;
+    let (listen, replication_listen) = listeners.addrs()?;
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
-    let mut bound = Bound {
-        client: config.listen,
-        replication: config.replication.listen,
-    };
     for core in 0..nr_cores {
         let mut core_config = config.clone();
-        core_config.listen = bound.client;
-        core_config.replication.listen = bound.replication;
+        core_config.listen = listen;
+        core_config.replication.listen = replication_listen;
+        let (client_fd, replication_fd) = listeners.dup()?;
         let spec = CoreSpec {
             cpu: cpus[core % cpus.len()],
             nr_cores,
             config: core_config,
             stats: stats.clone(),
+            client_fd,
+            replication_fd,
         };
         let (mesh, ready_tx) = (mesh.clone(), ready_tx.clone());
         let handle = LocalExecutorBuilder::new(Placement::Fixed(spec.cpu))
@@ -137,11 +192,12 @@ pub fn serve(config: Config) -> Result<(), String> {
             .spawn(move || core_main(spec, mesh, ready_tx))
             .map_err(|e| format!("cannot start the executor of core {core}: {e}"))?;
         handles.push(handle);
-        // Core 0 resolves port 0; the others bind the same ports (SO_REUSEPORT).
-        bound = wait_ready(&ready_rx)?;
     }
+    // The cores hold their dups; the sockets live as long as one of them does.
+    drop(listeners);
+    drop(ready_tx); // a core that dies before it is ready then ends the wait
     for _ in 0..nr_cores {
-        wait_ready(&ready_rx)?;
+        rx_ready(&ready_rx)?;
     }
     let admin = match config.admin {
         Some(addr) => Some(
@@ -151,9 +207,10 @@ pub fn serve(config: Config) -> Result<(), String> {
         ),
         None => None,
     };
-    let listen = bound.client;
+    // Every core accepts on the one socket, which no other process can share:
+    // from this line on, connections to `listen` reach this process.
     println!("iris listening on {listen}");
-    if let Some(r) = bound.replication {
+    if let Some(r) = replication_listen {
         println!("iris replication listening on {r}");
     }
     if let Some(a) = admin {
@@ -173,7 +230,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     failure.map_or(Ok(()), Err)
 }
 
-fn wait_ready(rx: &mpsc::Receiver<Result<Bound, String>>) -> Result<Bound, String> {
+fn rx_ready(rx: &mpsc::Receiver<Result<(), String>>) -> Result<(), String> {
     rx.recv()
         .map_err(|_| "an executor exited during startup".to_string())?
 }
@@ -227,32 +284,15 @@ fn shard_dir(data: &Path, shard: usize) -> PathBuf {
 async fn core_main(
     spec: CoreSpec,
     mesh: Option<MeshBuilder<Batch, Full>>,
-    ready: mpsc::Sender<Result<Bound, String>>,
+    ready: mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
     let fail = |msg: String| {
         let _ = ready.send(Err(msg.clone()));
         Err(msg)
     };
-    let listener = match TcpListener::bind(spec.config.listen) {
-        Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", spec.config.listen)),
-    };
-    let repl_listener = match spec.config.replication.listen.map(TcpListener::bind) {
-        None => None,
-        Some(Ok(l)) => Some(l),
-        Some(Err(e)) => {
-            return fail(format!(
-                "cannot listen for replicas on {:?}: {e}",
-                spec.config.replication.listen
-            ))
-        }
-    };
-    let client = listener.local_addr().map_err(|e| e.to_string())?;
-    let replication = repl_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let _ = ready.send(Ok(Bound {
-        client,
-        replication,
-    }));
+    let listener = sys::tcp_listener(spec.client_fd);
+    let repl_listener = spec.replication_fd.map(sys::tcp_listener);
+    let client = spec.config.listen;
     let (senders, receivers, id) = match mesh {
         Some(mesh) => {
             let (s, mut r) = mesh.join().await.map_err(|e| format!("core mesh: {e}"))?;
@@ -307,10 +347,7 @@ async fn core_main(
     if let Some(primary) = repl_config.replica_of {
         glommio::spawn_local(crate::repl::follow(core.clone(), primary)).detach();
     }
-    let _ = ready.send(Ok(Bound {
-        client,
-        replication,
-    }));
+    let _ = ready.send(Ok(()));
     acceptor(core.clone(), listener).await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
@@ -324,8 +361,13 @@ async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
                 glommio::spawn_local(crate::repl::accept_replica(core.clone(), stream)).detach();
             }
             Err(e) => {
-                tracing::warn!(error = %e, "replication accept failed");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
+                let e = std::io::Error::from(e);
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    glommio::timer::sleep(ACCEPT_AGAIN).await; // as in acceptor()
+                } else {
+                    tracing::warn!(error = %e, "replication accept failed");
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
         if core.borrow().edge.shutting_down {
@@ -345,12 +387,16 @@ async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
             c.shutdown_waker = Some(cx.waker().clone());
             Poll::Pending
         });
+        if accept_lead(&core.borrow()) > ACCEPT_LEAD_MAX {
+            glommio::timer::sleep(ACCEPT_DEFER).await;
+        }
         let accepted =
             futures_lite::future::or(async { Some(listener.accept().await) }, stopped).await;
         let Some(result) = accepted else { return };
         match result {
             Ok(stream) => {
                 let slot = core.borrow_mut().edge.alloc_slot();
+                publish_connections(&core.borrow());
                 match slot {
                     Some((index, generation)) => {
                         let task = crate::conn::serve(core.clone(), index, generation, stream);
@@ -360,6 +406,14 @@ async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
                 }
             }
             Err(e) => {
+                let e = std::io::Error::from(e);
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    // Kernels that end an io_uring accept on a nonblocking
+                    // listener with EAGAIN instead of waiting (5.x; see
+                    // engine::ports for why it is nonblocking): poll.
+                    glommio::timer::sleep(ACCEPT_AGAIN).await;
+                    continue;
+                }
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     tracing::warn!(error = %e, "accept failed (file descriptors exhausted?)");
                     last_warning = Some(Instant::now());
@@ -368,6 +422,24 @@ async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
             }
         }
     }
+}
+
+/// How many more client connections this core holds than the least loaded core.
+fn accept_lead(c: &Core) -> u64 {
+    let mine = c.edge.connections as u64;
+    let shards = &c.repl.stats.shards;
+    let least = (0..shards.len())
+        .filter(|&i| i != c.shard.id)
+        .map(|i| shards[i].connections.load(Ordering::Relaxed))
+        .min();
+    least.map_or(0, |least| mine.saturating_sub(least))
+}
+
+fn publish_connections(c: &Core) {
+    let open = c.edge.connections as u64;
+    c.repl.stats.shards[c.shard.id]
+        .connections
+        .store(open, Ordering::Relaxed);
 }
 
 /// ERROR 7 to a connection over connections_per_core_max, then close.
@@ -488,6 +560,7 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         crate::repl::tick(&mut c, &data);
         // A mode change may have delivered (and rewound) something.
         c.route_edge_mail();
+        publish_connections(&c); // closes since the last accept
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             c.edge.expire_idle();

@@ -54,6 +54,10 @@ pub const FSYNC_BUCKETS_US: [u64; 12] = [
 pub struct ShardStats {
     /// This shard's Mode (as u8); the node's mode is the worst of its shards'.
     pub mode: AtomicU8,
+    /// Client connections open on this core: published by its acceptor after
+    /// each accept and by its maintenance tick; read by the other cores'
+    /// acceptors to share the listening socket evenly (runtime::accept_lead).
+    pub connections: AtomicU64,
     pub last_position: AtomicU64,
     pub durable_position: AtomicU64,
     pub replica_connected: AtomicBool,

@@ -154,3 +154,12 @@ pub fn tcp_stream(fd: RawFd) -> glommio::net::TcpStream {
     // over by another core), which nothing else will close.
     unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
 }
+
+/// Wraps a listening socket we own (a dup of the process's one listener for
+/// that address, engine::ports) into a glommio listener of this core.
+pub fn tcp_listener(fd: std::os::fd::OwnedFd) -> glommio::net::TcpListener {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `fd` is bound and listening (glommio's precondition) and owned:
+    // into_raw_fd hands its ownership to the glommio listener, which closes it.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
+}
