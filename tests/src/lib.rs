@@ -84,6 +84,8 @@ pub struct Server {
     log_path: PathBuf,
     child: Child,
     addr: String,
+    /// The process's stdout lines after its listening line.
+    stdout: mpsc::Receiver<String>,
 }
 
 impl Server {
@@ -101,13 +103,14 @@ impl Server {
             args.push("2".into());
         }
         args.extend(extra_args.iter().map(|arg| arg.to_string()));
-        let (child, addr) = spawn_server(&args, &log_path);
+        let (child, addr, stdout) = spawn_server(&args, &log_path);
         Server {
             args,
             data_dir,
             log_path,
             child,
             addr,
+            stdout,
         }
     }
 
@@ -169,9 +172,39 @@ impl Server {
             exited.is_some(),
             "restart() of a server that is still running"
         );
-        let (child, addr) = spawn_server(&self.args, &self.log_path);
+        let (child, addr, stdout) = spawn_server(&self.args, &self.log_path);
         self.child = child;
         self.addr = addr;
+        self.stdout = stdout;
+    }
+
+    /// Like [`Server::restart`], but the new process listens on the same
+    /// client address as the old one (and so do later restarts).
+    pub fn restart_on_same_port(&mut self) {
+        let at = self
+            .args
+            .iter()
+            .position(|arg| arg == "--listen")
+            .expect("the harness always passes --listen");
+        self.args[at + 1] = self.addr.clone();
+        self.restart();
+    }
+
+    /// The rest of the next stdout line starting with `prefix` (e.g. `iris
+    /// replication listening on `), waiting up to [`STARTUP_TIMEOUT`].
+    pub fn stdout_line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no stdout line `{prefix}...`\n{}", self.log_tail());
     }
 
     /// The last lines of the server's stderr, for failure messages.
@@ -243,15 +276,61 @@ pub fn spawn_iris(args: &[String], log_path: &Path) -> (Child, mpsc::Receiver<St
     (child, lines_rx)
 }
 
-/// Spawns `iris-e2e <args>` and waits for its listening line on stdout.
-fn spawn_server(args: &[String], log_path: &Path) -> (Child, String) {
+/// Runs `iris serve` with a fresh data dir, `--cores 2` and `extra_args`, for a
+/// start that must fail: waits (up to [`STARTUP_TIMEOUT`]) for the process to
+/// exit and returns its status and stderr. Printing a listening line fails
+/// the test.
+pub fn serve_must_fail(extra_args: &[&str]) -> (ExitStatus, String) {
+    let data_dir = unique_temp_path("data");
+    let log_path = unique_temp_path("log").with_extension("log");
+    let mut args: Vec<String> = vec!["serve".into(), "--data".into()];
+    args.push(data_dir.to_str().expect("utf-8 temp path").into());
+    args.extend(["--cores".into(), "2".into()]);
+    args.extend(extra_args.iter().map(|arg| arg.to_string()));
+    let (mut child, lines_rx) = spawn_iris(&args, &log_path);
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let status = loop {
+        if let Ok(line) = lines_rx.try_recv() {
+            if line.starts_with(LISTENING_PREFIX) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`iris {}` started: {line}\n{}",
+                    args.join(" "),
+                    log_tail(&log_path)
+                );
+            }
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`iris {}` neither failed nor listened within {STARTUP_TIMEOUT:?}\n{}",
+                args.join(" "),
+                log_tail(&log_path)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = fs::remove_file(&log_path);
+    let _ = fs::remove_dir_all(&data_dir);
+    (status, stderr)
+}
+
+/// Spawns `iris-e2e <args>` and waits for its listening line on stdout;
+/// returns the child, the address, and the stdout lines still to come.
+fn spawn_server(args: &[String], log_path: &Path) -> (Child, String, mpsc::Receiver<String>) {
     let (mut child, lines_rx) = spawn_iris(args, log_path);
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         match lines_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
                 if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
-                    return (child, addr.trim().to_string());
+                    return (child, addr.trim().to_string(), lines_rx);
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
