@@ -10,10 +10,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
 
-use crate::limits::ZERO_FILL_CHUNK_BYTES;
+use crate::limits::{SEGMENT_CREATE_RETRY_MS, ZERO_FILL_CHUNK_BYTES};
 use crate::mmap::map_segment;
 use crate::storage::{SegmentFile, Storage};
 use crate::WalError;
@@ -66,6 +67,9 @@ pub struct FileStorage {
     spare_requested_size_bytes: Option<u64>,
     spare_counter: u64,
     rollover_waits: u64,
+    /// The last failed segment creation: until `SEGMENT_CREATE_RETRY_MS`
+    /// after it, creations fail at once with its error kind.
+    create_failed: Option<(Instant, io::ErrorKind, String)>,
 }
 
 impl FileStorage {
@@ -105,6 +109,7 @@ impl FileStorage {
             spare_requested_size_bytes: None,
             spare_counter: 0,
             rollover_waits: 0,
+            create_failed: None,
         })
     }
 
@@ -154,6 +159,24 @@ impl FileStorage {
     }
 }
 
+impl FileStorage {
+    fn create_segment_now(&mut self, base: u64, size_bytes: u64) -> io::Result<FileSegment> {
+        let spare = match self.take_spare(size_bytes)? {
+            Some(spare) => spare,
+            None => {
+                let path = self.next_spare_path();
+                make_spare(&path, size_bytes, self.populate)?
+            }
+        };
+        if let Err(e) = fs::rename(&spare.path, self.segment_path(base)) {
+            let _ = fs::remove_file(&spare.path);
+            return Err(e);
+        }
+        self.request_spare(size_bytes);
+        Ok(spare.segment)
+    }
+}
+
 impl Preallocator {
     fn start(populate: bool) -> Preallocator {
         let (request_tx, request_rx) = mpsc::channel::<(PathBuf, u64)>();
@@ -197,6 +220,15 @@ impl Drop for FileStorage {
 /// write into an fallocate'd extent makes fdatasync also commit the extent
 /// conversion (notes/wal-facts.md: 67 µs vs 87 µs).
 fn make_spare(path: &Path, size_bytes: u64, populate: bool) -> io::Result<Spare> {
+    let result = make_spare_file(path, size_bytes, populate);
+    if result.is_err() {
+        // A full disk must not leave a file per attempt behind.
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+fn make_spare_file(path: &Path, size_bytes: u64, populate: bool) -> io::Result<Spare> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -253,16 +285,21 @@ impl Storage for FileStorage {
     }
 
     fn create_segment(&mut self, base: u64, size_bytes: u64) -> io::Result<FileSegment> {
-        let spare = match self.take_spare(size_bytes)? {
-            Some(spare) => spare,
-            None => {
-                let path = self.next_spare_path();
-                make_spare(&path, size_bytes, self.populate)?
+        let retry = Duration::from_millis(SEGMENT_CREATE_RETRY_MS);
+        if let Some((at, kind, why)) = &self.create_failed {
+            if at.elapsed() < retry {
+                return Err(io::Error::new(
+                    *kind,
+                    format!("{why} (less than {SEGMENT_CREATE_RETRY_MS} ms ago; not retried yet)"),
+                ));
             }
+        }
+        let result = self.create_segment_now(base, size_bytes);
+        self.create_failed = match &result {
+            Ok(_) => None,
+            Err(e) => Some((Instant::now(), e.kind(), e.to_string())),
         };
-        fs::rename(&spare.path, self.segment_path(base))?;
-        self.request_spare(size_bytes);
-        Ok(spare.segment)
+        result
     }
 
     fn remove_segment(&mut self, base: u64) -> io::Result<()> {

@@ -35,3 +35,9 @@ pub const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
 /// and small next to a 64 MiB segment. Allocated once, when the log opens
 /// (at most one segment's size).
 pub const STAGING_BYTES_MAX_DEFAULT: usize = 4 << 20;
+
+/// After a segment file could not be created (a full disk, say), further
+/// attempts fail at once, with the same error, for this long. A full disk
+/// then costs one zero-fill attempt per interval instead of one per append,
+/// and the log recovers by itself once space returns.
+pub const SEGMENT_CREATE_RETRY_MS: u64 = 100;

@@ -17,24 +17,37 @@
 //! | segment missing in the middle | the next segment starts past the position after the previous one's last record | positions missing <= mark: `WalError::Corrupt` naming the segment; above the mark: an orphan of a lost tail, removed with the later ones (`OrphanSegment`) |
 //! | log ends below the mark | the records stop (clean-looking zeros) before the mark | `WalError::Corrupt` |
 //! | misplaced record | a CRC-valid record whose position is not the next one, or a header base that disagrees with the file name | `WalError::Corrupt`: not something a crash produces |
+//! | damage after a clean stop | `Wal::seal` (the engine's graceful stop) left a mark equal to the last position, so any damage is at or below it | `WalError::Corrupt` (the "bad CRC in the middle" row), with [`DAMAGE_FIX`] |
+//! | crash, damage in the last completed commit | p > mark, but p <= the true durable position at the crash | indistinguishable from a torn tail: cut as one, and counted in `dropped_from..=dropped_through` so the engine reports it (WARN, stats, metric) |
 //!
-//! The mark trails the truly durable position by the last completed group
-//! commit or so (it is written after a commit completes and made durable by
-//! the next one): damage to just that last stretch of acknowledged records
-//! cannot be told from a crashed tail and is truncated. Everything older is
-//! protected. See FORMAT.md.
+//! Every cut reports the positions it discards (`dropped_*`): the damaged
+//! record's own and the highest checksum-valid record found past it.
+//!
+//! How many acknowledged records can sit above the mark after a crash,
+//! exactly: the mark is rewritten after each group commit completes and
+//! reaches the disk with the next one, so at a crash it may trail the truly
+//! durable position by the records of the last completed group commit (with
+//! `syncs_in_flight_max` = k, of the last k). Everything older is protected;
+//! after a clean stop nothing is above the mark. See FORMAT.md.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::format::{
-    decode_durable_mark, decode_record, decode_segment_header, BadRecord, Decoded,
+    decode_durable_mark, decode_record, decode_segment_header, BadRecord, Decoded, RECORD_ALIGN,
     SEGMENT_HEADER_LEN,
 };
 use crate::storage::{SegmentFile, Storage};
 use crate::wal::SegmentState;
 use crate::{WalConfig, WalError};
+
+/// What an operator can do when acknowledged records are damaged; part of
+/// the `WalError::Corrupt` detail.
+pub const DAMAGE_FIX: &str = "Fix: if a replica holds these records, promote it, move this \
+     node's data directory aside and restart this node as its replica (it copies everything \
+     back); otherwise restore the directory from a backup. Starting past the damage would \
+     silently lose acknowledged messages, so this node will not.";
 
 /// How the log ended when it was opened (one row of the recovery table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +77,14 @@ pub struct RecoveryReport {
     pub segments_removed: usize,
     /// Highest durable mark found: positions up to it were acknowledged.
     pub durable_mark: u64,
+    /// Records the tail decision cut off: positions `dropped_from..=dropped_through`
+    /// (0 when nothing was). All lie above the durable mark; after a crash the
+    /// records of the last completed group commit may be among them and may
+    /// have been acknowledged (FORMAT.md, "What a crash can cut").
+    pub dropped_from: u64,
+    /// Highest position cut off: the damaged record's own, or the highest
+    /// checksum-valid record found after it in the cut bytes or removed segments.
+    pub dropped_through: u64,
     pub tail: TailState,
     /// Where the tail decision applied, if it was not a clean end.
     pub tail_path: Option<PathBuf>,
@@ -94,8 +115,46 @@ impl fmt::Display for RecoveryReport {
                 self.segments_removed
             )?;
         }
+        if self.dropped_records() > 0 {
+            write!(
+                f,
+                "; dropped {} records at positions {}..={} (durable mark {})",
+                self.dropped_records(),
+                self.dropped_from,
+                self.dropped_through,
+                self.durable_mark
+            )?;
+        }
         Ok(())
     }
+}
+
+impl RecoveryReport {
+    /// How many positions the tail decision cut off (0 for a clean end).
+    pub fn dropped_records(&self) -> u64 {
+        if self.dropped_through == 0 {
+            0
+        } else {
+            self.dropped_through - self.dropped_from + 1
+        }
+    }
+}
+
+/// The highest position of a checksum-valid record above `after` anywhere in
+/// `bytes[from..to]` (tried at every frame alignment), or 0. Tells how many
+/// records a cut discards: the bytes past a bad record may hold later ones.
+fn highest_valid_position(bytes: &[u8], from: usize, to: usize, after: u64, max: u32) -> u64 {
+    let mut highest = 0;
+    let mut offset = from;
+    while offset < to.min(bytes.len()) {
+        if let Decoded::Record(record, _) = decode_record(&bytes[offset..], max) {
+            if record.position > after {
+                highest = highest.max(record.position);
+            }
+        }
+        offset += RECORD_ALIGN;
+    }
+    highest
 }
 
 /// The result of walking the records of one segment.
@@ -199,6 +258,8 @@ pub(crate) fn recover<S: Storage>(
         truncated_bytes: 0,
         segments_removed: 0,
         durable_mark: 0,
+        dropped_from: 0,
+        dropped_through: 0,
         tail: TailState::Clean,
         tail_path: None,
         tail_offset: 0,
@@ -214,6 +275,7 @@ pub(crate) fn recover<S: Storage>(
         &mut kept,
         &mut next_base,
     )?;
+    count_dropped(&opened, &plan, max, &mut report);
     apply(storage, &mut opened, plan, &mut report)?;
     let segments: VecDeque<_> = opened
         .into_iter()
@@ -240,6 +302,32 @@ pub(crate) fn recover<S: Storage>(
         report,
         next_base,
     })
+}
+
+/// Fills `dropped_through`: the highest position the plan discards (the
+/// damaged record itself when its bytes are cut, or any valid record found
+/// past it in the cut bytes and the removed segments).
+fn count_dropped<G: SegmentFile>(
+    opened: &[(u64, G)],
+    plan: &Plan,
+    max: u32,
+    report: &mut RecoveryReport,
+) {
+    if report.tail == TailState::Clean {
+        return;
+    }
+    let after = report.dropped_from - 1;
+    let mut through = 0;
+    if let Some((index, from, to)) = plan.zero {
+        let bytes = opened[index].1.bytes();
+        through = highest_valid_position(bytes, from, to, after, max).max(report.dropped_from);
+    }
+    for (_, segment) in &opened[plan.remove_from..] {
+        let bytes = segment.bytes();
+        let found = highest_valid_position(bytes, SEGMENT_HEADER_LEN, bytes.len(), after, max);
+        through = through.max(found);
+    }
+    report.dropped_through = through;
 }
 
 /// The first thing wrong, found while walking the log in order.
@@ -366,7 +454,8 @@ fn judge<S: Storage>(
     if *next_base <= mark {
         let path = storage.segment_path(opened.last().map_or(*next_base, |(base, _)| *base));
         let detail = format!(
-            "the log ends at {} but positions up to {mark} were durable",
+            "the log ends at {} but positions up to {mark} were durable: acknowledged records \
+             are missing, nothing was changed on disk. {DAMAGE_FIX}",
             *next_base - 1
         );
         return Err(corrupt(path, 0, detail));
@@ -386,11 +475,13 @@ fn cut(
 ) -> Result<Plan, WalError> {
     if anomaly.position <= mark {
         let detail = format!(
-            "{}; position {} was durable (durable mark {mark})",
+            "{}; position {} was durable (durable mark {mark}): acknowledged records are damaged, \
+             nothing was changed on disk. {DAMAGE_FIX}",
             anomaly.detail, anomaly.position
         );
         return Err(corrupt(anomaly.path, anomaly.offset, detail));
     }
+    report.dropped_from = anomaly.position;
     set_tail(
         report,
         anomaly.tail,

@@ -91,7 +91,102 @@ fn row_torn_last_record() {
     assert_eq!(report.tail, TailState::TornRecord, "{report}");
     assert_eq!(report.tail_offset, torn as u64);
     assert!(report.truncated_bytes > 0);
+    assert_eq!(
+        (
+            report.dropped_from,
+            report.dropped_through,
+            report.dropped_records()
+        ),
+        (40, 40, 1),
+        "{report}"
+    );
     assert_log_is(&disk, &config, 39);
+}
+
+/// A clean stop seals the log: the durable mark covers the last record, so
+/// damage to that record is acknowledged data lost, never a torn tail.
+#[test]
+fn row_damage_after_a_clean_stop_is_an_error_even_in_the_last_record() {
+    let disk = SimDisk::new();
+    let config = sim_config(SEGMENT_SIZE_BYTES);
+    let (mut wal, _) = open_sim(&disk, &config).unwrap();
+    for p in 1..=40 {
+        wal.append(1, 0, &payload_for(p)).unwrap();
+        if p % 10 == 0 {
+            wal.sync().unwrap();
+        }
+    }
+    assert_eq!(wal.seal().unwrap(), 40);
+    assert_eq!(wal.durable_mark(), 40);
+    drop(wal);
+    let last_segment = disk.borrow().segment_bases().len() - 1;
+    let (base, mut bytes) = segment_bytes(&disk, last_segment);
+    let last = *record_offsets(&bytes).last().unwrap();
+    bytes[last + RECORD_HEADER_LEN] ^= 0x01;
+    write_segment(&disk, base, &bytes);
+    match open_sim(&disk, &config) {
+        Err(WalError::Corrupt { offset, detail, .. }) => {
+            assert_eq!(offset, last as u64);
+            assert!(detail.contains("position 40 was durable"), "{detail}");
+            assert!(detail.contains("Fix:"), "{detail}");
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|(_, r)| r)),
+    }
+    assert_eq!(
+        segment_bytes(&disk, last_segment).1,
+        bytes,
+        "nothing changed"
+    );
+}
+
+/// After a crash the on-disk mark trails the truly durable position by the
+/// last completed group commit: its records were acknowledged but sit above
+/// the mark. Damage there cuts them; recovery counts them for the operator
+/// (`dropped_*`: the engine logs them at WARN, in stats and a metric).
+/// Damage one commit further back is below the mark: an error.
+#[test]
+fn row_crash_damage_in_the_last_commit_is_cut_and_counted() {
+    for (damaged, expect_cut) in [(25u64, true), (19, false)] {
+        let disk = SimDisk::new();
+        let config = sim_config(1 << 16);
+        let (mut wal, _) = open_sim(&disk, &config).unwrap();
+        for p in 1..=30 {
+            wal.append(1, 0, &payload_for(p)).unwrap();
+            if p % 10 == 0 {
+                wal.sync().unwrap();
+            }
+        }
+        // Commits ended at 10, 20 and 30 (all acknowledged). The mark for 30
+        // would ride on the next commit; at the crash the disk holds 20.
+        drop(wal);
+        let (base, mut bytes) = segment_bytes(&disk, 0);
+        assert_eq!(wal::format::decode_durable_mark(&bytes), Some(30));
+        wal::format::encode_durable_mark(20, &mut bytes[..64]);
+        let offsets = record_offsets(&bytes);
+        bytes[offsets[damaged as usize - 1] + RECORD_HEADER_LEN] ^= 0x04;
+        write_segment(&disk, base, &bytes);
+        let opened = open_sim(&disk, &config);
+        if !expect_cut {
+            assert!(
+                matches!(opened, Err(WalError::Corrupt { .. })),
+                "damage below the mark must be refused"
+            );
+            continue;
+        }
+        let (_, report) = opened.unwrap();
+        assert_eq!(report.durable_mark, 20);
+        assert_eq!(report.tail, TailState::TornRecord, "{report}");
+        assert_eq!(
+            (
+                report.dropped_from,
+                report.dropped_through,
+                report.dropped_records()
+            ),
+            (25, 30, 6),
+            "{report}"
+        );
+        assert_log_is(&disk, &config, 24);
+    }
 }
 
 #[test]
@@ -260,5 +355,7 @@ fn damage_above_the_durable_mark_with_records_after_it_is_a_crashed_tail() {
         (TailState::TornRecord, 10),
         "{report}"
     );
+    // Records 21..=30 were valid but follow the hole: cut and counted.
+    assert_eq!((report.dropped_from, report.dropped_through), (20, 30));
     assert_log_is(&disk, &config, 19);
 }
