@@ -392,6 +392,14 @@ struct ShardView {
     shard: usize,
     last_position: u64,
     durable_position: u64,
+    /// Records WAL recovery cut off past the durable mark at start (see PROTOCOL/README).
+    recovery_dropped_records: u64,
+    /// First position of that cut (0: none).
+    recovery_dropped_from: u64,
+    /// Memory held by inboxes (pending messages and the user table), as allocated.
+    inbox_bytes: u64,
+    /// Memory held by the dedup table.
+    dedup_bytes: u64,
     /// Empty when the shard has no replica (never connected, never heard from).
     replicas: Vec<ReplicaView>,
 }
@@ -427,6 +435,10 @@ fn replication_stats(stats: &NodeStats) -> Response {
                 shard,
                 last_position: s.last_position.load(Relaxed),
                 durable_position: s.durable_position.load(Relaxed),
+                recovery_dropped_records: s.recovery_dropped_records.load(Relaxed),
+                recovery_dropped_from: s.recovery_dropped_from.load(Relaxed),
+                inbox_bytes: s.inbox_bytes.load(Relaxed),
+                dedup_bytes: s.dedup_bytes.load(Relaxed),
                 replicas: if connected || heartbeat_ms > 0 {
                     vec![replica]
                 } else {
@@ -564,7 +576,27 @@ fn encode_node(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::f
 
 fn encode_shards(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     type Field = fn(&crate::stats::ShardStats) -> u64;
-    let fields: [(&str, &str, Field); 6] = [
+    let fields: [(&str, &str, Field); 10] = [
+        (
+            "iris_wal_recovery_dropped_records",
+            "Records WAL recovery cut off past the durable mark at start (may include acknowledged ones)",
+            |s| s.recovery_dropped_records.load(Relaxed),
+        ),
+        (
+            "iris_wal_recovery_dropped_from",
+            "First log position WAL recovery cut off at start (0: none)",
+            |s| s.recovery_dropped_from.load(Relaxed),
+        ),
+        (
+            "iris_shard_inbox_bytes",
+            "Memory held by the shard's inboxes, as allocated",
+            |s| s.inbox_bytes.load(Relaxed),
+        ),
+        (
+            "iris_shard_dedup_bytes",
+            "Memory held by the shard's dedup table",
+            |s| s.dedup_bytes.load(Relaxed),
+        ),
         (
             "iris_shard_last_position",
             "Last appended log position",

@@ -553,15 +553,22 @@ impl Sink for Edge {
 
     fn deliver(&mut self, conn: ConnRef, msg: &PendingMsg) {
         if conn.core == self.id {
-            self.deliver_local(conn, msg.seq, msg.msg_id, &msg.from, msg.sent_ms, &msg.body);
+            self.deliver_local(
+                conn,
+                msg.seq,
+                msg.msg_id,
+                msg.from(),
+                msg.sent_ms,
+                msg.body(),
+            );
         } else {
             let mail = Mail::Deliver {
                 conn,
                 seq: msg.seq,
                 msg_id: msg.msg_id,
-                from: msg.from.clone(),
+                from: msg.from().into(),
                 sent_ms: msg.sent_ms,
-                body: msg.body.clone(),
+                body: msg.body().into(),
             };
             self.post(conn.core, mail);
         }

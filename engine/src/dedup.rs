@@ -50,6 +50,20 @@ impl Dedup {
         }
     }
 
+    /// Heap bytes of the table and its order queue, as allocated (by capacity).
+    pub fn heap_bytes(&self) -> usize {
+        crate::memory::table_bytes(
+            self.map.capacity(),
+            std::mem::size_of::<(DedupKey, Entry)>(),
+        ) + crate::memory::deque_bytes::<DedupKey>(self.order.capacity())
+    }
+
+    /// The most `heap_bytes` can reach with `entries_max` entries.
+    pub fn heap_bytes_max(entries_max: usize) -> usize {
+        crate::memory::table_bytes_grown(entries_max - 1, std::mem::size_of::<(DedupKey, Entry)>())
+            + crate::memory::deque_bytes::<DedupKey>(entries_max.next_power_of_two())
+    }
+
     /// The log position of an earlier store of this key, if it is remembered.
     pub fn get(&self, key: &DedupKey) -> Option<u64> {
         self.map.get(key).map(|e| e.position)

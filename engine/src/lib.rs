@@ -7,11 +7,14 @@
 pub mod admin;
 pub mod admin_cmd;
 pub mod auth;
+pub mod chunked;
 pub mod client_cmd;
 pub mod config;
 pub mod conn;
 pub mod core;
 pub mod dedup;
+pub mod lograte;
+pub mod memory;
 pub mod ports;
 pub mod record;
 pub mod repl;
@@ -85,6 +88,13 @@ struct ServeArgs {
     /// Connections per core before ERROR 7. [default: 50000]
     #[arg(long)]
     connections_per_core_max: Option<usize>,
+    /// Memory a shard's inboxes may hold (pending messages and the user table,
+    /// as allocated) before REJECTED 4. [default: 1073741824]
+    #[arg(long)]
+    shard_pending_bytes_max: Option<usize>,
+    /// Users with inbox state per shard before REJECTED 4. [default: 1000000]
+    #[arg(long)]
+    inbox_users_max: Option<usize>,
     /// (sender, msg_id) pairs remembered per shard for idempotency. [default: 1000000]
     #[arg(long)]
     dedup_entries_max: Option<usize>,
@@ -141,6 +151,8 @@ impl ServeArgs {
              outbox_bytes_max => limits.outbox_bytes_max,
              connections_per_core_max => limits.connections_per_core_max,
              dedup_entries_max => limits.dedup_entries_max, frame_len_max => limits.frame_len_max,
+             shard_pending_bytes_max => limits.shard_pending_bytes_max,
+             inbox_users_max => limits.inbox_users_max,
              body_len_max => limits.body_len_max, wal_segment_bytes => limits.wal_segment_bytes,
              listen_busy_wait_ms => limits.listen_busy_wait_ms,
              on_replica_loss => replication.on_replica_loss,

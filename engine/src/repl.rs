@@ -194,6 +194,18 @@ fn plan(c: &mut Core, hello: &Hello) -> Plan {
             hello.slots
         ));
     }
+    if hello.shard != c.shard.id as u32 {
+        return Plan::Refuse(format!(
+            "no shard {} here: this node's shards are 0..{nr} and this stream reached shard {}",
+            hello.shard, c.shard.id
+        ));
+    }
+    if hello.last_record_epoch > hello.epoch {
+        return Plan::Refuse(format!(
+            "inconsistent HELLO: last record epoch {} is above the peer's epoch {}",
+            hello.last_record_epoch, hello.epoch
+        ));
+    }
     if hello.epoch > c.shard.epoch() {
         c.shard.fence(hello.epoch, &mut c.edge);
         c.repl.stats.set_role(Role::Fenced);
@@ -1013,6 +1025,9 @@ fn publish(c: &mut Core, stats: &NodeStats) {
     let wal = c.shard.wal();
     s.last_position.store(wal.last_position(), Relaxed);
     s.durable_position.store(wal.durable_position(), Relaxed);
+    let (inbox_bytes, dedup_bytes) = c.shard.memory_bytes();
+    s.inbox_bytes.store(inbox_bytes as u64, Relaxed);
+    s.dedup_bytes.store(dedup_bytes as u64, Relaxed);
     let connected = match c.shard.role {
         Role::Primary => c.repl.link.is_some(),
         _ => now_ms().saturating_sub(c.repl.last_heard_ms) < c.repl.config.loss_timeout_ms,

@@ -307,6 +307,7 @@ async fn core_main(
             Err(e) => return fail(format!("cannot open shard {id}: {e}")),
         };
     tracing::info!(shard = id, cpu = spec.cpu, users = shard.users(), recovery = %report, "shard open");
+    report_dropped(id, &report, &spec.stats);
     shard.set_epoch(spec.stats.epoch.load(Ordering::SeqCst));
     let repl_config = spec.config.replication.clone();
     if let Some(primary) = &repl_config.replica_of {
@@ -351,6 +352,30 @@ async fn core_main(
     acceptor(core.clone(), listener).await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
+}
+
+/// Records a recovery that cut records off past the durable mark: loudly
+/// (WARN, stats, metric), since after a crash the last group commit's records
+/// sit there and may have been acknowledged (wal/FORMAT.md).
+fn report_dropped(shard: usize, report: &wal::RecoveryReport, stats: &NodeStats) {
+    let dropped = report.dropped_records();
+    if dropped == 0 {
+        return;
+    }
+    let s = &stats.shards[shard];
+    s.recovery_dropped_records.store(dropped, Ordering::Relaxed);
+    s.recovery_dropped_from
+        .store(report.dropped_from, Ordering::Relaxed);
+    tracing::warn!(
+        shard,
+        dropped,
+        from = report.dropped_from,
+        through = report.dropped_through,
+        durable_mark = report.durable_mark,
+        tail = ?report.tail,
+        "WAL recovery dropped records past the durable mark: the last group commit before a crash \
+         may have been acknowledged; if this node had a replica, it holds them (promote it to keep them)"
+    );
 }
 
 /// Accepts replica streams until shutdown (a dead listener ends the task).
@@ -572,7 +597,10 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
             Ok(false) => {}
             Err(e) => {
                 fatal_if_poisoned(&e);
-                tracing::error!(error = %e, "checkpoint failed; will retry");
+                let interval = crate::lograte::REPEATED_ERROR_LOG_INTERVAL;
+                if let Some(suppressed) = c.shard.checkpoint_errors.check(interval) {
+                    tracing::error!(error = %e, suppressed, "checkpoint failed; will retry (repeats logged every 5 s)");
+                }
             }
         }
         if sys::SHUTDOWN.load(Ordering::SeqCst) && !c.edge.shutting_down {
@@ -607,8 +635,27 @@ async fn shutdown(core: Rc<RefCell<Core>>, nr_cores: usize, drain_ms: u64) {
     }
     // Make the last ACK records durable too (not required, but saves redeliveries).
     core.borrow_mut().kick_committer();
-    while Instant::now() < flush_deadline && core.borrow().shard.needs_sync() {
+    while Instant::now() < flush_deadline
+        && (core.borrow().shard.needs_sync()
+            || core.borrow_mut().shard.wal_mut().syncs_in_flight() > 0)
+    {
         glommio::timer::sleep(pause).await;
+    }
+    // A clean stop leaves a durable mark that covers every record: damage to
+    // any of them on the next start is refused, never taken for a torn tail.
+    let sealed = {
+        let mut c = core.borrow_mut();
+        let in_flight = c.shard.wal_mut().syncs_in_flight();
+        (in_flight == 0).then(|| c.shard.wal_mut().seal())
+    };
+    match sealed {
+        Some(Ok(position)) => {
+            tracing::info!(position, "WAL sealed: the durable mark covers every record")
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "cannot seal the WAL; the next start treats the last commit as a crash tail")
+        }
+        None => tracing::warn!("a WAL sync still in flight at exit: not sealed"),
     }
     tracing::info!(shard = core.borrow().shard.id, "core stopped");
 }

@@ -6,8 +6,11 @@
 //! hear through a [`Sink`], and it never waits for the disk: it appends, and
 //! the core's committer tells it when positions become durable.
 
+use crate::chunked::ChunkedQueue;
 use crate::config::Limits;
 use crate::dedup::{sender_hash, Dedup};
+use crate::lograte::{LogEvery, REPEATED_ERROR_LOG_INTERVAL};
+use crate::memory;
 use crate::record::{self, Decoded, MsgRecord};
 use crate::stats::{Mode, Role};
 use net::{reject_code, MsgId};
@@ -34,22 +37,67 @@ pub trait Sink {
     fn deliver(&mut self, conn: ConnRef, msg: &PendingMsg);
 }
 
+/// A stored, not yet acknowledged message. The sender and the body share one
+/// heap block (a pending message costs one allocation besides its queue slot).
 #[derive(Debug)]
 pub struct PendingMsg {
     pub seq: u64,
     pub msg_id: MsgId,
-    pub from: Box<str>,
     pub sent_ms: u64,
-    pub body: Box<[u8]>,
     /// WAL position of the record; deliverable once durable.
     pub position: u64,
+    /// The sender's id, then the body.
+    data: Box<[u8]>,
+    from_len: u8,
 }
 
+// A queue slot is what every pending message costs besides its block: keep it small.
+const _: () = assert!(std::mem::size_of::<PendingMsg>() <= 64);
+// A sender id travels in a `str` field, so its length fits `from_len`.
+const _: () = assert!(net::limits::STR_LEN_MAX <= u8::MAX as usize);
+
 impl PendingMsg {
-    fn cost_bytes(&self) -> usize {
-        std::mem::size_of::<PendingMsg>() + self.from.len() + self.body.len()
+    pub fn new(
+        seq: u64,
+        msg_id: MsgId,
+        from: &str,
+        sent_ms: u64,
+        body: &[u8],
+        position: u64,
+    ) -> Self {
+        assert!(
+            from.len() <= net::limits::STR_LEN_MAX,
+            "sender id over the wire limit"
+        );
+        let mut data = Vec::with_capacity(from.len() + body.len());
+        data.extend_from_slice(from.as_bytes());
+        data.extend_from_slice(body);
+        PendingMsg {
+            seq,
+            msg_id,
+            sent_ms,
+            position,
+            data: data.into_boxed_slice(),
+            from_len: from.len() as u8,
+        }
+    }
+
+    pub fn from(&self) -> &str {
+        std::str::from_utf8(&self.data[..self.from_len as usize]).expect("built from a &str")
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.data[self.from_len as usize..]
+    }
+
+    /// Heap bytes of the message's block (its queue slot is counted with the queue).
+    fn heap_bytes(&self) -> usize {
+        memory::alloc_bytes(self.data.len())
     }
 }
+
+/// Heap bytes of one entry of the inbox table (key, inbox).
+const INBOX_SLOT_BYTES: usize = std::mem::size_of::<(Rc<str>, Inbox)>();
 
 struct Presence {
     conn: ConnRef,
@@ -68,7 +116,9 @@ struct Inbox {
     /// Every seq <= acked is consumed.
     acked: u64,
     /// Exactly the messages with seq in (acked, last_seq], in order.
-    pending: VecDeque<PendingMsg>,
+    pending: ChunkedQueue<PendingMsg>,
+    /// Heap bytes of the pending messages' blocks.
+    pending_heap_bytes: usize,
     presence: Option<Presence>,
 }
 
@@ -142,6 +192,10 @@ pub struct Shard {
     limits: Limits,
     scratch: Vec<u8>,
     checkpoint: CheckpointState,
+    /// Rate limit of the "WAL append failed" line (a full disk fails every SEND).
+    append_errors: LogEvery,
+    /// Rate limit of the "checkpoint failed" line (retried every maintenance tick).
+    pub checkpoint_errors: LogEvery,
 }
 
 pub fn now_ms() -> u64 {
@@ -185,6 +239,8 @@ impl Shard {
                 appended_bytes: 0,
                 in_progress: None,
             },
+            append_errors: LogEvery::default(),
+            checkpoint_errors: LogEvery::default(),
         };
         shard.replay()?;
         Ok((shard, report))
@@ -273,6 +329,11 @@ impl Shard {
         self.waiting.len()
     }
 
+    /// Heap held by the inboxes (bounded by shard_pending_bytes_max) and by the dedup table.
+    pub fn memory_bytes(&self) -> (usize, usize) {
+        (self.live.memory_bytes(), self.live.dedup.heap_bytes())
+    }
+
     pub fn users(&self) -> usize {
         self.live.inboxes.len()
     }
@@ -299,15 +360,18 @@ impl Shard {
             return Ok(());
         }
         // One lookup finds the recipient's key, its next seq, and its limit.
-        let (recipient, seq, pending_len) = match self.live.inboxes.get_key_value(req.to) {
+        let (recipient, seq, queue) = match self.live.inboxes.get_key_value(req.to) {
             Some((k, inbox)) => (
                 Some(k.clone()),
                 inbox.last_seq + 1,
-                Some(inbox.pending.len()),
+                Some((inbox.pending.len(), inbox.pending.push_cost_bytes())),
             ),
             None => (None, 1, None),
         };
-        if let Some((code, reason)) = self.refuse(pending_len, req.body.len()) {
+        let cost = self
+            .live
+            .send_cost_bytes(queue, req.to, req.sender.len() + req.body.len());
+        if let Some((code, reason)) = self.refuse(queue.map(|(len, _)| len), cost) {
             sink.rejected(req.reply, req.msg_id, code, reason);
             return Ok(());
         }
@@ -323,7 +387,9 @@ impl Shard {
         let position = match self.append(record::MSG) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(shard = self.id, error = %e, "WAL append failed; SEND rejected");
+                if let Some(suppressed) = self.append_errors.check(REPEATED_ERROR_LOG_INTERVAL) {
+                    tracing::error!(shard = self.id, error = %e, suppressed, "WAL append failed; SEND rejected (repeats logged every 5 s)");
+                }
                 sink.rejected(
                     req.reply,
                     req.msg_id,
@@ -335,23 +401,18 @@ impl Shard {
         };
         // The turn's clock (sent_ms) is the store time the dedup window counts from.
         self.live.dedup.insert(key, position, req.sent_ms);
-        let msg = PendingMsg {
+        let msg = PendingMsg::new(
             seq,
-            msg_id: req.msg_id,
-            from: req.sender.into(),
-            sent_ms: req.sent_ms,
-            body: req.body,
+            req.msg_id,
+            req.sender,
+            req.sent_ms,
+            &req.body,
             position,
-        };
-        self.live.pending_bytes += msg.cost_bytes();
-        let recipient = recipient.unwrap_or_else(|| {
-            let k: Rc<str> = Rc::from(req.to);
-            self.live.inboxes.insert(k.clone(), Inbox::default());
-            k
-        });
+        );
+        let recipient = recipient.unwrap_or_else(|| self.live.add_user(req.to));
         let inbox = self.live.inboxes.get_mut(&*recipient).expect("present");
         inbox.last_seq = seq;
-        inbox.pending.push_back(msg);
+        self.live.inbox_bytes += inbox.push(msg);
         // An online recipient waits for this message's commit like any other.
         if let Some(p) = inbox.presence.as_mut().filter(|p| !p.stalled) {
             p.stalled = true;
@@ -366,13 +427,14 @@ impl Shard {
     }
 
     /// A limit that refuses this SEND, if any.
-    /// `pending_len`: the recipient's pending messages, None for a new recipient.
-    fn refuse(&self, pending_len: Option<usize>, body_len: usize) -> Option<(u16, &'static str)> {
+    /// `pending_len`: the recipient's pending messages, None for a new recipient;
+    /// `cost_bytes`: the memory storing it adds (`Live::send_cost_bytes`).
+    fn refuse(&self, pending_len: Option<usize>, cost_bytes: usize) -> Option<(u16, &'static str)> {
         if pending_len.is_some_and(|n| n >= self.limits.inbox_len_max) {
             Some((reject_code::INBOX_FULL, "recipient inbox full"))
         } else if pending_len.is_none() && self.live.inboxes.len() >= self.limits.inbox_users_max {
             Some((reject_code::UNAVAILABLE, "shard user table full"))
-        } else if self.live.pending_bytes + body_len > self.limits.shard_pending_bytes_max {
+        } else if self.live.memory_bytes() + cost_bytes > self.limits.shard_pending_bytes_max {
             Some((reject_code::UNAVAILABLE, "shard pending memory full"))
         } else {
             None
@@ -545,7 +607,7 @@ impl Shard {
             inbox.presence = None;
         }
         if inbox.presence.is_none() && inbox.last_seq == 0 {
-            self.live.inboxes.remove(user);
+            self.live.remove_user(user);
         }
     }
 
@@ -559,7 +621,7 @@ impl Shard {
             return Ok(());
         }
         let freed = inbox.consume_to(seq, false);
-        self.live.pending_bytes -= freed;
+        self.live.inbox_bytes -= freed;
         record::encode_ack(user, seq, &mut self.scratch);
         // Logged, not waited for: a lost ACK only means a redelivery after a crash.
         self.append(record::ACK)?;
@@ -780,7 +842,8 @@ impl Shard {
     }
 
     fn live_bytes(&self) -> u64 {
-        (self.live.pending_bytes + self.live.inboxes.len() * 96 + self.live.dedup.len() * 40) as u64
+        // About what a checkpoint restates: the inboxes, and 40 bytes a dedup entry.
+        (self.live.memory_bytes() + self.live.dedup.len() * 40) as u64
     }
 
     /// Writes a checkpoint when the log has grown well past the live state, so
@@ -843,19 +906,30 @@ impl Inbox {
     /// ACK can come before the MSGs it covers would (a checkpoint), so it also
     /// raises `last_seq`.
     fn consume_to(&mut self, seq: u64, replay: bool) -> usize {
-        let mut freed = 0;
+        let (mut freed, queue_before) = (0, self.pending.heap_bytes());
         while self.pending.front().is_some_and(|m| m.seq <= seq) {
             freed += self
                 .pending
                 .pop_front()
                 .expect("front checked")
-                .cost_bytes();
+                .heap_bytes();
         }
+        self.pending_heap_bytes -= freed;
+        freed += queue_before - self.pending.heap_bytes();
         self.acked = self.acked.max(seq);
         if replay {
             self.last_seq = self.last_seq.max(seq);
         }
         freed
+    }
+
+    /// Queues a message; returns the heap bytes that added (its block, and
+    /// the queue's growth when it was full).
+    fn push(&mut self, msg: PendingMsg) -> usize {
+        let (heap, queue) = (msg.heap_bytes(), self.pending.push_cost_bytes());
+        self.pending.push_back(msg);
+        self.pending_heap_bytes += heap;
+        heap + queue
     }
 }
 
@@ -863,11 +937,53 @@ impl Inbox {
 struct Live {
     inboxes: HashMap<Rc<str>, Inbox, ahash::RandomState>,
     dedup: Dedup,
-    /// Bytes held by pending messages (bounded by shard_pending_bytes_max).
-    pending_bytes: usize,
+    /// Heap held by the users' keys and queues and the pending messages'
+    /// blocks, as allocated; with the table itself, bounded by shard_pending_bytes_max.
+    inbox_bytes: usize,
 }
 
 impl Live {
+    /// Memory the inboxes hold: the table (by capacity), keys, queues, messages.
+    fn memory_bytes(&self) -> usize {
+        self.inbox_bytes + memory::table_bytes(self.inboxes.capacity(), INBOX_SLOT_BYTES)
+    }
+
+    /// What storing a message of `data_len` bytes (sender + body) for `to`
+    /// would add: its block, the queue's growth (`queue`: the recipient's
+    /// length and next push cost), and for a new user (`queue` None) its key,
+    /// first queue slot and the table's growth if full.
+    fn send_cost_bytes(&self, queue: Option<(usize, usize)>, to: &str, data_len: usize) -> usize {
+        let push = queue.map_or_else(
+            || ChunkedQueue::<PendingMsg>::default().push_cost_bytes(),
+            |(_, push)| push,
+        );
+        let mut cost = memory::alloc_bytes(data_len) + push;
+        if queue.is_none() {
+            cost += memory::rc_str_bytes(to.len());
+            let table = self.inboxes.capacity();
+            if self.inboxes.len() == table {
+                cost += memory::table_bytes_grown(table, INBOX_SLOT_BYTES)
+                    - memory::table_bytes(table, INBOX_SLOT_BYTES);
+            }
+        }
+        cost
+    }
+
+    fn add_user(&mut self, user: &str) -> Rc<str> {
+        let key: Rc<str> = Rc::from(user);
+        self.inboxes.insert(key.clone(), Inbox::default());
+        self.inbox_bytes += memory::rc_str_bytes(user.len());
+        key
+    }
+
+    fn remove_user(&mut self, user: &str) {
+        if let Some((key, inbox)) = self.inboxes.remove_entry(user) {
+            self.inbox_bytes -= memory::rc_str_bytes(key.len())
+                + inbox.pending_heap_bytes
+                + inbox.pending.heap_bytes();
+        }
+    }
+
     /// The live state as records, in replay order: per recipient its ACK, then
     /// its pending MSGs; then the dedup table in DEDUP batches. A checkpoint
     /// appends them to the WAL; a full sync ships them to a replica.
@@ -882,14 +998,14 @@ impl Live {
             }
             record::encode_ack(user, inbox.acked, buf);
             emit(record::ACK, buf)?;
-            for msg in &inbox.pending {
+            for msg in inbox.pending.iter() {
                 let m = MsgRecord {
                     recipient: user,
                     seq: msg.seq,
-                    sender: &msg.from,
+                    sender: msg.from(),
                     msg_id: msg.msg_id,
                     sent_ms: msg.sent_ms,
-                    body: &msg.body,
+                    body: msg.body(),
                 };
                 record::encode_msg(&m, buf);
                 emit(record::MSG, buf)?;
@@ -915,7 +1031,7 @@ impl Live {
         Live {
             inboxes: HashMap::default(),
             dedup: Dedup::new(limits.dedup_entries_max, limits.dedup_window_secs * 1000),
-            pending_bytes: 0,
+            inbox_bytes: 0,
         }
     }
 
@@ -936,25 +1052,17 @@ impl Live {
                         m.seq, m.recipient, inbox.last_seq
                     ));
                 }
-                let msg = PendingMsg {
-                    seq: m.seq,
-                    msg_id: m.msg_id,
-                    from: m.sender.into(),
-                    sent_ms: m.sent_ms,
-                    body: m.body.into(),
-                    position,
-                };
-                let cost = msg.cost_bytes();
+                let msg = PendingMsg::new(m.seq, m.msg_id, m.sender, m.sent_ms, m.body, position);
                 inbox.last_seq = m.seq;
-                inbox.pending.push_back(msg);
-                self.pending_bytes += cost;
+                let added = inbox.push(msg);
+                self.inbox_bytes += added;
             }
             Decoded::Ack {
                 recipient,
                 acked_seq,
             } => {
                 let freed = self.inbox_entry(recipient).consume_to(acked_seq, true);
-                self.pending_bytes -= freed;
+                self.inbox_bytes -= freed;
             }
             Decoded::Dedup(entries) => {
                 for e in entries {
@@ -969,7 +1077,7 @@ impl Live {
 
     fn inbox_entry(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
-            self.inboxes.insert(Rc::from(user), Inbox::default());
+            self.add_user(user);
         }
         self.inboxes.get_mut(user).expect("just inserted")
     }

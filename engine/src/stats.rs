@@ -68,6 +68,15 @@ pub struct ShardStats {
     pub replica_lag_ms: AtomicU64,
     /// When the last heartbeat or ack was heard from the peer (ms since the epoch).
     pub last_heartbeat_ms: AtomicU64,
+    /// Records the WAL recovery at start cut off past the durable mark (a
+    /// crash's torn tail, or damage there): some may have been acknowledged.
+    pub recovery_dropped_records: AtomicU64,
+    /// First position of that cut (0: none).
+    pub recovery_dropped_from: AtomicU64,
+    /// Memory the shard's inboxes hold, as allocated (bounded by shard_pending_bytes_max).
+    pub inbox_bytes: AtomicU64,
+    /// Memory the shard's dedup table holds (bounded by dedup_entries_max).
+    pub dedup_bytes: AtomicU64,
 }
 
 pub struct NodeStats {

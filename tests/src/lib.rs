@@ -93,7 +93,12 @@ impl Server {
     /// `--cores 2` unless `extra_args` names the cores, and waits until it
     /// listens.
     pub fn start(extra_args: &[&str]) -> Server {
-        let data_dir = unique_temp_path("data");
+        Server::start_in(&unique_temp_path("data"), extra_args)
+    }
+
+    /// [`Server::start`] with the data directory at `data_dir` (removed on drop).
+    pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let data_dir = data_dir.to_path_buf();
         let log_path = unique_temp_path("log").with_extension("log");
         let mut args: Vec<String> = vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
         args.push("--data".into());
@@ -205,6 +210,49 @@ impl Server {
             }
         }
         panic!("no stdout line `{prefix}...`\n{}", self.log_tail());
+    }
+
+    /// Runs the server's command again (the old process must have exited)
+    /// expecting it to refuse to start: returns its exit status and stderr.
+    /// Fails the test if it starts listening or runs past [`STARTUP_TIMEOUT`].
+    pub fn start_expecting_refusal(&self) -> (ExitStatus, String) {
+        let mut child = Command::new(iris_bin())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn iris");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("iris did not refuse to start within {STARTUP_TIMEOUT:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = out.read_to_string(&mut stdout);
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        assert!(
+            !stdout.contains(LISTENING_PREFIX),
+            "iris started listening instead of refusing:\n{stdout}\n{stderr}"
+        );
+        (status, stderr)
+    }
+
+    /// The server's whole stderr log so far (every process of this Server).
+    pub fn log_tail_full(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// The last lines of the server's stderr, for failure messages.

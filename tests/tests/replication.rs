@@ -1234,3 +1234,41 @@ fn shard_count_mismatch_is_refused_on_both_sides() {
         "a refused replica never counts"
     );
 }
+
+/// Every field of a replication HELLO is checked against this node: a shard
+/// index it does not have, or a last record epoch above the peer's own epoch,
+/// is refused (REFUSE naming why, then close) before anything is streamed, and
+/// the primary keeps its role and epoch.
+#[test]
+fn hello_for_a_shard_that_does_not_exist_is_refused() {
+    let primary = Node::primary("bad-shard", &["--cores", "2"]);
+    let cases = [
+        (
+            "shard 999",
+            hello_frame(2, 999, 1, 0, 0),
+            "no shard 999 here",
+        ),
+        ("shard 2", hello_frame(2, 2, 1, 0, 0), "no shard 2 here"),
+        (
+            "record epoch above epoch",
+            hello_frame(2, 0, 1, 0, 7),
+            "last record epoch 7 is above",
+        ),
+    ];
+    for (case, hello, reason) in cases {
+        let mut link = TcpStream::connect(&primary.repl).expect("connect as a replica");
+        link.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        link.write_all(&hello).expect("HELLO");
+        let mut answer = Vec::new();
+        // The primary answers REFUSE and closes: read to the end.
+        let _ = link.read_to_end(&mut answer);
+        assert!(answer.len() > 5, "{case}: no answer at all");
+        assert_eq!(answer[4], 0x03, "{case}: expected REFUSE, got {answer:?}");
+        let text = String::from_utf8_lossy(&answer[5..]);
+        assert!(text.contains(reason), "{case}: REFUSE says {text:?}");
+    }
+    let stats = primary.stats();
+    assert_eq!(stats["role"], "primary", "a refused HELLO must not fence");
+    assert_eq!(stats["epoch"], 1);
+}
