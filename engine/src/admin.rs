@@ -396,6 +396,8 @@ struct ShardView {
     recovery_dropped_records: u64,
     /// First position of that cut (0: none).
     recovery_dropped_from: u64,
+    /// Records this primary took back from its replica after a crash.
+    recovery_refetched_records: u64,
     /// Memory held by inboxes (pending messages and the user table), as allocated.
     inbox_bytes: u64,
     /// Memory held by the dedup table.
@@ -437,6 +439,7 @@ fn replication_stats(stats: &NodeStats) -> Response {
                 durable_position: s.durable_position.load(Relaxed),
                 recovery_dropped_records: s.recovery_dropped_records.load(Relaxed),
                 recovery_dropped_from: s.recovery_dropped_from.load(Relaxed),
+                recovery_refetched_records: s.recovery_refetched_records.load(Relaxed),
                 inbox_bytes: s.inbox_bytes.load(Relaxed),
                 dedup_bytes: s.dedup_bytes.load(Relaxed),
                 replicas: if connected || heartbeat_ms > 0 {
@@ -576,7 +579,12 @@ fn encode_node(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::f
 
 fn encode_shards(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     type Field = fn(&crate::stats::ShardStats) -> u64;
-    let fields: [(&str, &str, Field); 10] = [
+    let fields: [(&str, &str, Field); 11] = [
+        (
+            "iris_wal_recovery_refetched_records",
+            "Records this primary took back from its replica after a crash",
+            |s| s.recovery_refetched_records.load(Relaxed),
+        ),
         (
             "iris_wal_recovery_dropped_records",
             "Records WAL recovery cut off past the durable mark at start (may include acknowledged ones)",

@@ -61,6 +61,11 @@ pub struct ReplicationConfig {
     pub heartbeat_ms: u64,
     /// Cap of the replica's reconnect backoff (doubling from 100 ms).
     pub reconnect_backoff_max_ms: u64,
+    /// A primary restarted after a crash waits this long for its replica to
+    /// hand back the records its log may lack before it serves clients (then
+    /// serves without them, loudly). Above reconnect_backoff_max_ms, so a
+    /// replica backing off still comes in time.
+    pub repair_wait_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -73,6 +78,7 @@ impl Default for ReplicationConfig {
             loss_timeout_ms: 5000,
             heartbeat_ms: 1000,
             reconnect_backoff_max_ms: 5000,
+            repair_wait_ms: 10_000,
         }
     }
 }

@@ -59,6 +59,11 @@ pub struct ReplState {
     pub last_heard_ms: u64,
     /// Counter values already added to the node stats: (stored, rejected, connections).
     published: (u64, u64, u64),
+    /// Primary side: this shard's log may lack acknowledged records from this
+    /// position on (it was not sealed by a clean stop: a crash, maybe a cut at
+    /// recovery). Until a replica has handed back its records from here (FETCH),
+    /// or said it has none, or `repair_wait_ms` passed, clients are not served.
+    pub repair_from: Option<u64>,
 }
 
 pub struct Link {
@@ -87,6 +92,7 @@ impl ReplState {
             primary_last_position: 0,
             last_heard_ms: 0,
             published: (0, 0, 0),
+            repair_from: None,
         }
     }
 
@@ -172,6 +178,8 @@ fn consume(buf: &mut [u8], pending: &mut usize, used: usize) {
 
 enum Plan {
     Refuse(String),
+    /// Take the replica's records from this position back first (repair).
+    Fetch(u64),
     Partial {
         from: u64,
         truncate: Option<u64>,
@@ -217,6 +225,19 @@ fn plan(c: &mut Core, hello: &Hello) -> Plan {
     }
     if c.shard.role != Role::Primary {
         return Plan::Refuse(format!("not a primary (role {})", c.shard.role.name()));
+    }
+    if let Some(from) = c.repl.repair_from {
+        if hello.last_position >= from {
+            return Plan::Fetch(from);
+        }
+        // Every record this primary acknowledged, the replica acknowledged
+        // first (durability = replica): none lies past its log, so none is lost.
+        tracing::info!(
+            shard = c.shard.id,
+            replica_last = hello.last_position,
+            "the replica holds nothing past this log: no acknowledged record was lost"
+        );
+        c.repl.repair_from = None;
     }
     let wal = c.shard.wal();
     let (first, last, l, e) = (
@@ -292,6 +313,7 @@ async fn serve_replica_inner(
     };
     let mut out = Vec::new();
     let from = match plan {
+        Plan::Fetch(from) => return fetch_from_replica(core, &mut reader, &mut writer, from).await,
         Plan::Refuse(reason) => {
             tracing::error!(shard = hello.shard, %reason, "replica refused");
             proto::encode(&Msg::Refuse { reason: &reason }, &mut out);
@@ -368,6 +390,87 @@ async fn serve_replica_inner(
         c.repl.link = None;
     }
     result
+}
+
+/// Repair: asks the replica for its records from `from` (FETCH), verifies
+/// and appends them as a replica would apply them, makes them durable, and
+/// ends the session (the replica reconnects and streams as usual).
+async fn fetch_from_replica(
+    core: &Rc<RefCell<Core>>,
+    reader: &mut TcpStream,
+    writer: &mut TcpStream,
+    from: u64,
+) -> Result<(), String> {
+    let shard = core.borrow().shard.id;
+    let timeout = Duration::from_millis(core.borrow().repl.config.loss_timeout_ms);
+    let _ = reader.set_read_timeout(Some(timeout));
+    let mut out = Vec::new();
+    proto::encode(
+        &Msg::Fetch {
+            from_position: from,
+        },
+        &mut out,
+    );
+    writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    let (mut buf, mut pending) = (vec![0u8; 64 << 10], 0);
+    let last = loop {
+        let used = read_frame(reader, &mut buf, &mut pending).await?;
+        let mut c = core.borrow_mut();
+        match decode_frame(&buf[..used])? {
+            Msg::Records { frames } => {
+                let epoch = c.shard.epoch();
+                check_epochs(frames, epoch)?;
+                apply_frames(&mut c, frames)?;
+                c.kick_committer();
+            }
+            Msg::FetchEnd { last_position } => break last_position,
+            other => return Err(format!("unexpected frame while fetching: {other:?}")),
+        }
+        drop(c);
+        consume(&mut buf, &mut pending, used);
+    };
+    let got = core.borrow().shard.wal().last_position();
+    if got != last {
+        return Err(format!(
+            "the replica said its log ends at {last} but sent records up to {got}"
+        ));
+    }
+    let deadline = Instant::now() + timeout;
+    while core.borrow().shard.needs_sync() {
+        if Instant::now() >= deadline {
+            return Err("the fetched records did not become durable in time".into());
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    let mut c = core.borrow_mut();
+    c.repl.repair_from = None;
+    let fetched = (last + 1).saturating_sub(from);
+    c.repl.stats.shards[shard]
+        .recovery_refetched_records
+        .store(fetched, Relaxed);
+    tracing::warn!(
+        shard,
+        fetched,
+        from,
+        through = last,
+        "took back from the replica the records this log lacked after a crash"
+    );
+    Ok(())
+}
+
+/// Records handed back by a replica must come from this primary's epochs.
+fn check_epochs(frames: &[u8], epoch: u64) -> Result<(), String> {
+    let mut rest = frames;
+    while let wal::format::Decoded::Record(rec, len) = wal::format::decode_record(rest, u32::MAX) {
+        if rec.epoch > epoch {
+            return Err(format!(
+                "fetched record {} has epoch {} above this node's {epoch}: refused",
+                rec.position, rec.epoch
+            ));
+        }
+        rest = &rest[len..];
+    }
+    Ok(())
 }
 
 async fn write_snapshot(
@@ -657,15 +760,65 @@ async fn follow_session(core: &Rc<RefCell<Core>>, stream: TcpStream) -> Result<(
     let mut out = Vec::new();
     proto::encode(&Msg::Hello(hello_of(&core.borrow())), &mut out);
     writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    let (mut buf, mut pending) = (vec![0u8; 64 << 10], 0);
+    let used = read_frame(&mut reader, &mut buf, &mut pending).await?;
+    if let Msg::Fetch { from_position } = decode_frame(&buf[..used])? {
+        return send_fetched(core, &mut writer, from_position).await;
+    }
     futures_lite::future::or(
-        apply_stream(core, &mut reader),
+        apply_stream(core, &mut reader, buf, pending),
         send_acks(core, &mut writer, heartbeat),
     )
     .await
 }
 
-async fn apply_stream(core: &Rc<RefCell<Core>>, reader: &mut TcpStream) -> Result<(), String> {
-    let (mut buf, mut pending) = (vec![0u8; 64 << 10], 0);
+/// Replica side of a repair: sends the primary this log's records from
+/// `from` on, exactly as on disk, then FETCH_END. The session then ends.
+async fn send_fetched(
+    core: &Rc<RefCell<Core>>,
+    writer: &mut TcpStream,
+    from: u64,
+) -> Result<(), String> {
+    let mut cursor = core
+        .borrow()
+        .shard
+        .wal()
+        .cursor_at(from)
+        .map_err(|e| format!("the primary asked for records from {from}: {e}"))?;
+    let (mut frames, mut out) = (Vec::new(), Vec::new());
+    loop {
+        frames.clear();
+        out.clear();
+        let copied = core
+            .borrow()
+            .shard
+            .wal()
+            .read_frames(&mut cursor, proto::BATCH_BYTES_MAX, &mut frames)
+            .map_err(|e| e.to_string())?;
+        if copied == 0 {
+            break;
+        }
+        proto::encode(&Msg::Records { frames: &frames }, &mut out);
+        writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    }
+    let last_position = cursor.next_position() - 1;
+    proto::encode(&Msg::FetchEnd { last_position }, &mut out);
+    writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    tracing::warn!(
+        shard = core.borrow().shard.id,
+        from,
+        through = last_position,
+        "handed the primary back the records its log lacked after a crash"
+    );
+    Ok(())
+}
+
+async fn apply_stream(
+    core: &Rc<RefCell<Core>>,
+    reader: &mut TcpStream,
+    mut buf: Vec<u8>,
+    mut pending: usize,
+) -> Result<(), String> {
     let mut snapshot: Option<Snapshot> = None;
     loop {
         let used = read_frame(reader, &mut buf, &mut pending).await?;

@@ -8,6 +8,8 @@
 //! | 0x02 | WELCOME | P→R | u64 epoch, u8 mode (0 partial, 1 full), u64 start_position (the next position streamed), str client_addr |
 //! | 0x03 | REFUSE | P→R or R→P | str reason (then close) |
 //! | 0x04 | TRUNCATE | P→R | u64 keep_through: the replica drops every record after it, then streaming starts after it |
+//! | 0x05 | FETCH | P→R | u64 from_position: instead of WELCOME, to a primary whose WAL lost its tail at recovery: the replica sends its records from there (RECORDS, R→P), then FETCH_END, and the session ends |
+//! | 0x06 | FETCH_END | R→P | u64 last_position: the replica's last record; everything up to it was sent |
 //! | 0x10 | SNAP_BEGIN | P→R | u64 first_position, u64 last_position, u64 records, u64 bytes |
 //! | 0x11 | SNAP_CHUNK | P→R | u32 crc32 of the data, data: whole WAL record frames |
 //! | 0x12 | SNAP_END | P→R | u32 crc32 of all chunk data |
@@ -31,6 +33,8 @@ mod t {
     pub const WELCOME: u8 = 0x02;
     pub const REFUSE: u8 = 0x03;
     pub const TRUNCATE: u8 = 0x04;
+    pub const FETCH: u8 = 0x05;
+    pub const FETCH_END: u8 = 0x06;
     pub const SNAP_BEGIN: u8 = 0x10;
     pub const SNAP_CHUNK: u8 = 0x11;
     pub const SNAP_END: u8 = 0x12;
@@ -63,6 +67,12 @@ pub enum Msg<'a> {
     },
     Truncate {
         keep_through: u64,
+    },
+    Fetch {
+        from_position: u64,
+    },
+    FetchEnd {
+        last_position: u64,
     },
     SnapBegin {
         first_position: u64,
@@ -147,6 +157,8 @@ pub fn encode(msg: &Msg<'_>, out: &mut Vec<u8>) {
         }),
         Msg::Refuse { reason } => frame(out, t::REFUSE, |o| put_str(o, reason)),
         Msg::Truncate { keep_through } => frame(out, t::TRUNCATE, |o| u64s(o, &[*keep_through])),
+        Msg::Fetch { from_position } => frame(out, t::FETCH, |o| u64s(o, &[*from_position])),
+        Msg::FetchEnd { last_position } => frame(out, t::FETCH_END, |o| u64s(o, &[*last_position])),
         Msg::SnapBegin {
             first_position,
             last_position,
@@ -268,6 +280,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
             }
         }
         t::REFUSE => Msg::Refuse { reason: c.str()? },
+        t::FETCH => Msg::Fetch {
+            from_position: c.u64()?,
+        },
+        t::FETCH_END => Msg::FetchEnd {
+            last_position: c.u64()?,
+        },
         t::TRUNCATE => Msg::Truncate {
             keep_through: c.u64()?,
         },
@@ -323,6 +341,8 @@ mod tests {
                 reason: "shard count differs",
             },
             Msg::Truncate { keep_through: 7 },
+            Msg::Fetch { from_position: 11 },
+            Msg::FetchEnd { last_position: 12 },
             Msg::SnapBegin {
                 first_position: 5,
                 last_position: 9,

@@ -345,13 +345,52 @@ async fn core_main(
     if let Some(l) = repl_listener {
         glommio::spawn_local(replication_acceptor(core.clone(), l)).detach();
     }
-    if let Some(primary) = repl_config.replica_of {
+    let is_primary = repl_config.replica_of.is_none();
+    if let Some(primary) = repl_config.replica_of.clone() {
         glommio::spawn_local(crate::repl::follow(core.clone(), primary)).detach();
+    }
+    // Not sealed by a clean stop: the replica may hold acknowledged records
+    // this log lacks. Take them back before serving anyone.
+    let unsealed = report.dropped_records() > 0 || report.durable_mark < report.last_position;
+    if is_primary && unsealed && repl_config.listen.is_some() && repl_config.synchronous() {
+        let from = core.borrow().shard.wal().last_position() + 1;
+        core.borrow_mut().repl.repair_from = Some(from);
+        repair(
+            &core,
+            from,
+            Duration::from_millis(repl_config.repair_wait_ms),
+        )
+        .await;
     }
     let _ = ready.send(Ok(()));
     acceptor(core.clone(), listener).await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
+}
+
+/// Waits (bounded) until a replica has handed back the records from `from`
+/// on, or said it has none (`repl::fetch_from_replica`, `repl::plan`).
+async fn repair(core: &Rc<RefCell<Core>>, from: u64, wait: Duration) {
+    let shard = core.borrow().shard.id;
+    tracing::warn!(
+        shard,
+        from,
+        wait_ms = wait.as_millis() as u64,
+        "the WAL was not sealed by a clean stop: waiting for the replica to hand back records from here before serving"
+    );
+    let deadline = Instant::now() + wait;
+    while core.borrow().repl.repair_from.is_some() {
+        if Instant::now() >= deadline {
+            core.borrow_mut().repl.repair_from = None;
+            tracing::warn!(
+                shard,
+                from,
+                "no replica came within repair_wait_ms: serving without whatever it held past this log"
+            );
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Records a recovery that cut records off past the durable mark: loudly
@@ -374,7 +413,7 @@ fn report_dropped(shard: usize, report: &wal::RecoveryReport, stats: &NodeStats)
         durable_mark = report.durable_mark,
         tail = ?report.tail,
         "WAL recovery dropped records past the durable mark: the last group commit before a crash \
-         may have been acknowledged; if this node had a replica, it holds them (promote it to keep them)"
+         may have been acknowledged; a primary with a replica takes them back from it before serving"
     );
 }
 

@@ -73,6 +73,8 @@ pub struct ShardStats {
     pub recovery_dropped_records: AtomicU64,
     /// First position of that cut (0: none).
     pub recovery_dropped_from: AtomicU64,
+    /// Records a primary took back from its replica after a crash (repair).
+    pub recovery_refetched_records: AtomicU64,
     /// Memory the shard's inboxes hold, as allocated (bounded by shard_pending_bytes_max).
     pub inbox_bytes: AtomicU64,
     /// Memory the shard's dedup table holds (bounded by dedup_entries_max).

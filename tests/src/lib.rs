@@ -670,3 +670,43 @@ pub mod raw {
         frame(PING, &nonce.to_le_bytes())
     }
 }
+
+// ---------------------------------------------------------------------------
+// WAL files on disk, for tests that damage them on purpose.
+// ---------------------------------------------------------------------------
+
+/// The segment files of shard `shard` under a data directory, oldest first.
+pub fn wal_segments(data: &Path, shard: usize) -> Vec<PathBuf> {
+    let dir = data.join(format!("shard-{shard:03}"));
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// (offset, position) of every record of a segment file's bytes.
+pub fn wal_records(bytes: &[u8]) -> Vec<(usize, u64)> {
+    let mut found = Vec::new();
+    let mut offset = wal::format::SEGMENT_HEADER_LEN;
+    while let wal::format::Decoded::Record(record, frame) =
+        wal::format::decode_record(&bytes[offset..], u32::MAX)
+    {
+        found.push((offset, record.position));
+        offset += frame;
+    }
+    found
+}
+
+/// Flips one payload byte of the last record in shard `shard`'s newest
+/// segment (the process must be stopped); returns the record's position.
+pub fn damage_last_wal_record(data: &Path, shard: usize) -> u64 {
+    let path = wal_segments(data, shard).pop().expect("a segment");
+    let mut bytes = fs::read(&path).expect("read segment");
+    let (offset, position) = *wal_records(&bytes).last().expect("a record");
+    bytes[offset + wal::format::RECORD_HEADER_LEN + 2] ^= 0x20;
+    fs::write(&path, &bytes).expect("write segment");
+    position
+}

@@ -82,16 +82,17 @@ impl Node {
     fn start(name: &'static str, extra: &[&str]) -> Node {
         let data_dir = unique_path(name);
         let log_path = unique_path(name).with_extension("log");
-        let mut args: Vec<String> = [
-            "--replication-listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .chain(FAST_REPLICATION.iter())
-        .map(|s| s.to_string())
-        .collect();
+        let repl_listen: &[&str] = if extra.contains(&"--replication-listen") {
+            &[]
+        } else {
+            &["--replication-listen", "127.0.0.1:0"]
+        };
+        let mut args: Vec<String> = repl_listen
+            .iter()
+            .chain(["--admin", "127.0.0.1:0"].iter())
+            .chain(FAST_REPLICATION.iter())
+            .map(|s| s.to_string())
+            .collect();
         if !extra.contains(&"--cores") {
             args.extend(["--cores".to_string(), CORES.to_string()]);
         }
@@ -1271,4 +1272,53 @@ fn hello_for_a_shard_that_does_not_exist_is_refused() {
     let stats = primary.stats();
     assert_eq!(stats["role"], "primary", "a refused HELLO must not fence");
     assert_eq!(stats["epoch"], 1);
+}
+
+/// A primary killed with -9 whose last acknowledged record is then damaged
+/// (its recovery must cut it: it lies past the durable mark) takes that
+/// record back from its replica before it serves anyone: bob gets all of
+/// his messages from the restarted primary.
+#[test]
+fn restarted_primary_takes_back_what_its_log_lost_from_the_replica() {
+    let repl_addr = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let mut primary = Node::primary(
+        "repair-primary",
+        &["--cores", "1", "--replication-listen", &repl_addr],
+    );
+    let replica = Node::replica("repair-replica", &primary, &["--cores", "1"]);
+    wait_mode(&primary, "replica");
+    let (mut alice, _) = connect(&primary.client, "alice");
+    let ids: Vec<MsgId> = (0..40)
+        .map(|i| tests::send_stored(&mut alice, "bob", format!("m{i}").as_bytes()))
+        .collect();
+    drop(alice);
+    primary.kill9();
+    let lost = tests::damage_last_wal_record(&primary.data_dir, 0);
+    let offset = primary.log().len();
+    primary.restart();
+    let log = primary.log_since(offset);
+    assert!(
+        log.contains("WAL recovery dropped records past the durable mark"),
+        "{log}"
+    );
+    assert!(
+        log.contains("took back from the replica the records this log lacked"),
+        "{log}"
+    );
+    let shard = &primary.stats()["shards"][0];
+    assert!(
+        shard["recovery_refetched_records"].as_u64() >= Some(1),
+        "{shard}"
+    );
+    let (mut bob, welcome) = connect(&primary.client, "bob");
+    assert_eq!(welcome.pending, ids.len() as u64, "record {lost} came back");
+    let got: Vec<MsgId> = collect_deliveries(&mut bob, ids.len())
+        .iter()
+        .map(|d| d.msg_id)
+        .collect();
+    assert_eq!(got, ids);
+    drop(replica);
 }

@@ -3,43 +3,10 @@
 //! makes the next start refuse, naming the position and the fix; after a
 //! crash, a cut at the tail is reported (WARN, stats, metric).
 
-use std::path::{Path, PathBuf};
-
-use tests::{collect_and_ack, connect, send_stored, Server};
-
-fn segments(data: &Path) -> Vec<PathBuf> {
-    let dir = data.join("shard-000");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    files.sort();
-    files
-}
-
-/// (offset, position) of every record of a segment file.
-fn records(bytes: &[u8]) -> Vec<(usize, u64)> {
-    let mut found = Vec::new();
-    let mut offset = wal::format::SEGMENT_HEADER_LEN;
-    while let wal::format::Decoded::Record(record, frame) =
-        wal::format::decode_record(&bytes[offset..], u32::MAX)
-    {
-        found.push((offset, record.position));
-        offset += frame;
-    }
-    found
-}
-
-/// Flips one payload byte of the last record in the newest segment; returns its position.
-fn damage_last_record(data: &Path) -> u64 {
-    let path = segments(data).pop().expect("a segment");
-    let mut bytes = std::fs::read(&path).expect("read segment");
-    let (offset, position) = *records(&bytes).last().expect("a record");
-    bytes[offset + wal::format::RECORD_HEADER_LEN + 2] ^= 0x20;
-    std::fs::write(&path, &bytes).expect("write segment");
-    position
-}
+use tests::{
+    collect_and_ack, connect, damage_last_wal_record, send_stored, wal_records, wal_segments,
+    Server,
+};
 
 #[test]
 fn damage_to_the_last_record_after_a_clean_stop_refuses_to_start() {
@@ -52,13 +19,13 @@ fn damage_to_the_last_record_after_a_clean_stop_refuses_to_start() {
     assert!(server.terminate().success(), "{}", server.log_tail());
     // The clean stop sealed the log: its mark covers the last record.
     let mark = {
-        let path = segments(server.data_dir()).pop().expect("a segment");
+        let path = wal_segments(server.data_dir(), 0).pop().expect("a segment");
         let bytes = std::fs::read(&path).expect("read segment");
-        let last = records(&bytes).last().expect("a record").1;
+        let last = wal_records(&bytes).last().expect("a record").1;
         assert_eq!(wal::format::decode_durable_mark(&bytes), Some(last));
         last
     };
-    let position = damage_last_record(server.data_dir());
+    let position = damage_last_wal_record(server.data_dir(), 0);
     assert_eq!(position, mark);
     let (status, stderr) = server.start_expecting_refusal();
     assert!(!status.success(), "started on a damaged log:\n{stderr}");
@@ -100,7 +67,7 @@ fn a_crash_cut_at_the_tail_is_reported_not_silent() {
     server.kill9();
     // A crash: the mark trails. Damage the newest record, as a torn write or
     // a bad sector in the last commit would.
-    let position = damage_last_record(server.data_dir());
+    let position = damage_last_wal_record(server.data_dir(), 0);
     server.restart();
     let log = server.log_tail();
     assert!(
