@@ -131,8 +131,14 @@ pub struct Limits {
     pub mesh_outgoing_max: usize,
     /// Batches in flight on each core-to-core channel.
     pub mesh_channel_batches: usize,
-    /// Read buffers in each core's pool (each frame_len_max + 4 bytes, lent only while data is there).
+    /// Read buffers in each core's pool (each frame_len_max + 4 bytes, lent only while a
+    /// connection's bytes are being decoded; none is held while it waits on its socket).
     pub read_buffers_per_core: usize,
+    /// Bytes of incomplete frames a core keeps for its connections between reads (each
+    /// connection's leftover, exactly sized). Past it, a connection keeps its pool buffer.
+    pub partial_frame_bytes_per_core_max: usize,
+    /// A connection that has not completed its HELLO this long after accept gets ERROR 6.
+    pub hello_timeout_ms: u64,
     /// WAL segment size.
     pub wal_segment_bytes: u64,
     /// Graceful shutdown: how long to wait for in-flight SENDs to be answered.
@@ -174,6 +180,8 @@ impl Default for Limits {
             mesh_outgoing_max: 65536,
             mesh_channel_batches: 64,
             read_buffers_per_core: 256,
+            partial_frame_bytes_per_core_max: 32 << 20,
+            hello_timeout_ms: 10_000,
             wal_segment_bytes: 64 << 20,
             shutdown_drain_ms: 3000,
             listen_busy_wait_ms: 5000,

@@ -42,8 +42,12 @@ struct Conn {
     generation: u32,
     stream: TcpStream,
     inline: [u8; INLINE_READ_LEN],
-    /// Borrowed from the core's read pool only while undecoded bytes exist.
+    /// Borrowed from the core's read pool only while bytes are being decoded.
     rbuf: Option<Box<[u8]>>,
+    /// An incomplete frame's bytes while the connection waits (exactly sized;
+    /// counted in `Edge::partial_frame_bytes`): a slow or hostile peer holds
+    /// what it sent, never a pool buffer.
+    partial: Vec<u8>,
     rstart: usize,
     rend: usize,
 }
@@ -66,6 +70,7 @@ pub fn serve(core: Rc<RefCell<Core>>, index: u32, generation: u32, stream: TcpSt
         stream,
         inline: [0; INLINE_READ_LEN],
         rbuf: None,
+        partial: Vec::new(),
         rstart: 0,
         rend: 0,
     };
@@ -146,12 +151,14 @@ impl Conn {
                 return Poll::Pending;
             }
             if !self.may_read(&mut core, cx) {
+                self.park(&mut core);
                 core.edge.slot(self.index).waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
             match self.read_and_handle(&mut core, cx) {
                 Step::Progress => continue,
                 Step::Pending => {
+                    self.park(&mut core);
                     core.edge.slot(self.index).waker = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
@@ -233,6 +240,9 @@ impl Conn {
     }
 
     fn read(&mut self, core: &mut Core, cx: &mut Context<'_>) -> Step {
+        if self.rbuf.is_none() && !self.partial.is_empty() {
+            self.unpark(core);
+        }
         let Some(buf) = self.rbuf.as_mut() else {
             return match Pin::new(&mut self.stream).poll_read(cx, &mut self.inline) {
                 Poll::Pending => Step::Pending,
@@ -264,6 +274,38 @@ impl Conn {
                 Step::Progress
             }
         }
+    }
+
+    /// Before waiting: gives the pool buffer back, keeping an incomplete
+    /// frame's bytes in an exactly sized allocation of the connection's own,
+    /// within the core's bound (past it, the buffer stays lent).
+    fn park(&mut self, core: &mut Core) {
+        let Some(buf) = self.rbuf.as_ref() else {
+            return;
+        };
+        let left = self.rend - self.rstart;
+        let edge = &mut core.edge;
+        if left > 0 {
+            if edge.partial_frame_bytes + left > edge.limits.partial_frame_bytes_per_core_max {
+                return;
+            }
+            debug_assert!(self.partial.is_empty());
+            self.partial = buf[self.rstart..self.rend].to_vec();
+            edge.partial_frame_bytes += self.partial.capacity();
+            (self.rstart, self.rend) = (0, 0);
+        }
+        let buf = self.rbuf.take().expect("checked above");
+        edge.give_read_buffer(buf);
+    }
+
+    /// The parked bytes go back into a pool buffer (the caller checked one is free).
+    fn unpark(&mut self, core: &mut Core) {
+        let partial = std::mem::take(&mut self.partial);
+        core.edge.partial_frame_bytes -= partial.capacity();
+        let mut buf = core.edge.take_read_buffer();
+        buf[..partial.len()].copy_from_slice(&partial);
+        self.rbuf = Some(buf);
+        (self.rstart, self.rend) = (0, partial.len());
     }
 
     fn release_if_drained(&mut self, core: &mut Core) {
@@ -418,6 +460,7 @@ impl Conn {
         if let Some(buf) = self.rbuf.take() {
             core.edge.give_read_buffer(buf);
         }
+        core.edge.partial_frame_bytes -= std::mem::take(&mut self.partial).capacity();
         let user = core.edge.slot(self.index).user.take();
         if let Some(user) = user {
             core.route_logout(conn, &user);

@@ -156,6 +156,9 @@ pub struct Edge {
     read_buffers_lent: usize,
     /// Connections waiting for a read buffer (read_buffers_per_core all lent).
     pub read_waiters: Vec<Waker>,
+    /// Bytes of incomplete frames parked in connections (bounded by
+    /// partial_frame_bytes_per_core_max).
+    pub partial_frame_bytes: usize,
     pub sends_in_flight_total: u64,
     pub connections: usize,
     /// STORED / REJECTED answers written (published to the stats each tick).
@@ -192,6 +195,7 @@ impl Edge {
             read_pool: Vec::new(),
             read_buffers_lent: 0,
             read_waiters: Vec::new(),
+            partial_frame_bytes: 0,
             sends_in_flight_total: 0,
             connections: 0,
             stored_count: 0,
@@ -484,9 +488,12 @@ impl Edge {
     /// Closes connections silent for longer than the idle timeout (ERROR 6).
     pub fn expire_idle(&mut self) {
         let deadline = self.clock_ms.saturating_sub(self.limits.idle_timeout_ms);
+        let hello_deadline = self.clock_ms.saturating_sub(self.limits.hello_timeout_ms);
         for index in 0..self.slots.len() as u32 {
             let slot = &self.slots[index as usize];
-            if slot.state != SlotState::Free
+            if slot.state == SlotState::AwaitHello && slot.last_activity_ms < hello_deadline {
+                self.fail(index, error_code::IDLE_TIMEOUT, "no HELLO in time");
+            } else if slot.state != SlotState::Free
                 && slot.state != SlotState::Closing
                 && slot.last_activity_ms < deadline
             {

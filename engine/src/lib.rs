@@ -79,6 +79,9 @@ struct ServeArgs {
     /// Close connections silent this long with ERROR 6. [default: 300000]
     #[arg(long)]
     idle_timeout_ms: Option<u64>,
+    /// A connection without a completed HELLO this long after accept gets ERROR 6. [default: 10000]
+    #[arg(long)]
+    hello_timeout_ms: Option<u64>,
     /// Pending messages per recipient before REJECTED 5. [default: 100000]
     #[arg(long)]
     inbox_len_max: Option<usize>,
@@ -148,6 +151,7 @@ impl ServeArgs {
         }
         set!(listen => listen, data => data, cores => cores,
              idle_timeout_ms => limits.idle_timeout_ms, inbox_len_max => limits.inbox_len_max,
+             hello_timeout_ms => limits.hello_timeout_ms,
              outbox_bytes_max => limits.outbox_bytes_max,
              connections_per_core_max => limits.connections_per_core_max,
              dedup_entries_max => limits.dedup_entries_max, frame_len_max => limits.frame_len_max,
