@@ -565,6 +565,7 @@ async fn mesh_flusher(core: Rc<RefCell<Core>>, senders: Senders<Batch>) {
 /// Group commit: one fdatasync (through io_uring) covers everything appended
 /// before it started; STORED answers are released when it completes.
 async fn committer(core: Rc<RefCell<Core>>) {
+    let mut files = SyncFiles::default();
     loop {
         std::future::poll_fn(|cx| {
             let mut c = core.borrow_mut();
@@ -582,7 +583,7 @@ async fn committer(core: Rc<RefCell<Core>>) {
             continue;
         };
         let started = Instant::now();
-        let result = fdatasync_all(ticket.fds()).await;
+        let result = fdatasync_all(&mut files, &ticket).await;
         let mut c = core.borrow_mut();
         let Core {
             shard, edge, repl, ..
@@ -604,12 +605,36 @@ async fn committer(core: Rc<RefCell<Core>>) {
     }
 }
 
-async fn fdatasync_all(fds: &[RawFd]) -> std::io::Result<()> {
-    for &fd in fds {
-        let file = sys::glommio_file(sys::dup(fd)?);
-        let result = file.fdatasync().await;
-        let _ = file.close().await;
-        result.map_err(std::io::Error::from)?;
+/// Files kept open for the committer's fdatasyncs, one per open WAL file
+/// (by `SyncTicket::files` instance): a commit costs the sync alone, not a
+/// dup and a close of the descriptor as well. Only the files the last ticket
+/// named are kept, so a segment retention deleted is not held open.
+#[derive(Default)]
+struct SyncFiles {
+    open: Vec<(u64, glommio::io::BufferedFile)>,
+}
+
+async fn fdatasync_all(files: &mut SyncFiles, ticket: &wal::SyncTicket) -> std::io::Result<()> {
+    let named: Vec<u64> = ticket.files().map(|(instance, _)| instance).collect();
+    let mut index = 0;
+    while index < files.open.len() {
+        if named.contains(&files.open[index].0) {
+            index += 1;
+        } else {
+            let (_, stale) = files.open.swap_remove(index);
+            let _ = stale.close().await;
+        }
+    }
+    for (instance, fd) in ticket.files() {
+        if !files.open.iter().any(|(i, _)| *i == instance) {
+            files.open.push((instance, sys::glommio_file(sys::dup(fd)?)));
+        }
+        let (_, file) = files
+            .open
+            .iter()
+            .find(|(i, _)| *i == instance)
+            .expect("just opened");
+        file.fdatasync().await.map_err(std::io::Error::from)?;
     }
     Ok(())
 }

@@ -282,6 +282,7 @@ pub(crate) fn recover<S: Storage>(
         .zip(kept)
         .map(
             |((base, segment), (scan_end, next_position))| SegmentState {
+                instance: crate::wal::next_instance(),
                 base,
                 last_position: next_position - 1,
                 write_offset: scan_end,

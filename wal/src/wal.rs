@@ -20,6 +20,9 @@ use crate::{WalConfig, WalError};
 
 /// One retained segment and how far it is filled.
 pub(crate) struct SegmentState<G> {
+    /// Unique in this process for the life of this open segment (see
+    /// `SyncTicket::files`): never reused, unlike a descriptor number.
+    pub instance: u64,
     pub base: u64,
     /// `base - 1` while the segment holds no record.
     pub last_position: u64,
@@ -38,11 +41,27 @@ pub struct SyncTicket {
     id: u64,
     target_position: u64,
     fds: Vec<RawFd>,
+    /// `instance` of each of `fds` (the directory's is the log's `dir_instance`).
+    instances: Vec<u64>,
     bases: Vec<u64>,
     dir: bool,
 }
 
+/// A process-wide counter for `SegmentState::instance` and `Wal::dir_instance`.
+pub(crate) fn next_instance() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl SyncTicket {
+    /// (instance, descriptor) of every file to sync. An instance names one
+    /// open file for as long as the log has it open and is never reused, so
+    /// a caller may keep its own handle per instance (a descriptor number
+    /// can come back for another file).
+    pub fn files(&self) -> impl Iterator<Item = (u64, RawFd)> + '_ {
+        self.instances.iter().copied().zip(self.fds.iter().copied())
+    }
+
     /// Every position up to this one is durable once the ticket completes.
     pub fn target_position(&self) -> u64 {
         self.target_position
@@ -110,6 +129,8 @@ pub struct Wal<S: Storage = FileStorage> {
     /// A durable mark for the active segment's header, written at the next
     /// flush (it rides on the next commit either way).
     mark_pending: Option<u64>,
+    /// `SegmentState::instance` of the directory (see `SyncTicket::files`).
+    dir_instance: u64,
 }
 
 impl Wal<FileStorage> {
@@ -142,6 +163,7 @@ impl<S: Storage> Wal<S> {
                 .sync_segment(&segment)
                 .map_err(WalError::io("sync first segment"))?;
             segments.push_back(SegmentState {
+                instance: next_instance(),
                 base,
                 last_position: base - 1,
                 write_offset: SEGMENT_HEADER_LEN,
@@ -193,6 +215,7 @@ impl<S: Storage> Wal<S> {
             staged_len: 0,
             staged_offset,
             mark_pending: None,
+            dir_instance: next_instance(),
             config,
         };
         Ok((wal, report))
@@ -258,6 +281,7 @@ impl<S: Storage> Wal<S> {
         let segment = create_segment(&mut self.storage, base, size_bytes, self.durable_position)?;
         self.staged_offset = SEGMENT_HEADER_LEN;
         self.segments.push_back(SegmentState {
+            instance: next_instance(),
             base,
             last_position: base - 1,
             write_offset: SEGMENT_HEADER_LEN,
@@ -373,17 +397,24 @@ impl<S: Storage> Wal<S> {
         assert_eq!(self.staged_len, 0, "a ticket covers written bytes only");
         let target_position = self.last_position;
         let mut fds = Vec::with_capacity(2);
+        let mut instances = Vec::with_capacity(2);
         let mut bases = Vec::with_capacity(2);
         for state in &self.segments {
             if state.base <= target_position && state.last_position >= from_position {
                 bases.push(state.base);
-                fds.extend(state.segment.raw_fd());
+                if let Some(fd) = state.segment.raw_fd() {
+                    fds.push(fd);
+                    instances.push(state.instance);
+                }
             }
         }
         let dir = std::mem::take(&mut self.dir_dirty)
             || (include_dir_in_flight && self.in_flight.iter().any(|t| t.dir));
         if dir {
-            fds.extend(self.storage.dir_fd());
+            if let Some(fd) = self.storage.dir_fd() {
+                fds.push(fd);
+                instances.push(self.dir_instance);
+            }
         }
         let id = self.ticket_id_next;
         self.ticket_id_next += 1;
@@ -400,6 +431,7 @@ impl<S: Storage> Wal<S> {
             id,
             target_position,
             fds,
+            instances,
             bases,
             dir,
         }
@@ -917,6 +949,7 @@ impl<S: Storage> Wal<S> {
             return Err(WalError::SyncFailed(error));
         }
         self.segments.push_back(SegmentState {
+            instance: next_instance(),
             base: first_position,
             last_position: first_position - 1,
             write_offset: SEGMENT_HEADER_LEN,
