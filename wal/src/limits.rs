@@ -25,8 +25,10 @@ pub const SYNCS_IN_FLIGHT_MAX_DEFAULT: u32 = 1;
 /// allocated up front with this many slots at most.
 pub const SYNCS_IN_FLIGHT_MAX_LIMIT: u32 = 64;
 
-/// Bytes written per `write` call when zero-filling a new segment file.
-pub const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes written (and written back, `sync_file_range`) per step when
+/// zero-filling a new segment file: what a commit's fdatasync may find
+/// queued ahead of it on the device at most.
+pub const ZERO_FILL_CHUNK_BYTES: usize = 256 << 10;
 
 /// Default bound of the append staging buffer: records are copied there and
 /// written to the active segment with one pwrite when it fills, at a
