@@ -42,12 +42,13 @@ struct Conn {
     generation: u32,
     stream: TcpStream,
     inline: [u8; INLINE_READ_LEN],
-    /// Borrowed from the core's read pool only while bytes are being decoded.
+    /// Borrowed from the core's read pool only while bytes are being decoded;
+    /// while the connection waits with an incomplete frame, `parked`: an
+    /// exactly sized copy of those bytes (counted in
+    /// `Edge::partial_frame_bytes`), so a slow or hostile peer holds what it
+    /// sent, never a pool buffer.
     rbuf: Option<Box<[u8]>>,
-    /// An incomplete frame's bytes while the connection waits (exactly sized;
-    /// counted in `Edge::partial_frame_bytes`): a slow or hostile peer holds
-    /// what it sent, never a pool buffer.
-    partial: Vec<u8>,
+    parked: bool,
     rstart: usize,
     rend: usize,
 }
@@ -70,7 +71,7 @@ pub fn serve(core: Rc<RefCell<Core>>, index: u32, generation: u32, stream: TcpSt
         stream,
         inline: [0; INLINE_READ_LEN],
         rbuf: None,
-        partial: Vec::new(),
+        parked: false,
         rstart: 0,
         rend: 0,
     };
@@ -212,7 +213,7 @@ impl Conn {
         }
         let outbox_half = edge.limits.outbox_bytes_max / 2;
         let in_flight_max = edge.limits.sends_in_flight_max;
-        let has_buffer = self.rbuf.is_some();
+        let has_buffer = self.rbuf.is_some() && !self.parked;
         if !has_buffer && !edge.read_buffer_available() {
             edge.read_waiters.push(cx.waker().clone());
             return false;
@@ -240,7 +241,7 @@ impl Conn {
     }
 
     fn read(&mut self, core: &mut Core, cx: &mut Context<'_>) -> Step {
-        if self.rbuf.is_none() && !self.partial.is_empty() {
+        if self.parked {
             self.unpark(core);
         }
         let Some(buf) = self.rbuf.as_mut() else {
@@ -280,38 +281,49 @@ impl Conn {
     /// frame's bytes in an exactly sized allocation of the connection's own,
     /// within the core's bound (past it, the buffer stays lent).
     fn park(&mut self, core: &mut Core) {
+        if self.parked {
+            return;
+        }
         let Some(buf) = self.rbuf.as_ref() else {
             return;
         };
         let left = self.rend - self.rstart;
         let edge = &mut core.edge;
-        if left > 0 {
-            if edge.partial_frame_bytes + left > edge.limits.partial_frame_bytes_per_core_max {
-                return;
-            }
-            debug_assert!(self.partial.is_empty());
-            self.partial = buf[self.rstart..self.rend].to_vec();
-            edge.partial_frame_bytes += self.partial.capacity();
-            (self.rstart, self.rend) = (0, 0);
+        if left > 0
+            && edge.partial_frame_bytes + left > edge.limits.partial_frame_bytes_per_core_max
+        {
+            return; // over the core's bound: this one keeps its pool buffer
         }
-        let buf = self.rbuf.take().expect("checked above");
+        let parked: Option<Box<[u8]>> =
+            (left > 0).then(|| buf[self.rstart..self.rend].to_vec().into_boxed_slice());
+        let buf = std::mem::replace(&mut self.rbuf, parked).expect("checked above");
         edge.give_read_buffer(buf);
+        edge.partial_frame_bytes += left;
+        self.parked = left > 0;
+        (self.rstart, self.rend) = (0, left);
     }
 
     /// The parked bytes go back into a pool buffer (the caller checked one is free).
     fn unpark(&mut self, core: &mut Core) {
-        let partial = std::mem::take(&mut self.partial);
-        core.edge.partial_frame_bytes -= partial.capacity();
+        let parked = self.rbuf.take().expect("parked bytes");
+        core.edge.partial_frame_bytes -= parked.len();
+        let left = &parked[self.rstart..self.rend];
         let mut buf = core.edge.take_read_buffer();
-        buf[..partial.len()].copy_from_slice(&partial);
+        buf[..left.len()].copy_from_slice(left);
         self.rbuf = Some(buf);
-        (self.rstart, self.rend) = (0, partial.len());
+        self.parked = false;
+        (self.rstart, self.rend) = (0, left.len());
     }
 
     fn release_if_drained(&mut self, core: &mut Core) {
         if self.rstart == self.rend {
             if let Some(buf) = self.rbuf.take() {
-                core.edge.give_read_buffer(buf);
+                if self.parked {
+                    core.edge.partial_frame_bytes -= buf.len();
+                    self.parked = false;
+                } else {
+                    core.edge.give_read_buffer(buf);
+                }
             }
             (self.rstart, self.rend) = (0, 0);
         }
@@ -458,9 +470,12 @@ impl Conn {
         let mut core = self.core.borrow_mut();
         let conn = self.conn_ref(core.edge.id);
         if let Some(buf) = self.rbuf.take() {
-            core.edge.give_read_buffer(buf);
+            if self.parked {
+                core.edge.partial_frame_bytes -= buf.len();
+            } else {
+                core.edge.give_read_buffer(buf);
+            }
         }
-        core.edge.partial_frame_bytes -= std::mem::take(&mut self.partial).capacity();
         let user = core.edge.slot(self.index).user.take();
         if let Some(user) = user {
             core.route_logout(conn, &user);

@@ -627,7 +627,9 @@ async fn fdatasync_all(files: &mut SyncFiles, ticket: &wal::SyncTicket) -> std::
     }
     for (instance, fd) in ticket.files() {
         if !files.open.iter().any(|(i, _)| *i == instance) {
-            files.open.push((instance, sys::glommio_file(sys::dup(fd)?)));
+            files
+                .open
+                .push((instance, sys::glommio_file(sys::dup(fd)?)));
         }
         let (_, file) = files
             .open

@@ -77,3 +77,56 @@ fn a_connection_without_hello_is_closed_after_the_deadline() {
         assert!(reason.contains("no HELLO in time"), "holder {i}: {reason}");
     }
 }
+
+/// A client whose frames arrive in pieces (one byte per write, then seven:
+/// whole frames and parts of the next in one read) is served exactly as one
+/// that writes whole frames: its bytes wait parked between reads and are
+/// decoded once complete.
+#[test]
+fn frames_in_pieces_are_parked_and_decoded_when_whole() {
+    let server = Server::start(&["--cores", "2"]);
+    for piece in [1usize, 7] {
+        let mut stream = TcpStream::connect(server.addr()).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let user = format!("pieces{piece}");
+        let mut bytes = tests::raw::hello(1, user.as_bytes(), b"token");
+        let ids: Vec<[u8; 16]> = (0..3).map(|_| new_msg_id()).collect();
+        for id in &ids {
+            bytes.extend(tests::raw::send(id, b"bob", b"in pieces"));
+        }
+        for chunk in bytes.chunks(piece) {
+            stream.write_all(chunk).expect("write");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // WELCOME, then one STORED per SEND, in order.
+        let limits = net::Limits::default();
+        let (mut buf, mut frames) = (Vec::new(), Vec::new());
+        while frames.len() < 4 {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "piece {piece}: closed after {} frames", frames.len());
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some((frame, used)) =
+                net::decode_server_frame(&buf, &limits).expect("valid frame")
+            {
+                frames.push(format!("{frame:?}"));
+                buf.drain(..used);
+            }
+        }
+        assert!(
+            frames[0].starts_with("Welcome"),
+            "piece {piece}: {frames:?}"
+        );
+        for (id, frame) in ids.iter().zip(&frames[1..]) {
+            assert_eq!(
+                frame,
+                &format!("{:?}", net::ServerFrame::Stored { msg_id: *id })
+            );
+        }
+    }
+    let (_bob, welcome) = connect(server.addr(), "bob");
+    assert_eq!(welcome.pending, 6);
+}
