@@ -34,6 +34,9 @@ iris_run() {
     local label="$1"
     shift
     start_iris "${IRIS_EXTRA_ARGS[@]}"
+    # The WAL maps its preallocated spare segment (64 MiB, MAP_POPULATE) a few
+    # seconds after start: let that land before a flood reads its baseline RSS.
+    if [ "$1" = flood ]; then sleep "${FLOOD_SETTLE_S:-5}"; fi
     taskset -c "$DRIVER_CPU" "$BENCH" "$@" --addr "$IRIS_ADDR" --server-pid "$IRIS_PID" --json | record "$label"
     stop_iris
 }
