@@ -110,7 +110,7 @@ pub struct Limits {
     /// Memory a shard's inboxes may hold, as allocated: pending messages (sender,
     /// body, queue slot) and the user table (keys, queues, hash table, by
     /// capacity). REJECTED 4 when a SEND would pass it. The dedup table is
-    /// bounded apart, by dedup_entries_max (about 100 bytes an entry).
+    /// bounded apart, by dedup_entries_max (up to about 125 bytes an entry).
     /// RssAnon stays within 10 % of these bounds (tests/tests/memory.rs).
     pub shard_pending_bytes_max: usize,
     /// (sender, msg_id) entries remembered per shard for idempotency; oldest evicted first.

@@ -135,6 +135,17 @@ impl Dedup {
 mod tests {
     use super::*;
 
+    /// README and config.rs quote "up to about 125 bytes an entry" at the default bound.
+    #[test]
+    fn the_documented_bytes_per_entry_hold_at_the_default_bound() {
+        let entries_max = crate::config::Limits::default().dedup_entries_max;
+        let per_entry = Dedup::heap_bytes_max(entries_max) / entries_max;
+        assert!(
+            (100..=128).contains(&per_entry),
+            "{per_entry} bytes an entry"
+        );
+    }
+
     #[test]
     fn remembers_evicts_oldest_and_expires() {
         let mut d = Dedup::new(2, 1000);
