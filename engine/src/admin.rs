@@ -464,7 +464,7 @@ fn replication_stats(stats: &NodeStats) -> Response {
             shards,
             stored_total: stats.stored_total.load(Relaxed),
             rejected_total: stats.rejected_total.load(Relaxed),
-            connections: stats.connections.load(Relaxed),
+            connections: stats.connections(),
             replication_sent_bytes: stats.replication_bytes_sent.load(Relaxed),
             replication_received_bytes: stats.replication_bytes_received.load(Relaxed),
         },
@@ -573,7 +573,7 @@ fn encode_node(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::f
         encoder,
         "iris_connections",
         "Open client connections",
-        stats.connections.load(Relaxed),
+        stats.connections(),
     )
 }
 
@@ -812,7 +812,7 @@ mod tests {
         s0.last_heartbeat_ms.store(unix_now_ms() - 250, Relaxed);
         stats.stored_total.store(42, Relaxed);
         stats.rejected_total.store(2, Relaxed);
-        stats.connections.store(5, Relaxed);
+        s0.connections.store(5, Relaxed);
 
         let v = get_json(&addr, "/replication/stats");
         assert_eq!(

@@ -57,8 +57,8 @@ pub struct ReplState {
     pub primary_last_position: u64,
     /// When this shard last heard its peer (ms since the Unix epoch).
     pub last_heard_ms: u64,
-    /// Counter values already added to the node stats: (stored, rejected, connections).
-    published: (u64, u64, u64),
+    /// Counter values already added to the node stats: (stored, rejected).
+    published: (u64, u64),
     /// Primary side: this shard's log may lack acknowledged records from this
     /// position on (it was not sealed by a clean stop: a crash, maybe a cut at
     /// recovery). Until a replica has handed back its records from here (FETCH),
@@ -91,7 +91,7 @@ impl ReplState {
             acker_waker: None,
             primary_last_position: 0,
             last_heard_ms: 0,
-            published: (0, 0, 0),
+            published: (0, 0),
             repair_from: None,
         }
     }
@@ -418,9 +418,9 @@ async fn fetch_from_replica(
         let mut c = core.borrow_mut();
         match decode_frame(&buf[..used])? {
             Msg::Records { frames } => {
+                // Handed back to this primary: from its own epochs only.
                 let epoch = c.shard.epoch();
-                check_epochs(frames, epoch)?;
-                apply_frames(&mut c, frames)?;
+                apply_frames(&mut c, frames, Some(epoch))?;
                 c.kick_committer();
             }
             Msg::FetchEnd { last_position } => break last_position,
@@ -455,21 +455,6 @@ async fn fetch_from_replica(
         through = last,
         "took back from the replica the records this log lacked after a crash"
     );
-    Ok(())
-}
-
-/// Records handed back by a replica must come from this primary's epochs.
-fn check_epochs(frames: &[u8], epoch: u64) -> Result<(), String> {
-    let mut rest = frames;
-    while let wal::format::Decoded::Record(rec, len) = wal::format::decode_record(rest, u32::MAX) {
-        if rec.epoch > epoch {
-            return Err(format!(
-                "fetched record {} has epoch {} above this node's {epoch}: refused",
-                rec.position, rec.epoch
-            ));
-        }
-        rest = &rest[len..];
-    }
     Ok(())
 }
 
@@ -920,7 +905,7 @@ fn apply_msg(c: &mut Core, msg: Msg<'_>, snapshot: &mut Option<Snapshot>) -> Res
                 return Err("snapshot chunk checksum mismatch".into());
             }
             snap.crc.update(data);
-            snap.records += apply_frames(c, data)?;
+            snap.records += apply_frames(c, data, None)?;
         }
         Msg::SnapEnd { crc } => {
             let snap = snapshot.take().ok_or("snapshot end outside a snapshot")?;
@@ -930,7 +915,7 @@ fn apply_msg(c: &mut Core, msg: Msg<'_>, snapshot: &mut Option<Snapshot>) -> Res
             tracing::info!(shard, records = snap.records, "full sync: snapshot applied");
         }
         Msg::Records { frames } => {
-            apply_frames(c, frames)?;
+            apply_frames(c, frames, None)?;
         }
         Msg::Heartbeat {
             epoch,
@@ -948,9 +933,10 @@ fn apply_msg(c: &mut Core, msg: Msg<'_>, snapshot: &mut Option<Snapshot>) -> Res
     Ok(())
 }
 
-/// Verifies every frame (checksum, dense positions) before applying any: a
-/// bad or truncated batch is refused whole.
-fn apply_frames(c: &mut Core, frames: &[u8]) -> Result<u64, String> {
+/// Verifies every frame (checksum, dense positions, and with `epoch_max` no
+/// epoch above it) before applying any: a bad or truncated batch is refused
+/// whole.
+fn apply_frames(c: &mut Core, frames: &[u8], epoch_max: Option<u64>) -> Result<u64, String> {
     let limit = c.shard.wal().config().record_payload_len_max;
     let mut expected = c.shard.wal().last_position() + 1;
     let mut records = Vec::new();
@@ -958,6 +944,12 @@ fn apply_frames(c: &mut Core, frames: &[u8]) -> Result<u64, String> {
     while !rest.is_empty() {
         match wal::format::decode_record(rest, limit) {
             wal::format::Decoded::Record(rec, len) if rec.position == expected => {
+                if let Some(max) = epoch_max.filter(|&max| rec.epoch > max) {
+                    return Err(format!(
+                        "record {expected} has epoch {} above this node's {max}: refused",
+                        rec.epoch
+                    ));
+                }
                 records.push(rec);
                 expected += 1;
                 rest = &rest[len..];
@@ -1158,20 +1150,11 @@ fn update_mode(c: &mut Core) {
 
 fn publish(c: &mut Core, stats: &NodeStats) {
     stats.set_shard_mode(c.shard.id, c.shard.mode);
-    let (stored, rejected, conns) = (
-        c.edge.stored_count,
-        c.edge.rejected_count,
-        c.edge.connections as u64,
-    );
-    let (s0, r0, c0) = c.repl.published;
+    let (stored, rejected) = (c.edge.stored_count, c.edge.rejected_count);
+    let (s0, r0) = c.repl.published;
     stats.stored_total.fetch_add(stored - s0, Relaxed);
     stats.rejected_total.fetch_add(rejected - r0, Relaxed);
-    if conns >= c0 {
-        stats.connections.fetch_add(conns - c0, Relaxed);
-    } else {
-        stats.connections.fetch_sub(c0 - conns, Relaxed);
-    }
-    c.repl.published = (stored, rejected, conns);
+    c.repl.published = (stored, rejected);
     let Some(s) = stats.shards.get(c.shard.id) else {
         return;
     };

@@ -353,14 +353,7 @@ async fn core_main(
     // this log lacks. Take them back before serving anyone.
     let unsealed = report.dropped_records() > 0 || report.durable_mark < report.last_position;
     if is_primary && unsealed && repl_config.listen.is_some() && repl_config.synchronous() {
-        let from = core.borrow().shard.wal().last_position() + 1;
-        core.borrow_mut().repl.repair_from = Some(from);
-        repair(
-            &core,
-            from,
-            Duration::from_millis(repl_config.repair_wait_ms),
-        )
-        .await;
+        repair(&core, Duration::from_millis(repl_config.repair_wait_ms)).await;
     }
     let _ = ready.send(Ok(()));
     acceptor(core.clone(), listener).await;
@@ -368,10 +361,16 @@ async fn core_main(
     Ok(())
 }
 
-/// Waits (bounded) until a replica has handed back the records from `from`
-/// on, or said it has none (`repl::fetch_from_replica`, `repl::plan`).
-async fn repair(core: &Rc<RefCell<Core>>, from: u64, wait: Duration) {
-    let shard = core.borrow().shard.id;
+/// Asks for the records past this log's end and waits (bounded) until a
+/// replica has handed them back, or said it has none
+/// (`repl::fetch_from_replica`, `repl::plan`).
+async fn repair(core: &Rc<RefCell<Core>>, wait: Duration) {
+    let (shard, from) = {
+        let mut c = core.borrow_mut();
+        let from = c.shard.wal().last_position() + 1;
+        c.repl.repair_from = Some(from);
+        (c.shard.id, from)
+    };
     tracing::warn!(
         shard,
         from,
@@ -615,10 +614,10 @@ struct SyncFiles {
 }
 
 async fn fdatasync_all(files: &mut SyncFiles, ticket: &wal::SyncTicket) -> std::io::Result<()> {
-    let named: Vec<u64> = ticket.files().map(|(instance, _)| instance).collect();
     let mut index = 0;
     while index < files.open.len() {
-        if named.contains(&files.open[index].0) {
+        let instance = files.open[index].0;
+        if ticket.files().any(|(named, _)| named == instance) {
             index += 1;
         } else {
             let (_, stale) = files.open.swap_remove(index);
@@ -626,17 +625,20 @@ async fn fdatasync_all(files: &mut SyncFiles, ticket: &wal::SyncTicket) -> std::
         }
     }
     for (instance, fd) in ticket.files() {
-        if !files.open.iter().any(|(i, _)| *i == instance) {
-            files
-                .open
-                .push((instance, sys::glommio_file(sys::dup(fd)?)));
-        }
-        let (_, file) = files
-            .open
-            .iter()
-            .find(|(i, _)| *i == instance)
-            .expect("just opened");
-        file.fdatasync().await.map_err(std::io::Error::from)?;
+        let at = match files.open.iter().position(|(i, _)| *i == instance) {
+            Some(at) => at,
+            None => {
+                files
+                    .open
+                    .push((instance, sys::glommio_file(sys::dup(fd)?)));
+                files.open.len() - 1
+            }
+        };
+        files.open[at]
+            .1
+            .fdatasync()
+            .await
+            .map_err(std::io::Error::from)?;
     }
     Ok(())
 }
@@ -701,17 +703,17 @@ async fn shutdown(core: Rc<RefCell<Core>>, nr_cores: usize, drain_ms: u64) {
     }
     // Make the last ACK records durable too (not required, but saves redeliveries).
     core.borrow_mut().kick_committer();
-    while Instant::now() < flush_deadline
-        && (core.borrow().shard.needs_sync()
-            || core.borrow_mut().shard.wal_mut().syncs_in_flight() > 0)
-    {
+    while Instant::now() < flush_deadline && {
+        let c = core.borrow();
+        c.shard.needs_sync() || c.shard.wal().syncs_in_flight() > 0
+    } {
         glommio::timer::sleep(pause).await;
     }
     // A clean stop leaves a durable mark that covers every record: damage to
     // any of them on the next start is refused, never taken for a torn tail.
     let sealed = {
         let mut c = core.borrow_mut();
-        let in_flight = c.shard.wal_mut().syncs_in_flight();
+        let in_flight = c.shard.wal().syncs_in_flight();
         (in_flight == 0).then(|| c.shard.wal_mut().seal())
     };
     match sealed {

@@ -117,8 +117,6 @@ struct Inbox {
     acked: u64,
     /// Exactly the messages with seq in (acked, last_seq], in order.
     pending: ChunkedQueue<PendingMsg>,
-    /// Heap bytes of the pending messages' blocks.
-    pending_heap_bytes: usize,
     presence: Option<Presence>,
 }
 
@@ -914,7 +912,6 @@ impl Inbox {
                 .expect("front checked")
                 .heap_bytes();
         }
-        self.pending_heap_bytes -= freed;
         freed += queue_before - self.pending.heap_bytes();
         self.acked = self.acked.max(seq);
         if replay {
@@ -928,7 +925,6 @@ impl Inbox {
     fn push(&mut self, msg: PendingMsg) -> usize {
         let (heap, queue) = (msg.heap_bytes(), self.pending.push_cost_bytes());
         self.pending.push_back(msg);
-        self.pending_heap_bytes += heap;
         heap + queue
     }
 }
@@ -978,9 +974,9 @@ impl Live {
 
     fn remove_user(&mut self, user: &str) {
         if let Some((key, inbox)) = self.inboxes.remove_entry(user) {
-            self.inbox_bytes -= memory::rc_str_bytes(key.len())
-                + inbox.pending_heap_bytes
-                + inbox.pending.heap_bytes();
+            let blocks: usize = inbox.pending.iter().map(PendingMsg::heap_bytes).sum();
+            self.inbox_bytes -=
+                memory::rc_str_bytes(key.len()) + blocks + inbox.pending.heap_bytes();
         }
     }
 

@@ -86,7 +86,6 @@ pub struct NodeStats {
     mode: AtomicU8,
     pub epoch: AtomicU64,
     pub shards: Vec<ShardStats>,
-    pub connections: AtomicU64,
     pub stored_total: AtomicU64,
     pub rejected_total: AtomicU64,
     pub replication_bytes_sent: AtomicU64,
@@ -106,6 +105,14 @@ pub struct NodeStats {
 }
 
 impl NodeStats {
+    /// Open client connections, all cores together.
+    pub fn connections(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.connections.load(Relaxed))
+            .sum()
+    }
+
     pub fn new(shards: usize, role: Role, mode: Mode, epoch: u64) -> NodeStats {
         NodeStats {
             role: AtomicU8::new(role as u8),
@@ -117,7 +124,6 @@ impl NodeStats {
                     ..ShardStats::default()
                 })
                 .collect(),
-            connections: AtomicU64::new(0),
             stored_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
             replication_bytes_sent: AtomicU64::new(0),

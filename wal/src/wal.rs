@@ -40,9 +40,9 @@ pub(crate) struct SegmentState<G> {
 pub struct SyncTicket {
     id: u64,
     target_position: u64,
-    fds: Vec<RawFd>,
-    /// `instance` of each of `fds` (the directory's is the log's `dir_instance`).
-    instances: Vec<u64>,
+    /// (instance, descriptor) of each file to sync; the directory's instance
+    /// is the log's `dir_instance`.
+    files: Vec<(u64, RawFd)>,
     bases: Vec<u64>,
     dir: bool,
 }
@@ -59,7 +59,7 @@ impl SyncTicket {
     /// a caller may keep its own handle per instance (a descriptor number
     /// can come back for another file).
     pub fn files(&self) -> impl Iterator<Item = (u64, RawFd)> + '_ {
-        self.instances.iter().copied().zip(self.fds.iter().copied())
+        self.files.iter().copied()
     }
 
     /// Every position up to this one is durable once the ticket completes.
@@ -67,12 +67,12 @@ impl SyncTicket {
         self.target_position
     }
     /// Files (and possibly the directory) whose dirty pages must be synced.
-    pub fn fds(&self) -> &[RawFd] {
-        &self.fds
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.files.iter().map(|&(_, fd)| fd)
     }
     /// Blocking fdatasync of every descriptor, for a sync thread.
     pub fn fdatasync(&self) -> io::Result<()> {
-        self.fds.iter().try_for_each(|&fd| fdatasync_fd(fd))
+        self.fds().try_for_each(fdatasync_fd)
     }
 }
 
@@ -396,25 +396,18 @@ impl<S: Storage> Wal<S> {
     fn make_ticket(&mut self, from_position: u64, include_dir_in_flight: bool) -> SyncTicket {
         assert_eq!(self.staged_len, 0, "a ticket covers written bytes only");
         let target_position = self.last_position;
-        let mut fds = Vec::with_capacity(2);
-        let mut instances = Vec::with_capacity(2);
+        let mut files = Vec::with_capacity(2);
         let mut bases = Vec::with_capacity(2);
         for state in &self.segments {
             if state.base <= target_position && state.last_position >= from_position {
                 bases.push(state.base);
-                if let Some(fd) = state.segment.raw_fd() {
-                    fds.push(fd);
-                    instances.push(state.instance);
-                }
+                files.extend(state.segment.raw_fd().map(|fd| (state.instance, fd)));
             }
         }
         let dir = std::mem::take(&mut self.dir_dirty)
             || (include_dir_in_flight && self.in_flight.iter().any(|t| t.dir));
         if dir {
-            if let Some(fd) = self.storage.dir_fd() {
-                fds.push(fd);
-                instances.push(self.dir_instance);
-            }
+            files.extend(self.storage.dir_fd().map(|fd| (self.dir_instance, fd)));
         }
         let id = self.ticket_id_next;
         self.ticket_id_next += 1;
@@ -430,15 +423,14 @@ impl<S: Storage> Wal<S> {
         SyncTicket {
             id,
             target_position,
-            fds,
-            instances,
+            files,
             bases,
             dir,
         }
     }
 
     /// Performs a ticket's syncs through the storage (blocking). The engine
-    /// syncs `ticket.fds()` itself; this is for `sync` and the simulator.
+    /// syncs `ticket.files()` itself; this is for `sync` and the simulator.
     pub fn sync_perform(&mut self, ticket: &SyncTicket) -> io::Result<()> {
         for base in &ticket.bases {
             // A segment removed since the ticket began is parked until the

@@ -68,7 +68,7 @@ fn group_commit_ticket_covers_everything_before_it() {
     }
     let ticket = wal.sync_begin().unwrap();
     assert_eq!(ticket.target_position(), 10);
-    assert_eq!(ticket.fds().len(), 1);
+    assert_eq!(ticket.fds().count(), 1);
     assert!(wal.sync_begin().is_none(), "syncs_in_flight_max is 1");
     wal.append(1, 0, b"after").unwrap();
     let result = ticket.fdatasync();
