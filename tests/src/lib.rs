@@ -38,6 +38,15 @@ pub const LISTENING_PREFIX: &str = "iris listening on ";
 /// Lines of the server log shown when a test fails.
 const LOG_TAIL_LINES: usize = 80;
 
+/// `127.0.0.1:PORT` with a port the kernel just handed out and nothing
+/// listens on now (taken and closed again).
+pub fn free_loopback_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .to_string()
+}
+
 /// Path of the `iris` binary built for these tests (`src/bin/iris-e2e.rs`).
 ///
 /// Integration tests are built next to it (`target/<profile>/deps/<test>`),
@@ -213,40 +222,14 @@ impl Server {
     }
 
     /// Runs the server's command again (the old process must have exited)
-    /// expecting it to refuse to start: returns its exit status and stderr.
-    /// Fails the test if it starts listening or runs past [`STARTUP_TIMEOUT`].
+    /// expecting it to refuse to start: returns its exit status and what it
+    /// wrote to stderr. Fails the test if it starts listening or runs past
+    /// [`STARTUP_TIMEOUT`].
     pub fn start_expecting_refusal(&self) -> (ExitStatus, String) {
-        let mut child = Command::new(iris_bin())
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn iris");
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("iris did not refuse to start within {STARTUP_TIMEOUT:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        if let Some(mut out) = child.stdout.take() {
-            let _ = out.read_to_string(&mut stdout);
-        }
-        if let Some(mut err) = child.stderr.take() {
-            let _ = err.read_to_string(&mut stderr);
-        }
-        assert!(
-            !stdout.contains(LISTENING_PREFIX),
-            "iris started listening instead of refusing:\n{stdout}\n{stderr}"
-        );
+        let log_path = unique_temp_path("log").with_extension("log");
+        let status = run_expecting_failure(&self.args, &log_path);
+        let stderr = fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = fs::remove_file(&log_path);
         (status, stderr)
     }
 
@@ -335,9 +318,20 @@ pub fn serve_must_fail(extra_args: &[&str]) -> (ExitStatus, String) {
     args.push(data_dir.to_str().expect("utf-8 temp path").into());
     args.extend(["--cores".into(), "2".into()]);
     args.extend(extra_args.iter().map(|arg| arg.to_string()));
-    let (mut child, lines_rx) = spawn_iris(&args, &log_path);
+    let status = run_expecting_failure(&args, &log_path);
+    let stderr = fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = fs::remove_file(&log_path);
+    let _ = fs::remove_dir_all(&data_dir);
+    (status, stderr)
+}
+
+/// Spawns `iris-e2e <args>` (stderr to `log_path`) for a start that must
+/// fail: waits up to [`STARTUP_TIMEOUT`] for it to exit and returns its status.
+/// A listening line, or no exit in time, fails the test.
+fn run_expecting_failure(args: &[String], log_path: &Path) -> ExitStatus {
+    let (mut child, lines_rx) = spawn_iris(args, log_path);
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let status = loop {
+    loop {
         if let Ok(line) = lines_rx.try_recv() {
             if line.starts_with(LISTENING_PREFIX) {
                 let _ = child.kill();
@@ -345,12 +339,12 @@ pub fn serve_must_fail(extra_args: &[&str]) -> (ExitStatus, String) {
                 panic!(
                     "`iris {}` started: {line}\n{}",
                     args.join(" "),
-                    log_tail(&log_path)
+                    log_tail(log_path)
                 );
             }
         }
         if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
+            return status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
@@ -358,15 +352,11 @@ pub fn serve_must_fail(extra_args: &[&str]) -> (ExitStatus, String) {
             panic!(
                 "`iris {}` neither failed nor listened within {STARTUP_TIMEOUT:?}\n{}",
                 args.join(" "),
-                log_tail(&log_path)
+                log_tail(log_path)
             );
         }
         thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = fs::read_to_string(&log_path).unwrap_or_default();
-    let _ = fs::remove_file(&log_path);
-    let _ = fs::remove_dir_all(&data_dir);
-    (status, stderr)
+    }
 }
 
 /// Spawns `iris-e2e <args>` and waits for its listening line on stdout;

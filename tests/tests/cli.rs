@@ -169,11 +169,7 @@ fn cli_send_fails_on_rejection_and_on_no_server() {
     assert!(stored_ids(&rejected).is_empty());
 
     // A port nothing listens on: take a free one from the kernel and close it.
-    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port();
-    let no_server = format!("127.0.0.1:{free_port}");
+    let no_server = tests::free_loopback_addr();
     let refused = iris(&[
         "send",
         "--addr",

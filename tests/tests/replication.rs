@@ -1280,10 +1280,7 @@ fn hello_for_a_shard_that_does_not_exist_is_refused() {
 /// his messages from the restarted primary.
 #[test]
 fn restarted_primary_takes_back_what_its_log_lost_from_the_replica() {
-    let repl_addr = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").to_string()
-    };
+    let repl_addr = tests::free_loopback_addr();
     let mut primary = Node::primary(
         "repair-primary",
         &["--cores", "1", "--replication-listen", &repl_addr],

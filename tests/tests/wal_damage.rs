@@ -39,11 +39,6 @@ fn damage_to_the_last_record_after_a_clean_stop_refuses_to_start() {
     );
 }
 
-fn free_port_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").to_string()
-}
-
 /// GET on the admin port, retried while the control thread starts.
 fn admin_get(addr: &str, path: &str) -> String {
     for _ in 0..100 {
@@ -57,7 +52,7 @@ fn admin_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn a_crash_cut_at_the_tail_is_reported_not_silent() {
-    let admin = free_port_addr();
+    let admin = tests::free_loopback_addr();
     let mut server = Server::start(&["--cores", "1", "--admin", &admin]);
     let (mut alice, _) = connect(server.addr(), "alice");
     for i in 0..50 {
