@@ -82,24 +82,57 @@ pub enum SlotState {
     Ready,
     /// An ERROR (or BYE) was queued: flush, then close. Nothing more is read.
     Closing,
+    /// Flushed and FIN sent after an ERROR: what the peer still sends is read
+    /// and dropped for a moment (so the kernel does not answer it with a RST
+    /// that could destroy the unread ERROR), then the socket closes.
+    Lingering,
 }
 
-/// A connection's state in the per-core arena. Holds no buffer while idle:
-/// `out` is empty (no allocation) unless bytes wait for the socket.
+impl SlotState {
+    /// A connection that still reads frames or waits to (not free, not closing).
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            SlotState::AwaitHello | SlotState::AwaitWelcome | SlotState::Ready
+        )
+    }
+}
+
+/// A connection: its whole state in the per-core arena. No task and no
+/// buffer while idle: the core's socket ring (engine::sockets) watches the
+/// descriptor, `out` is empty (no allocation) unless bytes wait for the
+/// socket, and `rbuf` holds nothing unless a frame is incomplete.
 pub struct Slot {
     pub generation: u32,
+    /// The socket (owned; -1 while free).
+    pub fd: i32,
     pub state: SlotState,
+    /// Drop the connection at once: no flush.
+    pub kill: bool,
+    /// In the edge's run list (the driver services it next pass).
+    pub queued: bool,
+    /// The socket had unread bytes when last looked at (set by a readiness
+    /// completion, cleared by a read that drained it).
+    pub readable: bool,
+    /// A write-readiness poll is armed (the socket's send buffer was full).
+    pub write_armed: bool,
+    /// In the mesh or read-buffer waiter list.
+    pub waiting: bool,
+    /// `rbuf` is the connection's own exactly sized copy of an incomplete
+    /// frame, not a pool buffer.
+    pub parked: bool,
+    pub sends_in_flight: u32,
+    pub rstart: u32,
+    pub rend: u32,
     /// Shared handle (cloned per routed frame without allocating).
     pub user: Option<std::rc::Rc<str>>,
     pub out: Vec<u8>,
     pub out_sent: usize,
-    pub waker: Option<Waker>,
-    pub sends_in_flight: u32,
+    /// Read bytes: a pool buffer lent while bytes are decoded, or parked bytes.
+    pub rbuf: Option<Box<[u8]>>,
     /// Highest DELIVER seq written to this connection (an ACK above it is a violation).
     pub delivered_seq_max: u64,
     pub last_activity_ms: u64,
-    /// Drop the connection at once: no flush.
-    pub kill: bool,
     /// DELIVERs did not fit the outbox since this time (ms): later ones are
     /// dropped until it drains; the shard resends them after `Resume`.
     pub deliver_blocked_since_ms: Option<u64>,
@@ -108,32 +141,34 @@ pub struct Slot {
     pub deliver_expected_seq: Option<u64>,
 }
 
-/// What an idle connection costs in its core's arena, besides its task (issue 9
-/// wants the slot to be all of it): keep it within two cache lines.
-pub const SLOT_BYTES_MAX: usize = 128;
+/// What an idle connection costs in its core's arena: all of its user-space
+/// state (issue 9: an idle connection is its slot). Keep it small.
+pub const SLOT_BYTES_MAX: usize = 144;
 const _: () = assert!(std::mem::size_of::<Slot>() <= SLOT_BYTES_MAX);
 
 impl Slot {
     fn free() -> Slot {
         Slot {
             generation: 0,
+            fd: -1,
             state: SlotState::Free,
+            kill: false,
+            queued: false,
+            readable: false,
+            write_armed: false,
+            waiting: false,
+            parked: false,
+            sends_in_flight: 0,
+            rstart: 0,
+            rend: 0,
             user: None,
             out: Vec::new(),
             out_sent: 0,
-            waker: None,
-            sends_in_flight: 0,
+            rbuf: None,
             delivered_seq_max: 0,
             last_activity_ms: 0,
-            kill: false,
             deliver_blocked_since_ms: None,
             deliver_expected_seq: None,
-        }
-    }
-
-    pub fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
         }
     }
 }
@@ -155,12 +190,21 @@ pub struct Edge {
     pub pending_local: std::collections::VecDeque<Mail>,
     pub flusher_waker: Option<Waker>,
     /// Connections that paused reading because `outgoing` was full.
-    pub mesh_waiters: Vec<Waker>,
+    pub mesh_waiters: Vec<u32>,
+    /// Connections the driver services next pass (each once: `Slot::queued`).
+    pub run: Vec<u32>,
+    /// Accepted connections whose socket the driver has not watched yet.
+    pub accepted: Vec<u32>,
+    /// After an ERROR: lingering connections and when each closes (ms), in
+    /// that order (the linger is one constant).
+    pub lingering: std::collections::VecDeque<(u32, u32, u64)>,
+    /// The connection driver, waiting for work.
+    pub driver_waker: Option<Waker>,
     /// Read buffers (frame_len_max + slack), lent to connections while bytes wait to be decoded.
     read_pool: Vec<Box<[u8]>>,
     read_buffers_lent: usize,
     /// Connections waiting for a read buffer (read_buffers_per_core all lent).
-    pub read_waiters: Vec<Waker>,
+    pub read_waiters: Vec<u32>,
     /// Bytes of incomplete frames parked in connections (bounded by
     /// partial_frame_bytes_per_core_max).
     pub partial_frame_bytes: usize,
@@ -197,6 +241,10 @@ impl Edge {
             pending_local: std::collections::VecDeque::new(),
             flusher_waker: None,
             mesh_waiters: Vec::new(),
+            run: Vec::new(),
+            accepted: Vec::new(),
+            lingering: std::collections::VecDeque::new(),
+            driver_waker: None,
             read_pool: Vec::new(),
             read_buffers_lent: 0,
             read_waiters: Vec::new(),
@@ -216,7 +264,7 @@ impl Edge {
     }
 
     /// Takes a free slot for a new connection, or None at connections_per_core_max.
-    pub fn alloc_slot(&mut self) -> Option<(u32, u32)> {
+    pub fn alloc_slot(&mut self, fd: i32) -> Option<(u32, u32)> {
         if self.connections >= self.limits.connections_per_core_max {
             return None;
         }
@@ -231,8 +279,13 @@ impl Edge {
         assert_eq!(slot.state, SlotState::Free);
         slot.generation = slot.generation.wrapping_add(1);
         slot.state = SlotState::AwaitHello;
+        slot.fd = fd;
         slot.last_activity_ms = self.clock_ms;
         self.connections += 1;
+        self.accepted.push(index);
+        if let Some(w) = self.driver_waker.take() {
+            w.wake();
+        }
         Some((index, slot.generation))
     }
 
@@ -241,16 +294,59 @@ impl Edge {
         assert_ne!(slot.state, SlotState::Free);
         self.sends_in_flight_total -= u64::from(slot.sends_in_flight);
         let out = std::mem::take(&mut slot.out);
+        let rbuf = slot.rbuf.take();
+        let parked = slot.parked;
         let generation = slot.generation;
         *slot = Slot::free();
         slot.generation = generation;
         self.give_buffer(out);
+        match rbuf {
+            Some(bytes) if parked => self.partial_frame_bytes -= bytes.len(),
+            Some(buf) => self.give_read_buffer(buf),
+            None => {}
+        }
         self.free_slots.push(index);
         self.connections -= 1;
     }
 
     pub fn slot(&mut self, index: u32) -> &mut Slot {
         &mut self.slots[index as usize]
+    }
+
+    /// Has the driver look at a connection on its next pass.
+    pub fn wake_slot(&mut self, index: u32) {
+        let slot = &mut self.slots[index as usize];
+        if slot.queued || slot.state == SlotState::Free {
+            return;
+        }
+        slot.queued = true;
+        self.run.push(index);
+        if let Some(w) = self.driver_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Wakes the connections that waited for room in the core mesh.
+    pub fn wake_mesh_waiters(&mut self) {
+        for index in std::mem::take(&mut self.mesh_waiters) {
+            self.slots[index as usize].waiting = false;
+            self.wake_slot(index);
+        }
+    }
+
+    /// Closes lingering connections whose moment is over.
+    pub fn expire_lingering(&mut self) {
+        while let Some(&(index, generation, until_ms)) = self.lingering.front() {
+            if until_ms > self.clock_ms {
+                break;
+            }
+            self.lingering.pop_front();
+            let slot = &mut self.slots[index as usize];
+            if slot.generation == generation && slot.state == SlotState::Lingering {
+                slot.kill = true;
+                self.wake_slot(index);
+            }
+        }
     }
 
     pub fn slot_count(&self) -> usize {
@@ -305,8 +401,14 @@ impl Edge {
         if self.read_pool.len() < BUFFERS_POOLED_MAX {
             self.read_pool.push(buf);
         }
-        if let Some(w) = self.read_waiters.pop() {
-            w.wake();
+        // One buffer, one waiter; entries of closed connections are skipped.
+        while let Some(index) = self.read_waiters.pop() {
+            let slot = &mut self.slots[index as usize];
+            if slot.waiting {
+                slot.waiting = false;
+                self.wake_slot(index);
+                break;
+            }
         }
     }
 
@@ -334,12 +436,12 @@ impl Edge {
                 // client that does not read its answers at all.
                 tracing::debug!(slot = index, "outbox full: disconnecting");
                 slot.kill = true;
-                slot.wake();
+                self.wake_slot(index);
             }
             return false;
         }
         encode_server_frame(frame, &mut slot.out);
-        slot.wake();
+        self.wake_slot(index);
         true
     }
 
@@ -367,11 +469,12 @@ impl Edge {
         let deadline = self
             .clock_ms
             .saturating_sub(self.limits.idle_timeout_ms.min(SLOW_READER_TIMEOUT_MS));
-        for slot in self.slots.iter_mut() {
+        for index in 0..self.slots.len() as u32 {
+            let slot = &mut self.slots[index as usize];
             if slot.deliver_blocked_since_ms.is_some_and(|t| t < deadline) && !slot.kill {
                 tracing::debug!("a recipient that does not read: disconnected");
                 slot.kill = true;
-                slot.wake();
+                self.wake_slot(index);
             }
         }
     }
@@ -483,8 +586,7 @@ impl Edge {
     /// Every live connection gets ERROR 5 and is closed after its flush.
     pub fn shut_all(&mut self) {
         for index in 0..self.slots.len() as u32 {
-            let state = self.slots[index as usize].state;
-            if state != SlotState::Free && state != SlotState::Closing {
+            if self.slots[index as usize].state.is_open() {
                 self.fail(index, error_code::SHUTTING_DOWN, "server shutting down");
             }
         }
@@ -498,10 +600,7 @@ impl Edge {
             let slot = &self.slots[index as usize];
             if slot.state == SlotState::AwaitHello && slot.last_activity_ms < hello_deadline {
                 self.fail(index, error_code::IDLE_TIMEOUT, "no HELLO in time");
-            } else if slot.state != SlotState::Free
-                && slot.state != SlotState::Closing
-                && slot.last_activity_ms < deadline
-            {
+            } else if slot.state.is_open() && slot.last_activity_ms < deadline {
                 self.fail(index, error_code::IDLE_TIMEOUT, "idle timeout");
             }
         }

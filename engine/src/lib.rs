@@ -21,6 +21,7 @@ pub mod repl;
 pub mod repl_proto;
 pub mod runtime;
 pub mod shard;
+pub mod sockets;
 pub mod stats;
 pub(crate) mod sys;
 

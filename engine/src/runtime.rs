@@ -334,6 +334,15 @@ async fn core_main(
         commit_waker: None,
         shutdown_waker: None,
     }));
+    let ring = match crate::sockets::SocketRing::new() {
+        Ok(ring) => ring,
+        Err(e) => return fail(format!("cannot create the core's socket ring: {e}")),
+    };
+    let bell = match ring.eventfd() {
+        Ok(fd) => sys::glommio_file(fd),
+        Err(e) => return fail(format!("cannot watch the core's socket ring: {e}")),
+    };
+    glommio::spawn_local(crate::conn::drive(core.clone(), ring, bell)).detach();
     for (_, rx) in receivers {
         glommio::spawn_local(mesh_receiver(core.clone(), rx)).detach();
     }
@@ -458,14 +467,28 @@ async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
         let Some(result) = accepted else { return };
         match result {
             Ok(stream) => {
-                let slot = core.borrow_mut().edge.alloc_slot();
-                publish_connections(&core.borrow());
-                match slot {
-                    Some((index, generation)) => {
-                        let task = crate::conn::serve(core.clone(), index, generation, stream);
-                        glommio::spawn_local(task).detach();
+                // The connection becomes a slot owning a descriptor of the
+                // socket, watched by the core's socket ring (engine::conn).
+                // TCP_NODELAY: answers are small and latency-bound; batching
+                // is done per pass of the driver.
+                let _ = stream.set_nodelay(true);
+                let fd = match sys::dup(stream.as_raw_fd()) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                            tracing::warn!(error = %e, "cannot keep an accepted connection (file descriptors exhausted?)");
+                            last_warning = Some(Instant::now());
+                        }
+                        refuse(stream.as_raw_fd());
+                        continue;
                     }
-                    None => refuse(stream.as_raw_fd()),
+                };
+                drop(stream);
+                let slot = core.borrow_mut().edge.alloc_slot(fd);
+                publish_connections(&core.borrow());
+                if slot.is_none() {
+                    refuse(fd);
+                    crate::sockets::close(fd);
                 }
             }
             Err(e) => {
@@ -556,8 +579,7 @@ async fn mesh_flusher(core: Rc<RefCell<Core>>, senders: Senders<Batch>) {
                 tracing::debug!(dest, "core mesh peer gone (shutting down)");
             }
         }
-        let waiters = std::mem::take(&mut core.borrow_mut().edge.mesh_waiters);
-        waiters.into_iter().for_each(|w| w.wake());
+        core.borrow_mut().edge.wake_mesh_waiters();
     }
 }
 
@@ -650,6 +672,7 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         let mut c = core.borrow_mut();
         let now = now_ms();
         c.edge.clock_ms = now;
+        c.edge.expire_lingering();
         crate::repl::tick(&mut c, &data);
         // A mode change may have delivered (and rewound) something.
         c.route_edge_mail();
