@@ -69,21 +69,22 @@ impl Dedup {
         self.map.get(key).map(|e| e.position)
     }
 
-    /// Remembers a key; evicts the oldest entry when full. A known key is left as it is.
+    /// Remembers a key; evicts the oldest entry when full (even if the key
+    /// turns out to be known). A known key is left as it is.
+    /// (One probe of the table for a new key, the common case: a caller asks
+    /// `get` first.)
     pub fn insert(&mut self, key: DedupKey, position: u64, stored_ms: u64) {
-        if self.map.contains_key(&key) {
-            return;
-        }
         if self.map.len() >= self.entries_max {
             self.evict_oldest();
         }
-        self.map.insert(
-            key,
-            Entry {
-                position,
-                stored_ms,
-            },
-        );
+        let entry = Entry {
+            position,
+            stored_ms,
+        };
+        if let Some(earlier) = self.map.insert(key, entry) {
+            self.map.insert(key, earlier); // known: left as it is (and not queued twice)
+            return;
+        }
         self.order.push_back(key);
         debug_assert_eq!(self.map.len(), self.order.len());
     }
@@ -158,6 +159,13 @@ mod tests {
         assert_eq!(d.expire(1550, 10), 1);
         assert_eq!(d.get(&(1, [2; 16])), None);
         assert_eq!(d.get(&(1, [3; 16])), Some(12));
+        d.insert((1, [3; 16]), 99, 700);
+        assert_eq!(
+            d.get(&(1, [3; 16])),
+            Some(12),
+            "a known key is left as it is"
+        );
+        assert_eq!(d.entries().count(), 1, "and not queued twice");
     }
 
     #[test]
