@@ -20,7 +20,9 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 port=""
 for _ in $(seq 1 50); do
-    candidate=$((20000 + RANDOM % 20000))
+    # Below the ephemeral range (32768+), where a flood's client sockets
+    # (connected or in TIME_WAIT) would make the bind fail.
+    candidate=$((20000 + RANDOM % 12000))
     if ! port_in_use "$candidate"; then
         port="$candidate"
         break

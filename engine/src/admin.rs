@@ -14,6 +14,8 @@
 //! a client that opens connections and sends nothing pins one thread each,
 //! without limit.
 
+use crate::auth::{AuthMode, AuthStats, Refusal};
+use crate::security::Security;
 use crate::stats::{Mode, NodeStats, Role, FSYNC_BUCKETS_US};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -58,21 +60,34 @@ const CONTENT_TYPE_OPENMETRICS: &str = "application/openmetrics-text; version=1.
 /// Binds `addr` and serves the admin API on a new thread named `iris-control`.
 /// Returns the bound address (useful with port 0) and the thread, which runs
 /// for the life of the process.
-pub fn start(addr: SocketAddr, stats: Arc<NodeStats>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+pub fn start(
+    addr: SocketAddr,
+    stats: Arc<NodeStats>,
+    security: Arc<Security>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("admin listener on {addr}: {e}")))?;
     let bound = listener.local_addr()?;
-    let metrics = metrics_registry(&stats);
+    let ctx = Ctx {
+        metrics: metrics_registry(&stats, &security),
+        security,
+    };
     let handle = thread::Builder::new()
         .name("iris-control".into())
-        .spawn(move || serve(listener, &stats, &metrics))?;
+        .spawn(move || serve(listener, &stats, &ctx))?;
     Ok((bound, handle))
 }
 
-fn serve(listener: TcpListener, stats: &NodeStats, metrics: &Registry) {
+/// What the routes need besides the stats.
+struct Ctx {
+    metrics: Registry,
+    security: Arc<Security>,
+}
+
+fn serve(listener: TcpListener, stats: &NodeStats, ctx: &Ctx) {
     loop {
         match listener.accept() {
-            Ok((stream, _peer)) => handle_connection(stream, stats, metrics),
+            Ok((stream, _peer)) => handle_connection(stream, stats, ctx),
             Err(e) => {
                 tracing::warn!("admin: accept failed: {e}");
                 thread::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS));
@@ -83,7 +98,7 @@ fn serve(listener: TcpListener, stats: &NodeStats, metrics: &Registry) {
 
 /// Reads one request, answers it and closes. I/O errors only end this
 /// connection: the peer is gone or too slow, and there is nobody to tell.
-fn handle_connection(mut stream: TcpStream, stats: &NodeStats, metrics: &Registry) {
+fn handle_connection(mut stream: TcpStream, stats: &NodeStats, ctx: &Ctx) {
     let deadline = Instant::now() + Duration::from_millis(REQUEST_DEADLINE_MS);
     if stream
         .set_write_timeout(Some(Duration::from_millis(RESPONSE_WRITE_TIMEOUT_MS)))
@@ -93,7 +108,7 @@ fn handle_connection(mut stream: TcpStream, stats: &NodeStats, metrics: &Registr
     }
     match read_request(&mut stream, deadline) {
         Ok(request) => {
-            let response = route(&request, stats, metrics);
+            let response = route(&request, stats, ctx);
             let _ = response.write_to(&mut stream);
         }
         Err(Rejection::Reply(response)) => {
@@ -334,14 +349,15 @@ fn reason(status: u16) -> &'static str {
 // ---------------------------------------------------------------------------
 // Routes
 
-type Handler = fn(&NodeStats, &Registry) -> Response;
+type Handler = fn(&NodeStats, &Ctx) -> Response;
 
-fn route(request: &Request, stats: &NodeStats, metrics: &Registry) -> Response {
+fn route(request: &Request, stats: &NodeStats, ctx: &Ctx) -> Response {
     let (method, handler): (&'static str, Handler) = match request.path.as_str() {
-        "/health" => ("GET", |s, _| health(s)),
+        "/health" => ("GET", health),
         "/replication/stats" => ("GET", |s, _| replication_stats(s)),
         "/replication/promote" => ("POST", |s, _| promote(s)),
-        "/metrics" => ("GET", |_, m| metrics_text(m)),
+        "/metrics" => ("GET", |_, c| metrics_text(&c.metrics)),
+        "/reload" => ("POST", |_, c| reload(&c.security)),
         _ => return Response::error(404, "no such path"),
     };
     if request.method != method {
@@ -349,7 +365,7 @@ fn route(request: &Request, stats: &NodeStats, metrics: &Registry) -> Response {
         response.allow = Some(method);
         return response;
     }
-    handler(stats, metrics)
+    handler(stats, ctx)
 }
 
 #[derive(Serialize)]
@@ -358,9 +374,16 @@ struct Health {
     role: &'static str,
     epoch: u64,
     mode: &'static str,
+    /// How HELLO is authenticated: "none" or "jwt".
+    auth: &'static str,
+    /// Whether a TLS client listener is open.
+    tls: bool,
+    /// Settings an operator should know about (e.g. --insecure-no-auth).
+    warnings: Vec<String>,
 }
 
-fn health(stats: &NodeStats) -> Response {
+fn health(stats: &NodeStats, ctx: &Ctx) -> Response {
+    let security = &ctx.security;
     Response::json(
         200,
         &Health {
@@ -368,8 +391,27 @@ fn health(stats: &NodeStats) -> Response {
             role: stats.role().name(),
             epoch: stats.epoch.load(Relaxed),
             mode: stats.mode().name(),
+            auth: match security.mode {
+                AuthMode::None => "none",
+                AuthMode::Jwt => "jwt",
+            },
+            tls: security.tls.is_some(),
+            warnings: security.warnings(),
         },
     )
+}
+
+#[derive(Serialize)]
+struct Reloaded {
+    reloaded: String,
+}
+
+/// `POST /reload`: JWT keys and the TLS certificate, as SIGHUP does.
+fn reload(security: &Security) -> Response {
+    match security.reload() {
+        Ok(what) => Response::json(200, &Reloaded { reloaded: what }),
+        Err(why) => Response::error(500, &format!("reload refused, old material kept: {why}")),
+    }
 }
 
 #[derive(Serialize)]
@@ -526,13 +568,16 @@ fn metrics_text(metrics: &Registry) -> Response {
 
 /// The registry holds one collector that reads the atomics on every scrape,
 /// so values are never copied into metric objects that could go stale.
-fn metrics_registry(stats: &Arc<NodeStats>) -> Registry {
+fn metrics_registry(stats: &Arc<NodeStats>, security: &Arc<Security>) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(StatsCollector(Arc::clone(stats))));
+    registry.register_collector(Box::new(StatsCollector(
+        Arc::clone(stats),
+        Arc::clone(&security.stats),
+    )));
     registry
 }
 
-struct StatsCollector(Arc<NodeStats>);
+struct StatsCollector(Arc<NodeStats>, Arc<AuthStats>);
 
 impl std::fmt::Debug for StatsCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -545,8 +590,37 @@ impl Collector for StatsCollector {
         encode_node(&self.0, &mut encoder)?;
         encode_shards(&self.0, &mut encoder)?;
         encode_traffic(&self.0, &mut encoder)?;
+        encode_auth(&self.1, &mut encoder)?;
         encode_fsync(&self.0, &mut encoder)
     }
+}
+
+fn encode_auth(auth: &AuthStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+    counter(
+        encoder,
+        "iris_auth_accepted",
+        "HELLOs whose login was accepted",
+        None,
+        auth.accepted.load(Relaxed),
+    )?;
+    counter(
+        encoder,
+        "iris_auth_verified",
+        "JWT signature verifications (HELLOs whose token was not cached)",
+        None,
+        auth.verified.load(Relaxed),
+    )?;
+    let mut family = encoder.encode_descriptor(
+        "iris_auth_failures",
+        "HELLOs refused with ERROR 2, by reason",
+        None,
+        MetricType::Counter,
+    )?;
+    for why in Refusal::ALL {
+        let labels: Labels = vec![("reason", why.label().to_owned())];
+        ConstCounter::new(auth.refused(why)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 fn encode_node(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
@@ -777,7 +851,9 @@ mod tests {
 
     fn start_node(shards: usize, role: Role) -> (Arc<NodeStats>, String) {
         let stats = Arc::new(NodeStats::new(shards, role, Mode::Replica, 7));
-        let (addr, _thread) = start("127.0.0.1:0".parse().unwrap(), Arc::clone(&stats)).unwrap();
+        let security = Arc::new(Security::open(&crate::config::Config::default()).unwrap());
+        let (addr, _thread) =
+            start("127.0.0.1:0".parse().unwrap(), Arc::clone(&stats), security).unwrap();
         (stats, addr.to_string())
     }
 

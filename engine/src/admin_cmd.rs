@@ -168,7 +168,11 @@ mod tests {
 
     fn start_node(role: Role) -> String {
         let stats = Arc::new(NodeStats::new(1, role, Mode::Local, 3));
-        let (addr, _thread) = crate::admin::start("127.0.0.1:0".parse().unwrap(), stats).unwrap();
+        let security = std::sync::Arc::new(
+            crate::security::Security::open(&crate::config::Config::default()).unwrap(),
+        );
+        let (addr, _thread) =
+            crate::admin::start("127.0.0.1:0".parse().unwrap(), stats, security).unwrap();
         addr.to_string()
     }
 

@@ -32,9 +32,15 @@ pub struct SendArgs {
     /// Sender user id.
     #[arg(long)]
     pub user: String,
-    /// Authentication token.
+    /// Authentication token (with `--auth jwt` servers: a JWT for --user, e.g. from `iris token`).
     #[arg(long, default_value = "")]
     pub token: String,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The server's name to check its certificate against. [default: the host of --addr]
+    #[arg(long)]
+    pub tls_name: Option<String>,
     /// Recipient user id.
     #[arg(long)]
     pub to: String,
@@ -56,9 +62,15 @@ pub struct RecvArgs {
     /// Recipient user id (whose inbox to read).
     #[arg(long)]
     pub user: String,
-    /// Authentication token.
+    /// Authentication token (with `--auth jwt` servers: a JWT for --user, e.g. from `iris token`).
     #[arg(long, default_value = "")]
     pub token: String,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The server's name to check its certificate against. [default: the host of --addr]
+    #[arg(long)]
+    pub tls_name: Option<String>,
     /// Exit after this many messages.
     #[arg(long)]
     pub count: Option<u64>,
@@ -106,11 +118,34 @@ enum CmdError {
     Output(#[from] io::Error),
 }
 
+/// TLS settings from `--tls-ca` (None: plain TCP). The name checked is
+/// `--tls-name`, else the host part of `addr`.
+fn tls_settings(
+    addr: &str,
+    ca: Option<&std::path::Path>,
+    name: Option<&str>,
+) -> Result<Option<net::TlsSettings>, CmdError> {
+    let Some(ca) = ca else { return Ok(None) };
+    let host = match name {
+        Some(n) => n.to_string(),
+        None => addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .unwrap_or_else(|| addr.to_string()),
+    };
+    Ok(Some(net::TlsSettings::from_ca_file(ca, &host)?))
+}
+
 /// Ok(true): all STORED; Ok(false): some REJECTED (reported on stderr).
 fn send(args: &SendArgs) -> Result<bool, CmdError> {
     let timeout = Duration::from_secs(args.timeout_secs);
-    let (mut client, _welcome) =
-        Client::connect(&args.addr, &args.user, args.token.as_bytes(), timeout)?;
+    let (mut client, _welcome) = Client::connect_with(
+        &args.addr,
+        tls_settings(&args.addr, args.tls_ca.as_deref(), args.tls_name.as_deref())?.as_ref(),
+        &args.user,
+        args.token.as_bytes(),
+        timeout,
+    )?;
     let mut stdout = io::stdout().lock();
     let mut in_flight: Vec<MsgId> = Vec::new();
     let (mut sent, mut all_stored) = (0u64, true);
@@ -153,8 +188,9 @@ fn send(args: &SendArgs) -> Result<bool, CmdError> {
 }
 
 fn recv(args: &RecvArgs) -> Result<(), CmdError> {
-    let (mut client, _welcome) = Client::connect(
+    let (mut client, _welcome) = Client::connect_with(
         &args.addr,
+        tls_settings(&args.addr, args.tls_ca.as_deref(), args.tls_name.as_deref())?.as_ref(),
         &args.user,
         args.token.as_bytes(),
         RECV_CONNECT_TIMEOUT,

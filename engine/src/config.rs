@@ -22,8 +22,45 @@ pub struct Config {
     pub cores: usize,
     /// Admin HTTP (health, stats, promote, metrics) on the control thread; port 0 allowed.
     pub admin: Option<SocketAddr>,
+    /// Serve plain TCP on `listen`. Off when only `--tls-listen` is given on
+    /// the command line (TLS instead of plain); `--listen` too keeps both.
+    pub plain: bool,
+    /// TLS client listener (same protocol inside TLS); needs tls_cert and tls_key.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener (reloaded on SIGHUP and POST /reload).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener.
+    pub tls_key: Option<PathBuf>,
     pub limits: Limits,
     pub replication: ReplicationConfig,
+    pub auth: AuthConfig,
+}
+
+/// How HELLO is authenticated (engine::auth).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: crate::auth::AuthMode,
+    /// A PEM public key, or a directory of them (`*.pem`; a file's stem is its `kid`).
+    pub jwt_keys: Option<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub jwt_leeway_secs: u64,
+    /// Verified tokens remembered per core (a HELLO with one costs a lookup, not a verification).
+    pub token_cache_entries: usize,
+    /// Allow `mode = none` on a non-loopback client listener (anyone logs in as anyone).
+    pub insecure_no_auth: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: crate::auth::AuthMode::None,
+            jwt_keys: None,
+            jwt_leeway_secs: 60,
+            token_cache_entries: 4096,
+            insecure_no_auth: false,
+        }
+    }
 }
 
 /// What STORED waits for when a replica is configured.
@@ -156,8 +193,13 @@ impl Default for Config {
             data: PathBuf::from("./iris-data"),
             cores: 0,
             admin: None,
+            plain: true,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
             limits: Limits::default(),
             replication: ReplicationConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -245,6 +287,47 @@ impl Config {
         }
         if l.idle_timeout_ms < 100 {
             return Err("invalid configuration: idle_timeout_ms must be at least 100".into());
+        }
+        self.validate_security()
+    }
+
+    /// The client listeners this configuration opens.
+    pub fn client_listeners(&self) -> Vec<SocketAddr> {
+        let plain = self.plain.then_some(self.listen);
+        plain.into_iter().chain(self.tls_listen).collect()
+    }
+
+    fn validate_security(&self) -> Result<(), String> {
+        if !self.plain && self.tls_listen.is_none() {
+            return Err(
+                "invalid configuration: no client listener (plain is off and no tls_listen)".into(),
+            );
+        }
+        if self.tls_listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err("--tls-listen needs --tls-cert FILE and --tls-key FILE (PEM); `iris certs --out DIR` makes a development pair"
+                .into());
+        }
+        let a = &self.auth;
+        if a.mode == crate::auth::AuthMode::Jwt && a.jwt_keys.is_none() {
+            return Err("--auth jwt needs --jwt-keys PATH (a PEM public key or a directory of them); `iris keygen --out DIR` makes a development pair"
+                .into());
+        }
+        if a.token_cache_entries == 0 {
+            return Err("invalid configuration: token_cache_entries must be positive".into());
+        }
+        let exposed: Vec<String> = self
+            .client_listeners()
+            .into_iter()
+            .filter(|addr| !addr.ip().is_loopback())
+            .map(|addr| addr.to_string())
+            .collect();
+        if a.mode == crate::auth::AuthMode::None && !exposed.is_empty() && !a.insecure_no_auth {
+            return Err(format!(
+                "refusing to serve {} without authentication: anyone could log in as anyone. \
+                 Fix: --auth jwt --jwt-keys PATH (`iris keygen` and `iris token` make development \
+                 keys and tokens), or listen on loopback only, or pass --insecure-no-auth to accept it",
+                exposed.join(", ")
+            ));
         }
         Ok(())
     }

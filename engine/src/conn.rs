@@ -191,31 +191,80 @@ fn service(c: &mut Core, ring: &mut SocketRing, index: u32) {
 
 /// Writes the outbox as far as the socket takes it.
 fn flush(c: &mut Core, ring: &mut SocketRing, index: u32) -> Flush {
+    if c.edge.slot(index).tls.is_some() {
+        return tls_flush(c, ring, index);
+    }
     loop {
         let slot = c.edge.slot(index);
-        if slot.out_sent >= slot.out.len() {
-            if slot.out.capacity() > 0 {
-                let buf = std::mem::take(&mut slot.out);
-                slot.out_sent = 0;
-                c.edge.give_buffer(buf);
-            }
-            if c.edge.slot(index).deliver_blocked_since_ms.is_some() {
-                c.edge.drained(index);
-                c.route_edge_mail();
-            }
+        if slot.out_sent as usize >= slot.out.len() {
+            outbox_drained(c, index);
             return Flush::Done;
         }
-        match sockets::send(slot.fd, &slot.out[slot.out_sent..]) {
-            Io::Done(n) => slot.out_sent += n,
+        match sockets::send(slot.fd, &slot.out[slot.out_sent as usize..]) {
+            Io::Done(n) => slot.out_sent += n as u32,
             Io::WouldBlock => {
-                if !slot.write_armed {
-                    slot.write_armed = true;
-                    let token = Token::new(index, slot.generation, Watch::Write);
-                    ring.watch_write(slot.fd, token);
-                }
+                arm_write(ring, index, slot);
                 return Flush::Full;
             }
             Io::Closed => return Flush::Dead,
+        }
+    }
+}
+
+fn arm_write(ring: &mut SocketRing, index: u32, slot: &mut crate::core::Slot) {
+    if !slot.write_armed {
+        slot.write_armed = true;
+        let token = Token::new(index, slot.generation, Watch::Write);
+        ring.watch_write(slot.fd, token);
+    }
+}
+
+/// Gives the outbox buffer back once everything in it went out.
+fn outbox_drained(c: &mut Core, index: u32) {
+    let slot = c.edge.slot(index);
+    slot.out_sent = 0;
+    if slot.out.capacity() > 0 {
+        let buf = std::mem::take(&mut slot.out);
+        c.edge.give_buffer(buf);
+    }
+    if c.edge.slot(index).deliver_blocked_since_ms.is_some() {
+        c.edge.drained(index);
+        c.route_edge_mail();
+    }
+}
+
+/// The TLS outbox: ciphertext not yet sent goes first, then the plaintext
+/// outbox is encrypted whole and sent.
+fn tls_flush(c: &mut Core, ring: &mut SocketRing, index: u32) -> Flush {
+    loop {
+        let slot = c.edge.slot(index);
+        let fd = slot.fd;
+        let tls = slot.tls.as_mut().expect("a TLS slot");
+        if !tls.unsent().is_empty() {
+            match sockets::send(fd, tls.unsent()) {
+                Io::Done(n) => tls.sent(n),
+                Io::WouldBlock => {
+                    arm_write(ring, index, slot);
+                    return Flush::Full;
+                }
+                Io::Closed => return Flush::Dead,
+            }
+            continue;
+        }
+        let plain = &slot.out[slot.out_sent as usize..];
+        if plain.is_empty() {
+            outbox_drained(c, index);
+            return Flush::Done;
+        }
+        match tls.pump(&mut [], &mut [], &mut 0, plain) {
+            Ok(pumped) if pumped.encrypted => slot.out_sent = slot.out.len() as u32,
+            // Not established (an ERROR during the handshake): nothing can be
+            // said to this peer in TLS; the bytes are dropped.
+            Ok(_) => slot.out_sent = slot.out.len() as u32,
+            Err(e) => {
+                tracing::debug!(slot = index, error = %e, "TLS failure while sending");
+                return Flush::Dead;
+            }
         }
     }
 }
@@ -239,7 +288,7 @@ fn may_read(c: &mut Core, index: u32) -> bool {
     let slot = edge.slot(index);
     matches!(slot.state, SlotState::AwaitHello | SlotState::Ready)
         && slot.sends_in_flight < in_flight_max
-        && slot.out.len() - slot.out_sent < outbox_half
+        && slot.out.len() - (slot.out_sent as usize) < outbox_half
 }
 
 fn read_and_handle(c: &mut Core, index: u32) -> Step {
@@ -296,6 +345,11 @@ fn read(c: &mut Core, index: u32) -> Step {
     if end == buf.len() {
         return Step::Progress; // full of whole frames not yet decoded
     }
+    if slot.tls.is_some() {
+        return tls_read(c, index);
+    }
+    let slot = c.edge.slot(index);
+    let buf = slot.rbuf.as_mut().expect("a pool buffer");
     let room = buf.len() - end;
     match sockets::recv(fd, &mut buf[end..]) {
         Io::Done(n) => {
@@ -313,6 +367,69 @@ fn read(c: &mut Core, index: u32) -> Step {
         }
         Io::Closed => Step::Drop,
     }
+}
+
+/// A TLS connection's read: the ciphertext of an incomplete record held
+/// from last time, then what the socket has (at most what the plaintext
+/// buffer has room for), decrypted into the read buffer; an incomplete
+/// record's bytes are kept for next time (counted with partial frames).
+fn tls_read(c: &mut Core, index: u32) -> Step {
+    let (slot, scratch) = c.edge.slot_and_tls_scratch(index);
+    let crate::core::Slot {
+        fd,
+        readable,
+        rbuf,
+        rend,
+        tls,
+        ..
+    } = slot;
+    let tls = tls.as_mut().expect("a TLS slot");
+    if tls.closed {
+        return Step::Drop;
+    }
+    let buf = rbuf.as_mut().expect("a pool buffer");
+    let mut end = *rend as usize;
+    let held = tls.pending_in.len();
+    scratch[..held].copy_from_slice(&tls.pending_in);
+    let room = buf.len() - end;
+    let want = room.saturating_sub(held).min(scratch.len() - held);
+    let mut got = 0;
+    if *readable && want > 0 {
+        match sockets::recv(*fd, &mut scratch[held..held + want]) {
+            Io::Done(n) => {
+                got = n;
+                if n < want {
+                    *readable = false;
+                }
+            }
+            Io::WouldBlock => *readable = false,
+            Io::Closed => return Step::Drop,
+        }
+    }
+    if got == 0 {
+        return Step::Pending; // nothing new: the held bytes are still one incomplete record
+    }
+    let total = held + got;
+    let pumped = match tls.pump(&mut scratch[..total], buf, &mut end, &[]) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(slot = index, error = %e, "TLS failure: closing");
+            return Step::Drop;
+        }
+    };
+    *rend = end as u32;
+    let left = &scratch[pumped.consumed..total];
+    let was = tls.pending_in.len();
+    if left.len() != was || pumped.consumed > 0 {
+        tls.pending_in.clear();
+        tls.pending_in.extend_from_slice(left);
+        if tls.pending_in.is_empty() {
+            tls.pending_in = Vec::new();
+        }
+    }
+    let now = tls.pending_in.len();
+    c.edge.partial_frame_bytes = c.edge.partial_frame_bytes + now - was;
+    Step::Progress
 }
 
 /// Before the connection waits: gives the pool buffer back, keeping an
@@ -423,9 +540,14 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                     .fail(index, error_code::PROTOCOL_VIOLATION, "bad user id");
                 return false;
             }
-            if !crate::auth::authenticate(user, token) {
-                c.edge
-                    .fail(index, error_code::AUTH_FAILED, "authentication failed");
+            if let Err(why) = c.auth.check(user, token, crate::auth::now_s()) {
+                let interval = crate::lograte::REPEATED_ERROR_LOG_INTERVAL;
+                if let Some(suppressed) = c.auth_log[why as usize].check(interval) {
+                    // The reason, never the token.
+                    tracing::info!(user, reason = why.label(), suppressed, "HELLO refused");
+                }
+                let reason = format!("authentication failed: {}", why.label());
+                c.edge.fail(index, error_code::AUTH_FAILED, &reason);
                 return false;
             }
             let slot = c.edge.slot(index);
@@ -507,6 +629,12 @@ fn close(c: &mut Core, ring: &mut SocketRing, index: u32, linger: bool) {
     let slot = c.edge.slot(index);
     let fd = slot.fd;
     if linger {
+        if let Some(tls) = slot.tls.as_mut() {
+            tls.close_notify();
+            if let Io::Done(n) = sockets::send(fd, tls.unsent()) {
+                tls.sent(n);
+            }
+        }
         slot.state = SlotState::Lingering;
         slot.rstart = 0;
         slot.rend = 0;

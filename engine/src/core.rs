@@ -127,9 +127,11 @@ pub struct Slot {
     /// Shared handle (cloned per routed frame without allocating).
     pub user: Option<std::rc::Rc<str>>,
     pub out: Vec<u8>,
-    pub out_sent: usize,
+    pub out_sent: u32,
     /// Read bytes: a pool buffer lent while bytes are decoded, or parked bytes.
     pub rbuf: Option<Box<[u8]>>,
+    /// The TLS state of a connection accepted on the TLS listener.
+    pub tls: Option<Box<crate::tls::TlsConn>>,
     /// Highest DELIVER seq written to this connection (an ACK above it is a violation).
     pub delivered_seq_max: u64,
     pub last_activity_ms: u64,
@@ -165,6 +167,7 @@ impl Slot {
             out: Vec::new(),
             out_sent: 0,
             rbuf: None,
+            tls: None,
             delivered_seq_max: 0,
             last_activity_ms: 0,
             deliver_blocked_since_ms: None,
@@ -200,6 +203,10 @@ pub struct Edge {
     pub lingering: std::collections::VecDeque<(u32, u32, u64)>,
     /// The connection driver, waiting for work.
     pub driver_waker: Option<Waker>,
+    /// Where TLS connections' ciphertext is read and decrypted (one per
+    /// core: a connection is served start to end before the next); empty
+    /// until the first TLS read.
+    tls_scratch: Box<[u8]>,
     /// Read buffers (frame_len_max + slack), lent to connections while bytes wait to be decoded.
     read_pool: Vec<Box<[u8]>>,
     read_buffers_lent: usize,
@@ -221,8 +228,9 @@ pub struct Edge {
 const BUFFERS_POOLED_MAX: usize = 64;
 /// A connection whose outbox stays full of DELIVERs this long is disconnected.
 const SLOW_READER_TIMEOUT_MS: u64 = 30_000;
-/// Read-ahead room in a read buffer beyond one whole frame.
-const READ_AHEAD_BYTES: usize = 16 << 10;
+/// Read-ahead room in a read buffer beyond one whole frame: more than a TLS
+/// record, so a connection with a partial frame can always take one more.
+const READ_AHEAD_BYTES: usize = 20 << 10;
 /// A pooled outbox buffer larger than this is freed instead of kept.
 const POOLED_BUFFER_CAPACITY_MAX: usize = 256 << 10;
 
@@ -245,6 +253,7 @@ impl Edge {
             accepted: Vec::new(),
             lingering: std::collections::VecDeque::new(),
             driver_waker: None,
+            tls_scratch: Box::default(),
             read_pool: Vec::new(),
             read_buffers_lent: 0,
             read_waiters: Vec::new(),
@@ -296,6 +305,9 @@ impl Edge {
         let out = std::mem::take(&mut slot.out);
         let rbuf = slot.rbuf.take();
         let parked = slot.parked;
+        if let Some(tls) = slot.tls.take() {
+            self.partial_frame_bytes -= tls.pending_in.len();
+        }
         let generation = slot.generation;
         *slot = Slot::free();
         slot.generation = generation;
@@ -311,6 +323,16 @@ impl Edge {
 
     pub fn slot(&mut self, index: u32) -> &mut Slot {
         &mut self.slots[index as usize]
+    }
+
+    /// A slot and the core's TLS scratch buffer (sized for a whole read
+    /// buffer plus one record), borrowed together.
+    pub fn slot_and_tls_scratch(&mut self, index: u32) -> (&mut Slot, &mut [u8]) {
+        if self.tls_scratch.is_empty() {
+            let len = self.read_buffer_len() + crate::tls::TLS_RECORD_BYTES_MAX;
+            self.tls_scratch = vec![0u8; len].into_boxed_slice();
+        }
+        (&mut self.slots[index as usize], &mut self.tls_scratch)
     }
 
     /// Has the driver look at a connection on its next pass.
@@ -430,7 +452,7 @@ impl Edge {
         if slot.kill {
             return false;
         }
-        if slot.out.len() - slot.out_sent + len > outbox_max {
+        if slot.out.len() - slot.out_sent as usize + len > outbox_max {
             if !matches!(frame, ServerFrame::Deliver { .. }) {
                 // Answers are bounded by sends_in_flight_max; overflowing means a
                 // client that does not read its answers at all.
@@ -694,6 +716,11 @@ pub struct Core {
     pub commit_waker: Option<Waker>,
     /// The acceptor, waiting to notice shutdown.
     pub shutdown_waker: Option<Waker>,
+    /// Checks HELLO tokens (engine::auth), with this core's token cache.
+    pub auth: crate::auth::Authenticator,
+    /// Refused logins are logged at most once per interval and reason (with
+    /// a count of the rest; /metrics counts every one).
+    pub auth_log: [crate::lograte::LogEvery; crate::auth::Refusal::ALL.len()],
 }
 
 impl Core {

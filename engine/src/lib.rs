@@ -13,6 +13,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod dedup;
+pub mod dev_cmd;
 pub mod lograte;
 pub mod memory;
 pub mod ports;
@@ -20,10 +21,12 @@ pub mod record;
 pub mod repl;
 pub mod repl_proto;
 pub mod runtime;
+pub mod security;
 pub mod shard;
 pub mod sockets;
 pub mod stats;
 pub(crate) mod sys;
+pub mod tls;
 
 use clap::{Parser, Subcommand};
 use config::Config;
@@ -56,17 +59,50 @@ enum Command {
     Send(client_cmd::SendArgs),
     /// Receive (and ACK) messages; prints one line per DELIVER.
     Recv(client_cmd::RecvArgs),
-    /// Talk to a node's admin HTTP endpoint (promote, stats, health).
+    /// Talk to a node's admin HTTP endpoint (promote, stats, health, reload).
     #[command(subcommand)]
     Admin(admin_cmd::AdminCommand),
+    /// Create a development CA, a server certificate and node certificates (PEM) in DIR.
+    Certs(dev_cmd::CertsArgs),
+    /// Create an Ed25519 key pair for JWT logins: DIR/KID.key (private) and DIR/KID.pem (public).
+    Keygen(dev_cmd::KeygenArgs),
+    /// Print a JWT for USER signed with a private key (for `--token`).
+    Token(dev_cmd::TokenArgs),
 }
 
 /// Flags override the TOML file, which overrides the defaults.
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Client listener address (port 0: any free port). [default: 127.0.0.1:7070]
+    /// Client listener address (port 0: any free port). [default: 127.0.0.1:7070;
+    /// none when only --tls-listen is given]
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// TLS client listener (prints `iris tls listening on ADDR`); needs --tls-cert and --tls-key.
+    #[arg(long)]
+    tls_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain for --tls-listen (reloaded on SIGHUP and POST /reload).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// How HELLO is authenticated. `none` only while every client listener is on
+    /// loopback (or with --insecure-no-auth). [default: none]
+    #[arg(long, value_enum)]
+    auth: Option<auth::AuthMode>,
+    /// With --auth jwt: a PEM public key, or a directory of them (`*.pem`, the stem is
+    /// the `kid`). Reloaded on SIGHUP and POST /reload.
+    #[arg(long)]
+    jwt_keys: Option<PathBuf>,
+    /// Clock skew allowed on a token's `exp` and `nbf`, seconds. [default: 60]
+    #[arg(long)]
+    jwt_leeway_secs: Option<u64>,
+    /// Verified tokens remembered per core. [default: 4096]
+    #[arg(long)]
+    token_cache_entries: Option<usize>,
+    /// Serve a non-loopback client listener with --auth none (anyone logs in as anyone).
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Data directory (one WAL per shard under it). [default: ./iris-data]
     #[arg(long)]
     data: Option<PathBuf>,
@@ -162,6 +198,28 @@ impl ServeArgs {
              listen_busy_wait_ms => limits.listen_busy_wait_ms,
              on_replica_loss => replication.on_replica_loss,
              replica_loss_timeout_ms => replication.loss_timeout_ms, heartbeat_ms => replication.heartbeat_ms);
+        set!(jwt_leeway_secs => auth.jwt_leeway_secs,
+             token_cache_entries => auth.token_cache_entries);
+        if self.tls_listen.is_some() {
+            c.tls_listen = self.tls_listen;
+            // TLS instead of plain TCP, unless --listen asks for both.
+            c.plain = self.listen.is_some();
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            c.tls_key = self.tls_key.clone();
+        }
+        if let Some(mode) = self.auth {
+            c.auth.mode = mode;
+        }
+        if self.jwt_keys.is_some() {
+            c.auth.jwt_keys = self.jwt_keys.clone();
+        }
+        if self.insecure_no_auth {
+            c.auth.insecure_no_auth = true;
+        }
         if self.admin.is_some() {
             c.admin = self.admin;
         }
@@ -184,8 +242,10 @@ impl ServeArgs {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal()) // no colour codes in log files
         .with_writer(std::io::stderr)
         .try_init();
     // glommio reports through `log` (e.g. io_uring buffer registration failures): show it.
@@ -210,5 +270,8 @@ pub fn main() -> ExitCode {
         Command::Send(args) => client_cmd::run_send(&args),
         Command::Recv(args) => client_cmd::run_recv(&args),
         Command::Admin(cmd) => admin_cmd::run(&cmd),
+        Command::Certs(args) => dev_cmd::run_certs(&args),
+        Command::Keygen(args) => dev_cmd::run_keygen(&args),
+        Command::Token(args) => dev_cmd::run_token(&args),
     }
 }

@@ -27,6 +27,26 @@ const MAINTENANCE_TICK: Duration = Duration::from_millis(50);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// After ERROR 5 is queued to every connection: how long to let them flush.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// How often the reloader looks for a SIGHUP.
+const RELOAD_POLL: Duration = Duration::from_millis(100);
+
+/// Reloads keys and certificates on SIGHUP (engine::security), until shutdown.
+fn spawn_reloader(security: Arc<crate::security::Security>) {
+    let spawned = std::thread::Builder::new()
+        .name("iris-reload".into())
+        .spawn(move || {
+            while !sys::SHUTDOWN.load(Ordering::SeqCst) {
+                if sys::RELOAD.swap(false, Ordering::SeqCst) {
+                    let _ = security.reload();
+                }
+                std::thread::sleep(RELOAD_POLL);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the reload thread: SIGHUP will not reload");
+    }
+}
+
 /// Retry of an accept the kernel answered EAGAIN instead of waiting (acceptor).
 const ACCEPT_AGAIN: Duration = Duration::from_millis(1);
 /// A core holding this many more connections than the least loaded one
@@ -62,8 +82,10 @@ struct CoreSpec {
     /// Its listen addresses are the bound ones (port 0 resolved).
     config: Config,
     stats: Arc<NodeStats>,
-    /// This core's dup of the process's one client listener.
-    client_fd: OwnedFd,
+    /// This core's dups of the process's client listeners (plain, TLS).
+    client_fd: Option<OwnedFd>,
+    tls_fd: Option<OwnedFd>,
+    security: Arc<crate::security::Security>,
     /// This core's dup of the replication listener, if there is one.
     replication_fd: Option<OwnedFd>,
 }
@@ -71,47 +93,61 @@ struct CoreSpec {
 /// The process's listening sockets: one per address, made before the cores
 /// start, every core accepting on a dup (engine::ports).
 struct Listeners {
-    client: std::net::TcpListener,
+    client: Option<std::net::TcpListener>,
+    tls: Option<std::net::TcpListener>,
     replication: Option<std::net::TcpListener>,
+}
+
+/// The bound addresses of the listeners (port 0 resolved).
+struct Bound {
+    client: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    replication: Option<SocketAddr>,
 }
 
 impl Listeners {
     fn open(config: &Config) -> Result<Listeners, String> {
         let wait = Duration::from_millis(config.limits.listen_busy_wait_ms);
-        let client = ports::listen_exclusive(config.listen, "client listener", wait)
-            .map_err(|e| e.to_string())?;
-        let replication = match config.replication.listen {
-            Some(addr) => Some(
-                ports::listen_exclusive(addr, "replication listener", wait)
-                    .map_err(|e| e.to_string())?,
-            ),
-            None => None,
+        let open = |addr: Option<SocketAddr>, what: &'static str| {
+            addr.map(|a| ports::listen_exclusive(a, what, wait).map_err(|e| e.to_string()))
+                .transpose()
         };
         Ok(Listeners {
-            client,
-            replication,
+            client: open(config.plain.then_some(config.listen), "client listener")?,
+            tls: open(config.tls_listen, "TLS client listener")?,
+            replication: open(config.replication.listen, "replication listener")?,
         })
     }
 
-    /// The bound addresses (port 0 resolved).
-    fn addrs(&self) -> Result<(SocketAddr, Option<SocketAddr>), String> {
-        let addr = |l: &std::net::TcpListener| {
-            l.local_addr()
-                .map_err(|e| format!("cannot read a listener's address: {e}"))
+    fn addrs(&self) -> Result<Bound, String> {
+        let addr = |l: &Option<std::net::TcpListener>| {
+            l.as_ref()
+                .map(|l| {
+                    l.local_addr()
+                        .map_err(|e| format!("cannot read a listener's address: {e}"))
+                })
+                .transpose()
         };
-        let replication = self.replication.as_ref().map(addr).transpose()?;
-        Ok((addr(&self.client)?, replication))
+        Ok(Bound {
+            client: addr(&self.client)?,
+            tls: addr(&self.tls)?,
+            replication: addr(&self.replication)?,
+        })
     }
 
-    /// A core's own descriptors for the same sockets.
-    fn dup(&self) -> Result<(OwnedFd, Option<OwnedFd>), String> {
-        let dup = |l: &std::net::TcpListener| {
-            l.try_clone()
-                .map(OwnedFd::from)
-                .map_err(|e| format!("cannot dup a listening socket: {e}"))
+    /// A core's own descriptors for the same sockets (client, TLS, replication).
+    #[allow(clippy::type_complexity)]
+    fn dup(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>), String> {
+        let dup = |l: &Option<std::net::TcpListener>| {
+            l.as_ref()
+                .map(|l| {
+                    l.try_clone()
+                        .map(OwnedFd::from)
+                        .map_err(|e| format!("cannot dup a listening socket: {e}"))
+                })
+                .transpose()
         };
-        let replication = self.replication.as_ref().map(dup).transpose()?;
-        Ok((dup(&self.client)?, replication))
+        Ok((dup(&self.client)?, dup(&self.tls)?, dup(&self.replication)?))
     }
 }
 
@@ -168,21 +204,30 @@ pub fn serve(config: Config) -> Result<(), String> {
     let stats = Arc::new(NodeStats::new(nr_cores, role, mode, epoch));
     let mesh = (nr_cores > 1)
         .then(|| MeshBuilder::<Batch, Full>::full(nr_cores, config.limits.mesh_channel_batches));
+    let security = Arc::new(crate::security::Security::open(&config)?);
+    for warning in security.warnings() {
+        tracing::warn!("{warning}");
+    }
     let listeners = Listeners::open(&config)?;
-    let (listen, replication_listen) = listeners.addrs()?;
+    let bound = listeners.addrs()?;
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
     for core in 0..nr_cores {
         let mut core_config = config.clone();
-        core_config.listen = listen;
-        core_config.replication.listen = replication_listen;
-        let (client_fd, replication_fd) = listeners.dup()?;
+        if let Some(listen) = bound.client {
+            core_config.listen = listen;
+        }
+        core_config.tls_listen = bound.tls;
+        core_config.replication.listen = bound.replication;
+        let (client_fd, tls_fd, replication_fd) = listeners.dup()?;
         let spec = CoreSpec {
             cpu: cpus[core % cpus.len()],
             nr_cores,
             config: core_config,
             stats: stats.clone(),
             client_fd,
+            tls_fd,
+            security: security.clone(),
             replication_fd,
         };
         let (mesh, ready_tx) = (mesh.clone(), ready_tx.clone());
@@ -201,7 +246,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     }
     let admin = match config.admin {
         Some(addr) => Some(
-            crate::admin::start(addr, stats.clone())
+            crate::admin::start(addr, stats.clone(), security.clone())
                 .map_err(|e| format!("cannot start admin HTTP on {addr}: {e}"))?
                 .0,
         ),
@@ -209,8 +254,13 @@ pub fn serve(config: Config) -> Result<(), String> {
     };
     // Every core accepts on the one socket, which no other process can share:
     // from this line on, connections to `listen` reach this process.
-    println!("iris listening on {listen}");
-    if let Some(r) = replication_listen {
+    if let Some(listen) = bound.client {
+        println!("iris listening on {listen}");
+    }
+    if let Some(tls) = bound.tls {
+        println!("iris tls listening on {tls}");
+    }
+    if let Some(r) = bound.replication {
         println!("iris replication listening on {r}");
     }
     if let Some(a) = admin {
@@ -218,6 +268,12 @@ pub fn serve(config: Config) -> Result<(), String> {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    spawn_reloader(security.clone());
+    let listen = bound
+        .client
+        .or(bound.tls)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(%listen, cores = nr_cores, data = %config.data.display(), role = role.name(), epoch, "iris serving");
     let mut failure = None;
     for handle in handles {
@@ -290,7 +346,8 @@ async fn core_main(
         let _ = ready.send(Err(msg.clone()));
         Err(msg)
     };
-    let listener = sys::tcp_listener(spec.client_fd);
+    let listener = spec.client_fd.map(sys::tcp_listener);
+    let tls_listener = spec.tls_fd.map(sys::tcp_listener);
     let repl_listener = spec.replication_fd.map(sys::tcp_listener);
     let client = spec.config.listen;
     let (senders, receivers, id) = match mesh {
@@ -333,6 +390,14 @@ async fn core_main(
         repl,
         commit_waker: None,
         shutdown_waker: None,
+        auth: crate::auth::Authenticator::new(
+            spec.security.mode,
+            spec.security.keys.clone(),
+            spec.config.auth.jwt_leeway_secs,
+            spec.config.auth.token_cache_entries,
+            spec.security.stats.clone(),
+        ),
+        auth_log: Default::default(),
     }));
     let ring = match crate::sockets::SocketRing::new() {
         Ok(ring) => ring,
@@ -365,7 +430,12 @@ async fn core_main(
         repair(&core, Duration::from_millis(repl_config.repair_wait_ms)).await;
     }
     let _ = ready.send(Ok(()));
-    acceptor(core.clone(), listener).await;
+    let tls = spec.security.tls.clone();
+    futures_lite::future::zip(
+        acceptor(core.clone(), listener, None),
+        acceptor(core.clone(), tls_listener, tls),
+    )
+    .await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
 }
@@ -448,7 +518,14 @@ async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
     }
 }
 
-async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
+/// Accepts client connections until shutdown; a TLS listener's get a TLS
+/// state in their slot.
+async fn acceptor(
+    core: Rc<RefCell<Core>>,
+    listener: Option<TcpListener>,
+    tls: Option<Arc<crate::tls::TlsContext>>,
+) {
+    let Some(listener) = listener else { return };
     let mut last_warning: Option<Instant> = None;
     loop {
         let stopped = std::future::poll_fn(|cx| {
@@ -484,11 +561,28 @@ async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
                     }
                 };
                 drop(stream);
-                let slot = core.borrow_mut().edge.alloc_slot(fd);
-                publish_connections(&core.borrow());
-                if slot.is_none() {
-                    refuse(fd);
-                    crate::sockets::close(fd);
+                let tls_conn = match &tls {
+                    Some(ctx) => match crate::tls::TlsConn::new(ctx.config()) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a TLS connection");
+                            crate::sockets::close(fd);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let mut c = core.borrow_mut();
+                let slot = c.edge.alloc_slot(fd);
+                publish_connections(&c);
+                match slot {
+                    Some((index, _)) => c.edge.slot(index).tls = tls_conn,
+                    None => {
+                        if tls_conn.is_none() {
+                            refuse(fd); // in TLS this would be bytes the peer cannot read
+                        }
+                        crate::sockets::close(fd);
+                    }
                 }
             }
             Err(e) => {

@@ -9,13 +9,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Set by SIGTERM/SIGINT; polled by every core's maintenance task.
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+/// Set by SIGHUP; the reload thread reloads keys and certificates.
+pub static RELOAD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
     // Only an atomic store: async-signal-safe.
-    SHUTDOWN.store(true, Ordering::SeqCst);
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        SHUTDOWN.store(true, Ordering::SeqCst);
+    }
 }
 
 pub fn install_signal_handlers() -> io::Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the
         // handler only performs an atomic store, which is async-signal-safe.
         let rc = unsafe {

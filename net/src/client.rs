@@ -95,6 +95,9 @@ pub enum ClientError {
     /// An argument that cannot be put on the wire (e.g. a recipient over 255 bytes).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The TLS handshake failed (untrusted certificate, wrong name, no TLS there).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// What the reader produces; WELCOME is only expected by `hello`.
@@ -103,9 +106,92 @@ enum Inbound {
     Event(Event),
 }
 
+/// The connection under a client: plain TCP, or TLS over it (rustls).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// How to reach a server over TLS: the CA that signed its certificate and
+/// the name to check it against.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl TlsSettings {
+    /// Trusts the certificates in the PEM file `ca` (a development CA from
+    /// `iris certs`, or the organisation's) for the server `name` (a DNS name
+    /// or an IP address, as in the certificate).
+    pub fn from_ca_file(ca: &std::path::Path, name: &str) -> Result<TlsSettings, ClientError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let bad = |why: String| ClientError::InvalidArgument(why);
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(format!("CA file {}: no certificate", ca.display())));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| bad(format!("server name {name}: {e}")))?;
+        Ok(TlsSettings {
+            config: std::sync::Arc::new(config),
+            server_name,
+        })
+    }
+}
+
 /// A blocking client connection.
 pub struct Client {
-    stream: TcpStream,
+    stream: Stream,
     limits: Limits,
     /// Received bytes live in `rbuf[rstart..rend]`.
     rbuf: Vec<u8>,
@@ -137,9 +223,48 @@ impl Client {
     /// TCP connect only, no HELLO (for tests that send bad first frames).
     /// `timeout` bounds the connect, the handshake and any stalled flush.
     pub fn connect_raw(addr: &str, timeout: Duration) -> Result<Client, ClientError> {
-        let stream = connect_any(addr, timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(WRITE_STALL_POLL))?;
+        Client::connect_raw_with(addr, None, timeout)
+    }
+
+    /// TCP (and TLS, with `tls`) connect + HELLO + wait for WELCOME.
+    pub fn connect_with(
+        addr: &str,
+        tls: Option<&TlsSettings>,
+        user: &str,
+        token: &[u8],
+        timeout: Duration,
+    ) -> Result<(Client, Welcome), ClientError> {
+        let mut client = Client::connect_raw_with(addr, tls, timeout)?;
+        let welcome = client.hello(user, token)?;
+        Ok((client, welcome))
+    }
+
+    /// TCP connect, then the TLS handshake with `tls`; no HELLO.
+    pub fn connect_raw_with(
+        addr: &str,
+        tls: Option<&TlsSettings>,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let tcp = connect_any(addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let conn =
+                    rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                        .map_err(|e| ClientError::Tls(e.to_string()))?;
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                s.sock.set_read_timeout(Some(timeout))?;
+                s.sock.set_write_timeout(Some(timeout))?;
+                while s.conn.is_handshaking() {
+                    s.conn
+                        .complete_io(&mut s.sock)
+                        .map_err(|e| ClientError::Tls(e.to_string()))?;
+                }
+                Stream::Tls(Box::new(s))
+            }
+        };
+        stream.tcp().set_write_timeout(Some(WRITE_STALL_POLL))?;
         Ok(Client {
             stream,
             limits: Limits::default(),
@@ -240,6 +365,21 @@ impl Client {
         }
         self.wbuf.clear();
         self.wpos = 0;
+        if let Stream::Tls(s) = &mut self.stream {
+            // Records rustls encrypted but the socket did not take yet.
+            let deadline = Instant::now() + self.stall_timeout;
+            while s.conn.wants_write() {
+                match s.conn.write_tls(&mut s.sock) {
+                    Ok(_) => {}
+                    Err(e) if is_would_block(&e) || e.kind() == ErrorKind::Interrupted => {
+                        if Instant::now() >= deadline {
+                            return Err(io::Error::new(ErrorKind::TimedOut, "flush stalled").into());
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -269,11 +409,11 @@ impl Client {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.local_addr()
+        self.stream.tcp().local_addr()
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.peer_addr()
+        self.stream.tcp().peer_addr()
     }
 
     /// The limits server frames are checked against (raised by WELCOME's max_frame).
@@ -328,13 +468,13 @@ impl Client {
     fn read_once(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         match timeout {
             Some(t) if t.is_zero() => {
-                self.stream.set_nonblocking(true)?;
+                self.stream.tcp().set_nonblocking(true)?;
                 let result = self.read_chunk();
-                self.stream.set_nonblocking(false)?;
+                self.stream.tcp().set_nonblocking(false)?;
                 result.map(drop)
             }
             t => {
-                self.stream.set_read_timeout(t)?;
+                self.stream.tcp().set_read_timeout(t)?;
                 self.read_chunk().map(drop)
             }
         }
@@ -342,9 +482,9 @@ impl Client {
 
     /// Reads without blocking while a write is stuck. True if anything arrived.
     fn read_ahead(&mut self) -> Result<bool, ClientError> {
-        self.stream.set_nonblocking(true)?;
+        self.stream.tcp().set_nonblocking(true)?;
         let result = self.read_ahead_nonblocking();
-        self.stream.set_nonblocking(false)?;
+        self.stream.tcp().set_nonblocking(false)?;
         result
     }
 

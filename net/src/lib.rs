@@ -10,13 +10,14 @@ pub mod client;
 pub mod codec;
 pub mod limits;
 
-pub use client::{new_msg_id, Client, ClientError, Delivered, Event, Welcome};
+pub use client::{new_msg_id, Client, ClientError, Delivered, Event, TlsSettings, Welcome};
 pub use codec::{
     decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
     encoded_len_client, encoded_len_server, error_code, frame_type, reject_code, valid_user_id,
     ClientFrame, DecodeError, MsgId, ServerFrame,
 };
 pub use limits::{Limits, PROTOCOL_VERSION, SLOT_COUNT};
+pub use rustls;
 
 const FNV1A64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV1A64_PRIME: u64 = 0x0000_0100_0000_01b3;

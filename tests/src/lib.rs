@@ -72,7 +72,7 @@ pub fn iris_bin() -> PathBuf {
 
 /// A unique path under the system temp dir: pid, counter and clock, so
 /// parallel tests and repeated runs never share a directory.
-fn unique_temp_path(kind: &str) -> PathBuf {
+pub fn unique_temp_path(kind: &str) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -109,7 +109,10 @@ impl Server {
     pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
         let data_dir = data_dir.to_path_buf();
         let log_path = unique_temp_path("log").with_extension("log");
-        let mut args: Vec<String> = vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
+        let mut args: Vec<String> = vec!["serve".into()];
+        if !extra_args.contains(&"--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         args.push("--data".into());
         args.push(data_dir.to_str().expect("utf-8 temp path").into());
         if !extra_args.contains(&"--cores") {
@@ -396,7 +399,8 @@ fn spawn_server(args: &[String], log_path: &Path) -> (Child, String, mpsc::Recei
 // script of what must happen, so any deviation is the failure to report.
 // ---------------------------------------------------------------------------
 
-/// Connects and authenticates `user` (any token is accepted for now).
+/// Connects and authenticates `user` (servers started by `Server::start`
+/// run `--auth none`: any token is accepted).
 pub fn connect(addr: &str, user: &str) -> (Client, Welcome) {
     match Client::connect(addr, user, b"token", CONNECT_TIMEOUT) {
         Ok(pair) => pair,
