@@ -103,6 +103,13 @@ pub struct ReplicationConfig {
     /// serves without them, loudly). Above reconnect_backoff_max_ms, so a
     /// replica backing off still comes in time.
     pub repair_wait_ms: u64,
+    /// Mutual TLS between nodes: the cluster CA (PEM) every node certificate
+    /// is checked against, and this node's certificate and key.
+    pub cluster_ca: Option<PathBuf>,
+    pub node_cert: Option<PathBuf>,
+    pub node_key: Option<PathBuf>,
+    /// Allow a non-loopback replication listener without mutual TLS.
+    pub insecure_cluster: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -116,6 +123,10 @@ impl Default for ReplicationConfig {
             heartbeat_ms: 1000,
             reconnect_backoff_max_ms: 5000,
             repair_wait_ms: 10_000,
+            cluster_ca: None,
+            node_cert: None,
+            node_key: None,
+            insecure_cluster: false,
         }
     }
 }
@@ -311,6 +322,24 @@ impl Config {
         if a.mode == crate::auth::AuthMode::Jwt && a.jwt_keys.is_none() {
             return Err("--auth jwt needs --jwt-keys PATH (a PEM public key or a directory of them); `iris keygen --out DIR` makes a development pair"
                 .into());
+        }
+        let r = &self.replication;
+        let cluster = [&r.cluster_ca, &r.node_cert, &r.node_key];
+        if cluster.iter().any(|p| p.is_some()) && !cluster.iter().all(|p| p.is_some()) {
+            return Err(
+                "mutual TLS between nodes needs all of --cluster-ca, --node-cert and --node-key"
+                    .into(),
+            );
+        }
+        if let Some(addr) = r.listen {
+            if !addr.ip().is_loopback() && r.cluster_ca.is_none() && !r.insecure_cluster {
+                return Err(format!(
+                    "refusing a replication listener on {addr} without mutual TLS: anyone reaching it \
+                     could fence this primary or copy every inbox. Fix: --cluster-ca FILE --node-cert FILE \
+                     --node-key FILE (`iris certs` makes development ones), or a loopback address, or \
+                     --insecure-cluster to accept it"
+                ));
+            }
         }
         if a.token_cache_entries == 0 {
             return Err("invalid configuration: token_cache_entries must be positive".into());

@@ -16,6 +16,7 @@ pub mod dedup;
 pub mod dev_cmd;
 pub mod lograte;
 pub mod memory;
+pub mod node_tls;
 pub mod ports;
 pub mod record;
 pub mod repl;
@@ -103,6 +104,18 @@ struct ServeArgs {
     /// Serve a non-loopback client listener with --auth none (anyone logs in as anyone).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Mutual TLS between nodes: the cluster CA (PEM) peers' certificates must chain to.
+    #[arg(long)]
+    cluster_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the cluster CA.
+    #[arg(long)]
+    node_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    node_key: Option<PathBuf>,
+    /// Serve a non-loopback replication listener without mutual TLS.
+    #[arg(long)]
+    insecure_cluster: bool,
     /// Data directory (one WAL per shard under it). [default: ./iris-data]
     #[arg(long)]
     data: Option<PathBuf>,
@@ -219,6 +232,18 @@ impl ServeArgs {
         }
         if self.insecure_no_auth {
             c.auth.insecure_no_auth = true;
+        }
+        if self.cluster_ca.is_some() {
+            c.replication.cluster_ca = self.cluster_ca.clone();
+        }
+        if self.node_cert.is_some() {
+            c.replication.node_cert = self.node_cert.clone();
+        }
+        if self.node_key.is_some() {
+            c.replication.node_key = self.node_key.clone();
+        }
+        if self.insecure_cluster {
+            c.replication.insecure_cluster = true;
         }
         if self.admin.is_some() {
             c.admin = self.admin;

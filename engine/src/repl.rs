@@ -37,6 +37,11 @@ const CAUGHT_UP_LAG_OPS_MAX: u64 = 10_000;
 const READ_BUFFER_MAX: usize = proto::FRAME_LEN_MAX as usize + 4;
 /// How long a replica's first frame may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest frame read before a peer's HELLO (a HELLO is under 64 bytes).
+const HELLO_BYTES_MAX: usize = 512;
+/// The largest frame a primary reads from a replica it streams to (acks and
+/// heartbeats are a few dozen bytes).
+const ACK_BYTES_MAX: usize = 4096;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 /// A core's replication state, beside its shard.
@@ -64,6 +69,10 @@ pub struct ReplState {
     /// recovery). Until a replica has handed back its records from here (FETCH),
     /// or said it has none, or `repair_wait_ms` passed, clients are not served.
     pub repair_from: Option<u64>,
+    /// Mutual TLS for the links to other nodes (None: plain TCP).
+    pub node_tls: Option<Arc<crate::node_tls::NodeTls>>,
+    /// Replication connections held by this node (all cores), for the bound.
+    pub links: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub struct Link {
@@ -93,6 +102,8 @@ impl ReplState {
             last_heard_ms: 0,
             published: (0, 0),
             repair_from: None,
+            node_tls: None,
+            links: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -139,15 +150,26 @@ async fn read_frame(
     buf: &mut Vec<u8>,
     pending: &mut usize,
 ) -> Result<usize, String> {
+    read_frame_within(stream, buf, pending, READ_BUFFER_MAX).await
+}
+
+/// `read_frame` with a smaller bound: a peer is not buffered more than the
+/// state it is in needs (a HELLO, an ack).
+async fn read_frame_within(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    pending: &mut usize,
+    max: usize,
+) -> Result<usize, String> {
     loop {
         if let Some(used) = proto::frame_len(&buf[..*pending]).map_err(|e| e.to_string())? {
             return Ok(used);
         }
         if *pending == buf.len() {
-            if buf.len() >= READ_BUFFER_MAX {
-                return Err("replication frame over its bound".into());
+            if buf.len() >= max {
+                return Err(format!("replication frame over {max} bytes in this state"));
             }
-            buf.resize((buf.len() * 2).min(READ_BUFFER_MAX), 0);
+            buf.resize((buf.len() * 2).min(max), 0);
         }
         let n = stream
             .read(&mut buf[*pending..])
@@ -592,9 +614,9 @@ async fn read_acks(
 ) -> Result<(), String> {
     let timeout = Duration::from_millis(core.borrow().repl.config.loss_timeout_ms);
     let _ = reader.set_read_timeout(Some(timeout));
-    let (mut buf, mut pending) = (vec![0u8; 4096], 0);
+    let (mut buf, mut pending) = (vec![0u8; ACK_BYTES_MAX], 0);
     loop {
-        let used = read_frame(reader, &mut buf, &mut pending).await?;
+        let used = read_frame_within(reader, &mut buf, &mut pending, ACK_BYTES_MAX).await?;
         let msg = decode_frame(&buf[..used])?;
         on_replica_msg(&mut core.borrow_mut(), msg, generation)?;
         consume(&mut buf, &mut pending, used);
@@ -641,10 +663,18 @@ fn on_replica_msg(c: &mut Core, msg: Msg<'_>, generation: u64) -> Result<(), Str
 
 /// Accepts a replication connection on any core, reads its HELLO, and serves
 /// it here or hands the socket to the core that owns the shard.
-pub async fn accept_replica(core: Rc<RefCell<Core>>, mut stream: TcpStream) {
-    let (mut buf, mut pending) = (vec![0u8; 512], 0);
+/// `_count` holds the connection against `REPLICATION_CONNECTIONS_MAX` while
+/// it is handled here (None: counted elsewhere, by its TLS pump).
+pub async fn accept_replica(
+    core: Rc<RefCell<Core>>,
+    mut stream: TcpStream,
+    _count: Option<crate::node_tls::LinkCount>,
+) {
+    let (mut buf, mut pending) = (vec![0u8; HELLO_BYTES_MAX], 0);
     let read = futures_lite::future::or(
-        async { Some(read_frame(&mut stream, &mut buf, &mut pending).await) },
+        async {
+            Some(read_frame_within(&mut stream, &mut buf, &mut pending, HELLO_BYTES_MAX).await)
+        },
         async {
             glommio::timer::sleep(HANDSHAKE_TIMEOUT).await;
             None
@@ -704,7 +734,15 @@ pub async fn follow(core: Rc<RefCell<Core>>, primary: String) {
         if core.borrow().shard.role != Role::Replica {
             return;
         }
-        match TcpStream::connect_timeout(primary.as_str(), HANDSHAKE_TIMEOUT).await {
+        let node_tls = core.borrow().repl.node_tls.clone();
+        let connected = match &node_tls {
+            // The handshake runs on a pump thread; a failure reads as EOF.
+            Some(tls) => crate::node_tls::dial(&primary, tls).map(sys::tcp_stream),
+            None => TcpStream::connect_timeout(primary.as_str(), HANDSHAKE_TIMEOUT)
+                .await
+                .map_err(std::io::Error::from),
+        };
+        match connected {
             Ok(stream) => {
                 let started = Instant::now();
                 match follow_session(&core, stream).await {

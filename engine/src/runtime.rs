@@ -86,6 +86,11 @@ struct CoreSpec {
     client_fd: Option<OwnedFd>,
     tls_fd: Option<OwnedFd>,
     security: Arc<crate::security::Security>,
+    /// Node-wide count of replication connections (the bound).
+    repl_links: Arc<std::sync::atomic::AtomicUsize>,
+    node_tls: Option<Arc<crate::node_tls::NodeTls>>,
+    /// With mutual TLS: authenticated replication links, taken by core 0.
+    repl_inbox: Option<Arc<crate::node_tls::Inbox>>,
     /// This core's dup of the replication listener, if there is one.
     replication_fd: Option<OwnedFd>,
 }
@@ -208,8 +213,29 @@ pub fn serve(config: Config) -> Result<(), String> {
     for warning in security.warnings() {
         tracing::warn!("{warning}");
     }
-    let listeners = Listeners::open(&config)?;
+    let mut listeners = Listeners::open(&config)?;
     let bound = listeners.addrs()?;
+    let r = &config.replication;
+    let node_tls = match (&r.cluster_ca, &r.node_cert, &r.node_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(Arc::new(crate::node_tls::NodeTls::load(ca, cert, key)?))
+        }
+        _ => None,
+    };
+    let repl_links = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // With mutual TLS the replication listener is the gateway thread's: no
+    // core reads a byte from a peer before its certificate checked out.
+    let repl_inbox = match (&node_tls, listeners.replication.take()) {
+        (Some(tls), Some(listener)) => Some(crate::node_tls::start_gateway(
+            listener,
+            tls.clone(),
+            repl_links.clone(),
+        )?),
+        (_, listener) => {
+            listeners.replication = listener;
+            None
+        }
+    };
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
     for core in 0..nr_cores {
@@ -228,6 +254,9 @@ pub fn serve(config: Config) -> Result<(), String> {
             client_fd,
             tls_fd,
             security: security.clone(),
+            repl_links: repl_links.clone(),
+            node_tls: node_tls.clone(),
+            repl_inbox: if core == 0 { repl_inbox.clone() } else { None },
             replication_fd,
         };
         let (mesh, ready_tx) = (mesh.clone(), ready_tx.clone());
@@ -384,6 +413,9 @@ async fn core_main(
         spec.nr_cores as u32,
         client.to_string(),
     );
+    let mut repl = repl;
+    repl.links = spec.repl_links.clone();
+    repl.node_tls = spec.node_tls.clone();
     let core = Rc::new(RefCell::new(Core {
         shard,
         edge,
@@ -418,6 +450,15 @@ async fn core_main(
     glommio::spawn_local(maintenance(core.clone(), spec.config.data.clone())).detach();
     if let Some(l) = repl_listener {
         glommio::spawn_local(replication_acceptor(core.clone(), l)).detach();
+    }
+    if let Some(inbox) = spec.repl_inbox.clone() {
+        match sys::dup(std::os::fd::AsRawFd::as_raw_fd(&inbox.eventfd)) {
+            Ok(fd) => {
+                let bell = sys::glommio_file(fd);
+                glommio::spawn_local(replication_inbox(core.clone(), inbox, bell)).detach();
+            }
+            Err(e) => return fail(format!("cannot watch the replication gateway: {e}")),
+        }
     }
     let is_primary = repl_config.replica_of.is_none();
     if let Some(primary) = repl_config.replica_of.clone() {
@@ -500,7 +541,17 @@ async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                glommio::spawn_local(crate::repl::accept_replica(core.clone(), stream)).detach();
+                let links = core.borrow().repl.links.clone();
+                match crate::node_tls::LinkCount::try_new(&links) {
+                    Some(count) => {
+                        let task = crate::repl::accept_replica(core.clone(), stream, Some(count));
+                        glommio::spawn_local(task).detach();
+                    }
+                    None => {
+                        let max = crate::node_tls::REPLICATION_CONNECTIONS_MAX;
+                        tracing::warn!(max, "replication connections at their bound: closed");
+                    }
+                }
             }
             Err(e) => {
                 let e = std::io::Error::from(e);
@@ -511,6 +562,27 @@ async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
                     glommio::timer::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+        if core.borrow().edge.shutting_down {
+            return;
+        }
+    }
+}
+
+/// Takes the replication links the TLS gateway authenticated (engine::node_tls).
+async fn replication_inbox(
+    core: Rc<RefCell<Core>>,
+    inbox: Arc<crate::node_tls::Inbox>,
+    bell: glommio::io::BufferedFile,
+) {
+    loop {
+        if bell.read_at(0, 8).await.is_err() {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+        for fd in inbox.take() {
+            use std::os::fd::IntoRawFd;
+            let stream = sys::tcp_stream(fd.into_raw_fd());
+            glommio::spawn_local(crate::repl::accept_replica(core.clone(), stream, None)).detach();
         }
         if core.borrow().edge.shutting_down {
             return;

@@ -1319,3 +1319,215 @@ fn restarted_primary_takes_back_what_its_log_lost_from_the_replica() {
     assert_eq!(got, ids);
     drop(replica);
 }
+
+// ---------------------------------------------------------------------------
+// Node links: mutual TLS, and bounds on what a peer can make the primary hold.
+// ---------------------------------------------------------------------------
+
+/// `iris certs` into a fresh directory: ca, server and node certificates.
+fn make_certs(tag: &'static str, nodes: &str) -> PathBuf {
+    let dir = unique_path(tag);
+    let out = std::process::Command::new(tests::iris_bin())
+        .args(["certs", "--out", dir.to_str().unwrap(), "--nodes", nodes])
+        .output()
+        .expect("iris certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+fn cluster_args(certs: &Path, node: &str) -> Vec<String> {
+    let f = |name: String| certs.join(name).to_str().unwrap().to_string();
+    vec![
+        "--cluster-ca".into(),
+        f("ca.pem".into()),
+        "--node-cert".into(),
+        f(format!("{node}.pem")),
+        "--node-key".into(),
+        f(format!("{node}.key")),
+    ]
+}
+
+/// A TLS client with a certificate of `certs`' CA (node `node`), trusting `ca`.
+fn tls_peer(
+    addr: &str,
+    ca: &Path,
+    certs: &Path,
+    node: &str,
+) -> Result<net::rustls::StreamOwned<net::rustls::ClientConnection, TcpStream>, String> {
+    use net::rustls;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(certs.join(format!("{node}.pem")))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(certs.join(format!("{node}.key"))).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    Ok(s)
+}
+
+/// With mutual TLS, a pair replicates as before; a peer without a cluster
+/// certificate (plain TCP, or TLS with another CA's certificate) cannot get
+/// one replication frame read: its HELLO claiming epoch 1,000,000 does not
+/// fence the primary. A peer with a cluster certificate is heard (and, with
+/// that epoch, fences it: the certificate is the trust).
+#[test]
+fn mutual_tls_links_replicate_and_keep_outsiders_from_fencing() {
+    let certs = make_certs("mtls-certs", "a,b,c");
+    let outsider = make_certs("mtls-outsider", "a");
+    let a = cluster_args(&certs, "a");
+    let b = cluster_args(&certs, "b");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let primary = Node::primary("mtls-primary", &a);
+    let replica = Node::replica("mtls-replica", &primary, &b);
+    wait_mode(&primary, "replica");
+    let sent = send_all(&primary.client, "alice", &users("mtls-bob", 8), 50);
+    wait_converged(&primary, &replica);
+    assert_eq!(sent.len(), 50);
+
+    // Plain TCP, a HELLO with a huge epoch: not a TLS ClientHello, closed.
+    let mut plain = TcpStream::connect(&primary.repl).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(&hello_frame(2, 0, 1_000_000, 0, 0))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        answer.is_empty() || answer[0] == 0x15,
+        "only a TLS alert may come back, got {answer:?}"
+    );
+    // TLS with a certificate from another CA: the handshake is refused.
+    let ca = certs.join("ca.pem");
+    let refused = tls_peer(&primary.repl, &ca, &outsider, "a").and_then(|mut s| {
+        s.write_all(&hello_frame(2, 0, 1_000_000, 0, 0))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => Err("closed".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    assert!(refused.is_err(), "a foreign certificate was served");
+    let stats = primary.stats();
+    assert_eq!(stats["role"], "primary", "an outsider fenced the primary");
+    assert_eq!(stats["epoch"], 1);
+    let (mut alice, _) = connect(&primary.client, "alice");
+    tests::send_stored(&mut alice, "mtls-bob0", b"still serving");
+    assert!(primary.log().contains("replication link refused or ended"));
+
+    // A node of the cluster is trusted: its HELLO is read and answered.
+    let mut member = tls_peer(&primary.repl, &ca, &certs, "c").expect("cluster member handshake");
+    member.write_all(&hello_frame(2, 9, 1, 0, 0)).unwrap();
+    let mut answer = Vec::new();
+    let _ = member.read_to_end(&mut answer);
+    assert!(
+        answer.len() > 5 && answer[4] == 0x03,
+        "expected REFUSE (no shard 9), got {answer:?}"
+    );
+    drop(replica);
+    let _ = fs::remove_dir_all(&certs);
+    let _ = fs::remove_dir_all(&outsider);
+}
+
+#[test]
+fn a_non_loopback_replication_listener_needs_mutual_tls() {
+    let (status, stderr) = tests::serve_must_fail(&["--replication-listen", "0.0.0.0:0"]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--cluster-ca") && stderr.contains("--insecure-cluster"),
+        "{stderr}"
+    );
+    let (status, stderr) = tests::serve_must_fail(&["--cluster-ca", "/nonexistent/ca.pem"]);
+    assert!(!status.success());
+    assert!(stderr.contains("--node-cert"), "{stderr}");
+}
+
+/// Peers that open replication connections and declare big frames (or say
+/// nothing) are not buffered past the HELLO bound, are cut at the connection
+/// bound, and are closed by the handshake deadline.
+#[test]
+fn the_replication_listener_bounds_connections_and_handshake_bytes() {
+    let primary = Node::primary("repl-bounds", &["--cores", "1"]);
+    let anon_before = tests::status_kib(primary.child.id(), "RssAnon").unwrap();
+    // 100 peers, each declaring a 4 MiB frame and sending 256 KiB of it.
+    let mut big = Vec::new();
+    for _ in 0..100 {
+        let Ok(mut s) = TcpStream::connect(&primary.repl) else {
+            continue;
+        };
+        let mut frame = (4u32 << 20).to_le_bytes().to_vec();
+        frame.push(0x01);
+        frame.extend(vec![0u8; 256 << 10]);
+        s.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let _ = s.write_all(&frame);
+        big.push(s);
+    }
+    thread::sleep(Duration::from_millis(500));
+    let anon_after = tests::status_kib(primary.child.id(), "RssAnon").unwrap();
+    assert!(
+        anon_after < anon_before + 16 * 1024,
+        "RssAnon grew from {anon_before} to {anon_after} KiB"
+    );
+    drop(big);
+    // 80 silent peers: past the bound (64) they are closed at once, the rest
+    // by the handshake deadline (5 s).
+    let started = Instant::now();
+    let mut silent: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(&primary.repl).expect("connect"))
+        .collect();
+    let mut closed_early = 0;
+    for s in silent.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(s.read(&mut b), Ok(0)) {
+            closed_early += 1;
+        }
+    }
+    assert!(
+        closed_early >= 10,
+        "only {closed_early} of 80 cut at the bound"
+    );
+    for s in silent.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            !matches!(s.read(&mut b), Ok(n) if n > 0),
+            "a silent peer got bytes"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "silent peers held past the deadline"
+    );
+    let (mut alice, _) = connect(&primary.client, "alice");
+    tests::send_stored(&mut alice, "bob", b"still serving");
+}
