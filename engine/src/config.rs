@@ -34,6 +34,7 @@ pub struct Config {
     pub limits: Limits,
     pub replication: ReplicationConfig,
     pub auth: AuthConfig,
+    pub abuse: crate::abuse::AbuseLimits,
 }
 
 /// How HELLO is authenticated (engine::auth).
@@ -211,6 +212,7 @@ impl Default for Config {
             limits: Limits::default(),
             replication: ReplicationConfig::default(),
             auth: AuthConfig::default(),
+            abuse: crate::abuse::AbuseLimits::default(),
         }
     }
 }
@@ -340,6 +342,17 @@ impl Config {
                      --insecure-cluster to accept it"
                 ));
             }
+        }
+        let ab = &self.abuse;
+        if ab.connections_per_address_max == 0
+            || ab.new_connections_per_address_per_sec == 0
+            || ab.sends_per_user_per_sec == 0
+            || ab.send_burst_per_user == 0
+        {
+            return Err(
+                "invalid configuration: the per-address and per-user limits must be positive"
+                    .into(),
+            );
         }
         if a.token_cache_entries == 0 {
             return Err("invalid configuration: token_cache_entries must be positive".into());

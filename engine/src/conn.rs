@@ -12,7 +12,7 @@
 use crate::core::{precheck_send, Core, SlotState};
 use crate::shard::ConnRef;
 use crate::sockets::{self, Event, Io, SocketRing, Token, Watch, GENERATION_MASK};
-use net::{decode_client_frame, error_code, ClientFrame, ServerFrame};
+use net::{decode_client_frame, error_code, reject_code, ClientFrame, ServerFrame};
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
@@ -227,7 +227,7 @@ fn outbox_drained(c: &mut Core, index: u32) {
         let buf = std::mem::take(&mut slot.out);
         c.edge.give_buffer(buf);
     }
-    if c.edge.slot(index).deliver_blocked_since_ms.is_some() {
+    if c.edge.slot(index).deliver_blocked_since_ms != 0 {
         c.edge.drained(index);
         c.route_edge_mail();
     }
@@ -541,6 +541,8 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 return false;
             }
             if let Err(why) = c.auth.check(user, token, crate::auth::now_s()) {
+                let ip_key = c.edge.slot(index).ip_key;
+                c.addresses.login_failed(ip_key, clock_ms);
                 let interval = crate::lograte::REPEATED_ERROR_LOG_INTERVAL;
                 if let Some(suppressed) = c.auth_log[why as usize].check(interval) {
                     // The reason, never the token.
@@ -550,10 +552,16 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 c.edge.fail(index, error_code::AUTH_FAILED, &reason);
                 return false;
             }
+            let user: std::rc::Rc<str> = user.into();
             let slot = c.edge.slot(index);
-            slot.user = Some(user.into());
+            slot.user = Some(user.clone());
             slot.state = SlotState::AwaitWelcome;
-            c.route_login(conn, user);
+            let limits = c.addresses.limits();
+            c.send_buckets
+                .entry(user.clone())
+                .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
+                .connections += 1;
+            c.route_login(conn, &user);
             true
         }
         (SlotState::AwaitHello, _) => {
@@ -581,6 +589,16 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 .user
                 .clone()
                 .expect("a Ready connection has a user");
+            let limits = c.addresses.limits();
+            let within_rate = c
+                .send_buckets
+                .get_mut(&user)
+                .is_none_or(|b| b.take(limits, clock_ms));
+            if !within_rate {
+                let reason = "sending too fast (sends_per_user_per_sec)";
+                c.reject_here(index, msg_id, reject_code::RATE_LIMITED, reason);
+                return true;
+            }
             match precheck_send(&user, to, body.len(), &c.edge) {
                 Some((code, reason)) => c.reject_here(index, msg_id, code, reason),
                 None => {
@@ -625,6 +643,12 @@ fn close(c: &mut Core, ring: &mut SocketRing, index: u32, linger: bool) {
     let user = c.edge.slot(index).user.take();
     if let Some(user) = user {
         c.route_logout(conn, &user);
+        if let Some(bucket) = c.send_buckets.get_mut(&user) {
+            bucket.connections -= 1;
+            if bucket.connections == 0 {
+                c.send_buckets.remove(&user);
+            }
+        }
     }
     let slot = c.edge.slot(index);
     let fd = slot.fd;
@@ -656,6 +680,10 @@ fn close(c: &mut Core, ring: &mut SocketRing, index: u32, linger: bool) {
     }
     // io_uring holds its own reference to the file until the polls are removed.
     sockets::close(fd);
+    let ip_key = slot.ip_key;
+    if ip_key != 0 {
+        c.addresses.release(ip_key, c.edge.clock_ms);
+    }
     c.edge.release_slot(index);
 }
 

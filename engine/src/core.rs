@@ -132,12 +132,16 @@ pub struct Slot {
     pub rbuf: Option<Box<[u8]>>,
     /// The TLS state of a connection accepted on the TLS listener.
     pub tls: Option<Box<crate::tls::TlsConn>>,
+    /// The peer address's key in the node's address table (engine::abuse;
+    /// 0: not tracked).
+    pub ip_key: u64,
     /// Highest DELIVER seq written to this connection (an ACK above it is a violation).
     pub delivered_seq_max: u64,
     pub last_activity_ms: u64,
     /// DELIVERs did not fit the outbox since this time (ms): later ones are
     /// dropped until it drains; the shard resends them after `Resume`.
-    pub deliver_blocked_since_ms: Option<u64>,
+    /// (0: not blocked; the clock is never 0.)
+    pub deliver_blocked_since_ms: u64,
     /// After a rewind: the only DELIVER seq accepted next (older mail in
     /// flight from the shard is dropped, so order holds).
     pub deliver_expected_seq: Option<u64>,
@@ -168,9 +172,10 @@ impl Slot {
             out_sent: 0,
             rbuf: None,
             tls: None,
+            ip_key: 0,
             delivered_seq_max: 0,
             last_activity_ms: 0,
-            deliver_blocked_since_ms: None,
+            deliver_blocked_since_ms: 0,
             deliver_expected_seq: None,
         }
     }
@@ -470,7 +475,7 @@ impl Edge {
     /// Called when a connection's outbox drained: blocked deliveries resume.
     pub fn drained(&mut self, index: u32) {
         let slot = &mut self.slots[index as usize];
-        if slot.deliver_blocked_since_ms.take().is_none() {
+        if std::mem::take(&mut slot.deliver_blocked_since_ms) == 0 {
             return;
         }
         let Some(user) = slot.user.as_deref().map(Box::<str>::from) else {
@@ -493,7 +498,8 @@ impl Edge {
             .saturating_sub(self.limits.idle_timeout_ms.min(SLOW_READER_TIMEOUT_MS));
         for index in 0..self.slots.len() as u32 {
             let slot = &mut self.slots[index as usize];
-            if slot.deliver_blocked_since_ms.is_some_and(|t| t < deadline) && !slot.kill {
+            let blocked = slot.deliver_blocked_since_ms;
+            if blocked != 0 && blocked < deadline && !slot.kill {
                 tracing::debug!("a recipient that does not read: disconnected");
                 slot.kill = true;
                 self.wake_slot(index);
@@ -572,8 +578,7 @@ impl Edge {
         if slot.state != SlotState::Ready {
             return;
         }
-        if slot.deliver_blocked_since_ms.is_some()
-            || slot.deliver_expected_seq.is_some_and(|e| e != seq)
+        if slot.deliver_blocked_since_ms != 0 || slot.deliver_expected_seq.is_some_and(|e| e != seq)
         {
             return; // rewound: the shard resends from the expected seq after Resume
         }
@@ -592,7 +597,7 @@ impl Edge {
         }
         let clock_ms = self.clock_ms;
         let slot = &mut self.slots[conn.slot as usize];
-        slot.deliver_blocked_since_ms = Some(clock_ms);
+        slot.deliver_blocked_since_ms = clock_ms.max(1);
         slot.deliver_expected_seq = Some(seq);
         tracing::debug!(
             slot = conn.slot,
@@ -718,6 +723,11 @@ pub struct Core {
     pub shutdown_waker: Option<Waker>,
     /// Checks HELLO tokens (engine::auth), with this core's token cache.
     pub auth: crate::auth::Authenticator,
+    /// The node's per-address limits (engine::abuse).
+    pub addresses: std::sync::Arc<crate::abuse::Addresses>,
+    /// SEND token buckets of the users logged in on this core.
+    pub send_buckets:
+        std::collections::HashMap<std::rc::Rc<str>, crate::abuse::Bucket, ahash::RandomState>,
     /// Refused logins are logged at most once per interval and reason (with
     /// a count of the rest; /metrics counts every one).
     pub auth_log: [crate::lograte::LogEvery; crate::auth::Refusal::ALL.len()],

@@ -4,6 +4,7 @@
 //! client connection) → `core` (the per-core arena and cross-core mail) →
 //! `shard` (inboxes, dedup, WAL) → `record` (WAL payloads).
 
+pub mod abuse;
 pub mod admin;
 pub mod admin_cmd;
 pub mod auth;
@@ -116,6 +117,21 @@ struct ServeArgs {
     /// Serve a non-loopback replication listener without mutual TLS.
     #[arg(long)]
     insecure_cluster: bool,
+    /// Open connections from one address before ERROR 7. [default: 20000]
+    #[arg(long)]
+    connections_per_address_max: Option<u32>,
+    /// New connections from one address per second before ERROR 7. [default: 10000]
+    #[arg(long)]
+    new_connections_per_address_per_sec: Option<u32>,
+    /// Refused logins from one address per minute before its connections get ERROR 7. [default: 600]
+    #[arg(long)]
+    failed_logins_per_address_per_min: Option<u32>,
+    /// SENDs per second one user may sustain on a core before REJECTED 3. [default: 10000]
+    #[arg(long)]
+    sends_per_user_per_sec: Option<u32>,
+    /// SENDs a user may make in a burst above that rate. [default: 20000]
+    #[arg(long)]
+    send_burst_per_user: Option<u32>,
     /// Data directory (one WAL per shard under it). [default: ./iris-data]
     #[arg(long)]
     data: Option<PathBuf>,
@@ -212,7 +228,12 @@ impl ServeArgs {
              on_replica_loss => replication.on_replica_loss,
              replica_loss_timeout_ms => replication.loss_timeout_ms, heartbeat_ms => replication.heartbeat_ms);
         set!(jwt_leeway_secs => auth.jwt_leeway_secs,
-             token_cache_entries => auth.token_cache_entries);
+             token_cache_entries => auth.token_cache_entries,
+             connections_per_address_max => abuse.connections_per_address_max,
+             new_connections_per_address_per_sec => abuse.new_connections_per_address_per_sec,
+             failed_logins_per_address_per_min => abuse.failed_logins_per_address_per_min,
+             sends_per_user_per_sec => abuse.sends_per_user_per_sec,
+             send_burst_per_user => abuse.send_burst_per_user);
         if self.tls_listen.is_some() {
             c.tls_listen = self.tls_listen;
             // TLS instead of plain TCP, unless --listen asks for both.

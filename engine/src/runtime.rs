@@ -86,6 +86,7 @@ struct CoreSpec {
     client_fd: Option<OwnedFd>,
     tls_fd: Option<OwnedFd>,
     security: Arc<crate::security::Security>,
+    addresses: Arc<crate::abuse::Addresses>,
     /// Node-wide count of replication connections (the bound).
     repl_links: Arc<std::sync::atomic::AtomicUsize>,
     node_tls: Option<Arc<crate::node_tls::NodeTls>>,
@@ -223,6 +224,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         _ => None,
     };
     let repl_links = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let addresses = Arc::new(crate::abuse::Addresses::new(config.abuse.clone()));
     // With mutual TLS the replication listener is the gateway thread's: no
     // core reads a byte from a peer before its certificate checked out.
     let repl_inbox = match (&node_tls, listeners.replication.take()) {
@@ -255,6 +257,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             tls_fd,
             security: security.clone(),
             repl_links: repl_links.clone(),
+            addresses: addresses.clone(),
             node_tls: node_tls.clone(),
             repl_inbox: if core == 0 { repl_inbox.clone() } else { None },
             replication_fd,
@@ -430,6 +433,8 @@ async fn core_main(
             spec.security.stats.clone(),
         ),
         auth_log: Default::default(),
+        addresses: spec.addresses.clone(),
+        send_buckets: Default::default(),
     }));
     let ring = match crate::sockets::SocketRing::new() {
         Ok(ring) => ring,
@@ -621,6 +626,23 @@ async fn acceptor(
                 // TCP_NODELAY: answers are small and latency-bound; batching
                 // is done per pass of the driver.
                 let _ = stream.set_nodelay(true);
+                let ip_key = match stream.peer_addr() {
+                    Ok(peer) => {
+                        let c = core.borrow();
+                        let key = c.addresses.key(peer.ip());
+                        match c.addresses.admit(key, now_ms()) {
+                            Ok(true) => key,
+                            Ok(false) => 0,
+                            Err(turned) => {
+                                if tls.is_none() {
+                                    refuse_with(stream.as_raw_fd(), turned.reason());
+                                }
+                                continue; // the stream closes as it drops
+                            }
+                        }
+                    }
+                    Err(_) => 0,
+                };
                 let fd = match sys::dup(stream.as_raw_fd()) {
                     Ok(fd) => fd,
                     Err(e) => {
@@ -629,6 +651,7 @@ async fn acceptor(
                             last_warning = Some(Instant::now());
                         }
                         refuse(stream.as_raw_fd());
+                        core.borrow().addresses.release(ip_key, now_ms());
                         continue;
                     }
                 };
@@ -639,6 +662,7 @@ async fn acceptor(
                         Err(e) => {
                             tracing::error!(error = %e, "cannot start a TLS connection");
                             crate::sockets::close(fd);
+                            core.borrow().addresses.release(ip_key, now_ms());
                             continue;
                         }
                     },
@@ -648,12 +672,17 @@ async fn acceptor(
                 let slot = c.edge.alloc_slot(fd);
                 publish_connections(&c);
                 match slot {
-                    Some((index, _)) => c.edge.slot(index).tls = tls_conn,
+                    Some((index, _)) => {
+                        let slot = c.edge.slot(index);
+                        slot.tls = tls_conn;
+                        slot.ip_key = ip_key;
+                    }
                     None => {
                         if tls_conn.is_none() {
                             refuse(fd); // in TLS this would be bytes the peer cannot read
                         }
                         crate::sockets::close(fd);
+                        c.addresses.release(ip_key, now_ms());
                     }
                 }
             }
@@ -696,10 +725,15 @@ fn publish_connections(c: &Core) {
 
 /// ERROR 7 to a connection over connections_per_core_max, then close.
 fn refuse(fd: RawFd) {
+    refuse_with(fd, "too many connections");
+}
+
+/// ERROR 7 with `reason` (a per-address limit), before the caller closes.
+fn refuse_with(fd: RawFd, reason: &str) {
     let mut out = Vec::new();
     let frame = net::ServerFrame::Error {
         code: net::error_code::TOO_MANY_CONNECTIONS,
-        reason: "too many connections",
+        reason,
     };
     net::encode_server_frame(&frame, &mut out);
     sys::send_nonblocking(fd, &out);

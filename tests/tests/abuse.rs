@@ -130,3 +130,94 @@ fn frames_in_pieces_are_parked_and_decoded_when_whole() {
     let (_bob, welcome) = connect(server.addr(), "bob");
     assert_eq!(welcome.pending, 6);
 }
+
+/// Past its SEND rate a user gets REJECTED 3 and keeps its connection; the
+/// bucket refills at the configured rate.
+#[test]
+fn a_user_over_its_send_rate_gets_rejected_3_and_stays_connected() {
+    let server = Server::start(&[
+        "--sends-per-user-per-sec",
+        "20",
+        "--send-burst-per-user",
+        "10",
+    ]);
+    let (mut alice, _) = connect(server.addr(), "alice");
+    for _ in 0..40 {
+        alice.send(new_msg_id(), "bob", b"spam").expect("queue");
+    }
+    alice.flush().expect("flush");
+    let (mut stored, mut limited) = (0, 0);
+    while stored + limited < 40 {
+        match next_event(&mut alice) {
+            Event::Stored { .. } => stored += 1,
+            Event::Rejected { code, reason, .. } => {
+                assert_eq!(code, tests::reject_code::RATE_LIMITED, "{reason}");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (10..=15).contains(&stored),
+        "{stored} STORED of a burst of 10"
+    );
+    assert_eq!(stored + limited, 40);
+    // Still connected; half a second refills 10 tokens.
+    std::thread::sleep(Duration::from_millis(600));
+    tests::send_stored(&mut alice, "bob", b"after the pause");
+    // Another user has a bucket of its own.
+    let (mut carol, _) = connect(server.addr(), "carol");
+    tests::send_stored(&mut carol, "bob", b"carol is not limited by alice");
+}
+
+fn expect_turned_away(addr: &str, reason: &str) {
+    let mut c = tests::connect_raw(addr);
+    match next_event(&mut c) {
+        Event::Error { code, reason: got } => {
+            assert_eq!(code, error_code::TOO_MANY_CONNECTIONS, "{got}");
+            assert!(got.contains(reason), "{got:?} should say {reason:?}");
+        }
+        other => panic!("expected ERROR 7, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_address_is_bounded_in_open_connections() {
+    let server = Server::start(&["--connections-per-address-max", "3"]);
+    let mut held: Vec<_> = (0..3)
+        .map(|i| connect(server.addr(), &format!("u{i}")).0)
+        .collect();
+    expect_turned_away(server.addr(), "too many connections from this address");
+    held.pop();
+    // The close is seen by the server shortly after.
+    let deadline = Instant::now() + NOT_STARVED;
+    loop {
+        match tests::Client::connect(server.addr(), "again", b"", Duration::from_secs(5)) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "slot not given back: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_address_is_bounded_in_new_connections_per_second() {
+    let server = Server::start(&["--new-connections-per-address-per-sec", "5"]);
+    let mut turned = 0;
+    let mut kept = Vec::new();
+    for _ in 0..30 {
+        let mut c = tests::connect_raw(server.addr());
+        match c.recv(Duration::from_millis(100)) {
+            Ok(Some(Event::Error { code, reason })) => {
+                assert_eq!(code, error_code::TOO_MANY_CONNECTIONS);
+                assert!(reason.contains("connecting too fast"), "{reason}");
+                turned += 1;
+            }
+            Ok(None) => kept.push(c),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // 30 connections at 100 ms each span about 3 s: about 5 a second pass.
+    assert!(turned >= 10, "only {turned} of 30 turned away");
+    assert!(kept.len() >= 5, "only {} admitted", kept.len());
+}

@@ -482,3 +482,28 @@ fn keygen_and_certs_never_overwrite() {
     assert_eq!(mode & 0o077, 0, "private key readable by others: {mode:o}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// After `--failed-logins-per-address-per-min` refused logins, the address's
+/// next connections get ERROR 7 for the rest of the minute, good token or not.
+#[test]
+fn an_address_with_too_many_failed_logins_is_turned_away() {
+    let node = start_node_with("failed", &["--failed-logins-per-address-per-min", "3"]);
+    let key = node.keys.join("iris.key");
+    let good = token(&key, "alice");
+    node.hello_tls("alice", &good).expect("a good login first");
+    for _ in 0..3 {
+        expect_auth_refused(node.hello_tls("alice", "garbage"), "malformed");
+    }
+    // Plain TCP shows the ERROR 7; TLS connections are closed.
+    match Client::connect(node.server.addr(), "alice", good.as_bytes(), TIMEOUT) {
+        Err(ClientError::Refused { code, reason }) => {
+            assert_eq!(code, 7, "{reason}");
+            assert!(reason.contains("failed logins"), "{reason}");
+        }
+        other => panic!("expected ERROR 7, got {:?}", other.map(|_| ())),
+    }
+    assert!(
+        node.hello_tls("alice", &good).is_err(),
+        "TLS from that address still served"
+    );
+}
