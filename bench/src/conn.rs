@@ -13,8 +13,67 @@ use std::os::fd::AsRawFd;
 /// whole frame always fits once the decoded ones before it are compacted away.
 pub const READ_BUF_LEN: usize = 128 * 1024;
 
+/// A benchmark connection's transport: plain TCP, or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<net::rustls::StreamOwned<net::rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+
+    /// TLS records encrypted but not yet taken by the socket.
+    fn tls_wants_write(&self) -> bool {
+        matches!(self, Stream::Tls(s) if s.conn.wants_write())
+    }
+
+    /// Writes pending TLS records; Ok(false) when the socket is full.
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        if let Stream::Tls(s) = self {
+            while s.conn.wants_write() {
+                match s.conn.write_tls(&mut s.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub token: u64,
     rbuf: Box<[u8]>,
     rlen: usize,
@@ -25,9 +84,9 @@ pub struct Conn {
 
 impl Conn {
     /// Makes `stream` non-blocking and registers it with `poller` for reading.
-    pub fn register(stream: TcpStream, token: u64, poller: &Poller) -> io::Result<Self> {
-        stream.set_nonblocking(true)?;
-        poller.add(stream.as_raw_fd(), token, Interest::Read)?;
+    pub fn register(stream: Stream, token: u64, poller: &Poller) -> io::Result<Self> {
+        stream.tcp().set_nonblocking(true)?;
+        poller.add(stream.tcp().as_raw_fd(), token, Interest::Read)?;
         Ok(Self {
             stream,
             token,
@@ -46,14 +105,21 @@ impl Conn {
             self.rlen < self.rbuf.len(),
             "read buffer full: a frame is too large"
         );
+        let mut got = false;
         loop {
             match self.stream.read(&mut self.rbuf[self.rlen..]) {
                 Ok(0) => return Err("server closed the connection".to_string()),
                 Ok(n) => {
                     self.rlen += n;
+                    // TLS may hold more decrypted bytes than one read took,
+                    // which the poller will not announce: read until empty.
+                    if matches!(self.stream, Stream::Tls(_)) && self.rlen < self.rbuf.len() {
+                        got = true;
+                        continue;
+                    }
                     return Ok(true);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(got),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("read: {e}")),
             }
@@ -83,8 +149,9 @@ impl Conn {
                 Err(e) => return Err(format!("write: {e}")),
             }
         }
-        let fd = self.stream.as_raw_fd();
-        if self.wpos == self.wbuf.len() {
+        let tls_done = self.stream.flush_tls().map_err(|e| format!("write: {e}"))?;
+        let fd = self.stream.tcp().as_raw_fd();
+        if self.wpos == self.wbuf.len() && tls_done {
             self.wbuf.clear();
             self.wpos = 0;
             if self.writing {
@@ -104,11 +171,11 @@ impl Conn {
 
     /// Whether written bytes are still waiting for the socket.
     pub fn has_pending_writes(&self) -> bool {
-        self.wpos < self.wbuf.len()
+        self.wpos < self.wbuf.len() || self.stream.tls_wants_write()
     }
 
     pub fn deregister(&self, poller: &Poller) {
         // The socket closes right after; a failure here changes nothing.
-        let _ = poller.delete(self.stream.as_raw_fd());
+        let _ = poller.delete(self.stream.tcp().as_raw_fd());
     }
 }

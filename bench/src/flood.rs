@@ -8,11 +8,12 @@
 //! line (`ChildReady`), holds until the parent writes a line on its stdin (or
 //! its stdin closes, or its own deadline passes), then closes everything.
 
+use crate::conn::Stream;
 use crate::handshake::{self, Proto};
 use crate::procfs;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -41,6 +42,11 @@ pub struct FloodConfig {
     pub settle: Duration,
     pub server_pid: Option<u32>,
     pub token: String,
+    /// Sign a JWT per user with this private key (Iris `--auth jwt`).
+    pub token_key: Option<std::path::PathBuf>,
+    /// Connect over TLS, trusting this CA (with `tls_name` as the server's name).
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_name: String,
     pub connect_timeout: Duration,
     pub threads: usize,
     pub progress: bool,
@@ -85,7 +91,7 @@ pub struct ChildConfig {
     pub conns: usize,
     pub rate: f64,
     pub user_prefix: String,
-    pub token: String,
+    pub access: crate::handshake::Access,
     pub connect_timeout: Duration,
     pub hold_max: Duration,
     pub threads: usize,
@@ -181,6 +187,17 @@ fn spawn_children(cfg: &FloodConfig, procs: usize) -> Result<Vec<(Child, ChildSt
             .args(["--rate", &(cfg.rate / procs as f64).to_string()])
             .args(["--user-prefix", &format!("f{nonce}-{p}-")])
             .args(["--token", &cfg.token])
+            .args(
+                cfg.token_key
+                    .iter()
+                    .flat_map(|k| [std::ffi::OsStr::new("--token-key"), k.as_os_str()]),
+            )
+            .args(
+                cfg.tls_ca
+                    .iter()
+                    .flat_map(|k| [std::ffi::OsStr::new("--tls-ca"), k.as_os_str()]),
+            )
+            .args(["--tls-name", &cfg.tls_name])
             .args([
                 "--connect-timeout",
                 &format!("{}ms", cfg.connect_timeout.as_millis()),
@@ -261,7 +278,7 @@ fn close_children(children: Vec<(Child, ChildStdout)>) -> Result<(), String> {
 pub fn run_child(cfg: &ChildConfig) -> Result<(), String> {
     let started = Instant::now();
     let threads = cfg.threads.clamp(1, cfg.conns.max(1));
-    let (tx, rx) = mpsc::channel::<(Vec<TcpStream>, u64, Vec<String>)>();
+    let (tx, rx) = mpsc::channel::<(Vec<Stream>, u64, Vec<String>)>();
     let mut handles = Vec::with_capacity(threads);
     for t in 0..threads {
         let cfg = cfg.clone();
@@ -308,7 +325,7 @@ fn connect_share(
     t: usize,
     threads: usize,
     started: Instant,
-) -> (Vec<TcpStream>, u64, Vec<String>) {
+) -> (Vec<Stream>, u64, Vec<String>) {
     let mut opened = Vec::with_capacity(cfg.conns / threads + 1);
     let mut failed = 0;
     let mut errors = Vec::new();
@@ -333,13 +350,7 @@ fn connect_share(
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
         let user = format!("{}{i}", cfg.user_prefix);
-        match handshake::connect(
-            cfg.addr,
-            cfg.proto,
-            &user,
-            cfg.token.as_bytes(),
-            cfg.connect_timeout,
-        ) {
+        match handshake::connect(cfg.addr, cfg.proto, &user, &cfg.access, cfg.connect_timeout) {
             Ok((stream, _)) => opened.push(stream),
             Err(e) => {
                 failed += 1;

@@ -2,6 +2,7 @@
 //! (Iris HELLO/WELCOME, or a Redis PING/PONG so both count a connection only
 //! once the server has answered on it). Blocking, with deadlines.
 
+use crate::conn::Stream;
 use crate::resp;
 use net::{ClientFrame, Limits, ServerFrame, PROTOCOL_VERSION};
 use std::io::{Read, Write};
@@ -26,20 +27,89 @@ pub struct Greeting {
     pub pending: u64,
 }
 
+/// How a driver logs in and whether it speaks TLS: a fixed token (Iris
+/// `--auth none` takes anything), or a JWT signed per user with a private
+/// key (`--token-key`, for `--auth jwt`); TLS trusting a CA file.
+#[derive(Clone, Default)]
+pub struct Access {
+    pub token: String,
+    pub signer: Option<std::sync::Arc<engine::auth::dev::Signer>>,
+    pub tls: Option<net::TlsSettings>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("signed_tokens", &self.signer.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// How long the tokens a driver signs stay valid.
+const TOKEN_TTL_S: u64 = 24 * 3600;
+
+impl Access {
+    pub fn new(
+        token: &str,
+        token_key: Option<&std::path::Path>,
+        tls_ca: Option<&std::path::Path>,
+        tls_name: &str,
+    ) -> Result<Access, String> {
+        let signer = token_key
+            .map(|k| engine::auth::dev::Signer::load(k).map(std::sync::Arc::new))
+            .transpose()?;
+        let tls = tls_ca
+            .map(|ca| net::TlsSettings::from_ca_file(ca, tls_name).map_err(|e| e.to_string()))
+            .transpose()?;
+        Ok(Access {
+            token: token.to_string(),
+            signer,
+            tls,
+        })
+    }
+
+    pub fn token_for(&self, user: &str) -> Result<Vec<u8>, String> {
+        match &self.signer {
+            Some(s) => Ok(s
+                .token(user, TOKEN_TTL_S, engine::auth::now_s())?
+                .into_bytes()),
+            None => Ok(self.token.clone().into_bytes()),
+        }
+    }
+}
+
 /// Connects to `addr` and completes the greeting as `user` within `timeout`.
 pub fn connect(
     addr: SocketAddr,
     proto: Proto,
     user: &str,
-    token: &[u8],
+    access: &Access,
     timeout: Duration,
-) -> Result<(TcpStream, Greeting), String> {
+) -> Result<(Stream, Greeting), String> {
     let deadline = Instant::now() + timeout;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("nodelay: {e}"))?;
+    let token = access.token_for(user)?;
+    let token = token.as_slice();
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    let mut stream = match &access.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let conn =
+                net::rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                    .map_err(|e| format!("TLS: {e}"))?;
+            let mut s = net::rustls::StreamOwned::new(conn, tcp);
+            s.sock
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| format!("read timeout: {e}"))?;
+            while s.conn.is_handshaking() {
+                s.conn
+                    .complete_io(&mut s.sock)
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+            }
+            Stream::Tls(Box::new(s))
+        }
+    };
     let mut request = Vec::with_capacity(128);
     match proto {
         Proto::Iris => net::encode_client_frame(
@@ -66,6 +136,7 @@ pub fn connect(
             return Err("greeting: no answer in time".to_string());
         }
         stream
+            .tcp()
             .set_read_timeout(Some(left))
             .map_err(|e| format!("read timeout: {e}"))?;
         match stream.read(&mut chunk) {

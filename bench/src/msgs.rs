@@ -57,7 +57,7 @@ pub struct MsgsConfig {
     pub offline: bool,
     pub server_pid: Option<u32>,
     pub threads: usize,
-    pub token: Vec<u8>,
+    pub access: crate::handshake::Access,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     /// Print a live progress line to stderr once a second.
@@ -466,7 +466,7 @@ impl Worker {
             self.cfg.addr,
             self.cfg.proto,
             user,
-            &self.cfg.token,
+            &self.cfg.access,
             self.cfg.connect_timeout,
         );
         let result = opened.and_then(|(stream, greeting)| {
@@ -752,12 +752,12 @@ impl Worker {
             net::encode_client_frame(&ClientFrame::Bye, &mut bye);
         }
         for pair in pairs.iter_mut() {
-            for conn in [pair.sender.take(), pair.receiver.take()]
+            for mut conn in [pair.sender.take(), pair.receiver.take()]
                 .into_iter()
                 .flatten()
             {
                 // Best effort: the socket buffer is empty after the drain.
-                let _ = std::io::Write::write(&mut &conn.stream, &bye);
+                let _ = std::io::Write::write(&mut conn.stream, &bye);
             }
             tally.unanswered += pair.track.inflight as u64;
             if online {

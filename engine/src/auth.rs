@@ -464,36 +464,54 @@ pub mod dev {
     /// A token for `user`, valid `ttl_s` from now, signed with the private key
     /// in `key_file` (`kid`: the file's stem, as `--jwt-keys DIR` names keys).
     pub fn token(key_file: &Path, user: &str, ttl_s: u64, now_s: u64) -> Result<String, String> {
-        let pem = std::fs::read(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
-        let (key, alg) = if let Ok(k) = EncodingKey::from_ed_pem(&pem) {
-            (k, Algorithm::EdDSA)
-        } else if let Ok(k) = EncodingKey::from_ec_pem(&pem) {
-            (k, Algorithm::ES256)
-        } else if let Ok(k) = EncodingKey::from_rsa_pem(&pem) {
-            (k, Algorithm::RS256)
-        } else {
-            return Err(format!(
-                "{}: not a PEM private key (Ed25519, P-256 or RSA)",
-                key_file.display()
-            ));
-        };
-        let mut header = JwtHeader::new(alg);
-        header.kid = key_file
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(str::to_string);
-        #[derive(serde::Serialize)]
-        struct Out<'a> {
-            sub: &'a str,
-            iat: u64,
-            exp: u64,
+        Signer::load(key_file)?.token(user, ttl_s, now_s)
+    }
+
+    /// A private key loaded once, for many tokens (load drivers).
+    pub struct Signer {
+        key: EncodingKey,
+        header: JwtHeader,
+    }
+
+    impl Signer {
+        pub fn load(key_file: &Path) -> Result<Signer, String> {
+            let pem =
+                std::fs::read(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+            let (key, alg) = if let Ok(k) = EncodingKey::from_ed_pem(&pem) {
+                (k, Algorithm::EdDSA)
+            } else if let Ok(k) = EncodingKey::from_ec_pem(&pem) {
+                (k, Algorithm::ES256)
+            } else if let Ok(k) = EncodingKey::from_rsa_pem(&pem) {
+                (k, Algorithm::RS256)
+            } else {
+                return Err(format!(
+                    "{}: not a PEM private key (Ed25519, P-256 or RSA)",
+                    key_file.display()
+                ));
+            };
+            let mut header = JwtHeader::new(alg);
+            header.kid = key_file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string);
+            Ok(Signer { key, header })
         }
-        let claims = Out {
-            sub: user,
-            iat: now_s,
-            exp: now_s + ttl_s,
-        };
-        jsonwebtoken::encode(&header, &claims, &key).map_err(|e| format!("cannot sign: {e}"))
+
+        pub fn token(&self, user: &str, ttl_s: u64, now_s: u64) -> Result<String, String> {
+            #[derive(serde::Serialize)]
+            struct Out<'a> {
+                sub: &'a str,
+                iat: u64,
+                exp: u64,
+            }
+            let claims = Out {
+                sub: user,
+                iat: now_s,
+                exp: now_s + ttl_s,
+            };
+            jsonwebtoken::encode(&self.header, &claims, &self.key)
+                .map_err(|e| format!("cannot sign: {e}"))
+        }
     }
 
     pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {

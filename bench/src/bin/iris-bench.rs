@@ -62,6 +62,16 @@ struct Common {
     /// HELLO token (empty by default).
     #[arg(long, default_value = "")]
     token: String,
+    /// Sign a JWT for each user with this private key (`iris keygen`'s KID.key),
+    /// for a server with `--auth jwt`.
+    #[arg(long)]
+    token_key: Option<PathBuf>,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The name the server's certificate is checked against.
+    #[arg(long, default_value = "127.0.0.1")]
+    tls_name: String,
     /// Driver threads (msgs: default one per CPU this process may run on;
     /// flood: connecting threads per process, default 8).
     #[arg(long)]
@@ -158,6 +168,12 @@ struct FloodChildArgs {
     user_prefix: String,
     #[arg(long, default_value = "")]
     token: String,
+    #[arg(long)]
+    token_key: Option<PathBuf>,
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    tls_name: String,
     #[arg(long, value_parser = parse_duration)]
     connect_timeout: Duration,
     #[arg(long, value_parser = parse_duration)]
@@ -216,6 +232,9 @@ fn flood(args: FloodArgs) -> Result<(), String> {
         settle: args.settle,
         server_pid: c.server_pid,
         token: c.token.clone(),
+        token_key: c.token_key.clone(),
+        tls_ca: c.tls_ca.clone(),
+        tls_name: c.tls_name.clone(),
         connect_timeout: c.connect_timeout,
         threads: c.threads.unwrap_or(FLOOD_THREADS_DEFAULT),
         progress: progress_wanted(c.json),
@@ -239,7 +258,12 @@ fn flood_child(args: FloodChildArgs) -> Result<(), String> {
         conns: args.conns,
         rate: args.rate,
         user_prefix: args.user_prefix,
-        token: args.token,
+        access: bench::handshake::Access::new(
+            &args.token,
+            args.token_key.as_deref(),
+            args.tls_ca.as_deref(),
+            &args.tls_name,
+        )?,
         connect_timeout: args.connect_timeout,
         hold_max: args.hold_max,
         threads: args.threads,
@@ -266,7 +290,12 @@ fn msgs(args: MsgsArgs) -> Result<(), String> {
         offline: args.offline,
         server_pid: c.server_pid,
         threads: c.threads.unwrap_or_else(default_threads).max(1),
-        token: c.token.clone().into_bytes(),
+        access: bench::handshake::Access::new(
+            &c.token,
+            c.token_key.as_deref(),
+            c.tls_ca.as_deref(),
+            &c.tls_name,
+        )?,
         drain_timeout: args.drain_timeout,
         connect_timeout: c.connect_timeout,
         progress: progress_wanted(c.json),
