@@ -39,9 +39,12 @@ const READ_BUFFER_MAX: usize = proto::FRAME_LEN_MAX as usize + 4;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest frame read before a peer's HELLO (a HELLO is under 64 bytes).
 const HELLO_BYTES_MAX: usize = 512;
-/// The largest frame a primary reads from a replica it streams to (acks and
-/// heartbeats are a few dozen bytes).
-const ACK_BYTES_MAX: usize = 4096;
+/// The largest frame a primary reads from a replica it streams to: an ack is
+/// a few dozen bytes, a RESUBMIT carries one message (a body of up to the
+/// largest client frame).
+const ACK_BYTES_MAX: usize = (96 << 10) + 4;
+/// RESUBMIT bytes a replica writes per turn of its ack writer.
+const RESUBMIT_BYTES_PER_WRITE: usize = 256 << 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 /// A core's replication state, beside its shard.
@@ -73,6 +76,9 @@ pub struct ReplState {
     pub node_tls: Option<Arc<crate::node_tls::NodeTls>>,
     /// Replication connections held by this node (all cores), for the bound.
     pub links: Arc<std::sync::atomic::AtomicUsize>,
+    /// Replica side: messages of a dropped tail, to send to the primary on
+    /// the replication link (RESUBMIT).
+    pub resubmit: VecDeque<Resubmit>,
 }
 
 pub struct Link {
@@ -104,6 +110,7 @@ impl ReplState {
             repair_from: None,
             node_tls: None,
             links: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            resubmit: VecDeque::new(),
         }
     }
 
@@ -657,6 +664,27 @@ fn on_replica_msg(c: &mut Core, msg: Msg<'_>, generation: u64) -> Result<(), Str
             Ok(())
         }
         Msg::Refuse { reason } => Err(format!("replica refused: {reason}")),
+        Msg::Resubmit {
+            msg_id,
+            sender,
+            recipient,
+            body,
+        } => {
+            // A message the replica dropped from its own tail when it rejoined:
+            // stored like a SEND of `sender`, answered to nobody.
+            let nobody = crate::shard::ConnRef {
+                core: c.edge.id,
+                slot: u32::MAX,
+                generation: 0,
+            };
+            if net::valid_user_id(sender, &c.edge.net_limits)
+                && net::valid_user_id(recipient, &c.edge.net_limits)
+            {
+                c.route_send(nobody, sender, msg_id, recipient, body);
+                c.kick_committer();
+            }
+            Ok(())
+        }
         other => Err(format!("unexpected frame from a replica: {other:?}")),
     }
 }
@@ -901,15 +929,10 @@ fn apply_msg(c: &mut Core, msg: Msg<'_>, snapshot: &mut Option<Snapshot>) -> Res
                 resubmit = tail.len(),
                 "dropped a diverged tail; re-submitting its messages"
             );
-            let addr = c
-                .repl
-                .stats
-                .primary_client_addr
-                .lock()
-                .expect("not poisoned")
-                .clone();
-            if let (Some(addr), false) = (addr, tail.is_empty()) {
-                resubmit(addr, tail);
+            // Sent on this (authenticated) link by send_acks, not as a client.
+            c.repl.resubmit.extend(tail);
+            if let Some(w) = c.repl.acker_waker.take() {
+                w.wake();
             }
         }
         Msg::SnapBegin {
@@ -1022,7 +1045,7 @@ async fn send_acks(
     loop {
         let changed = std::future::poll_fn(|cx| {
             let mut c = core.borrow_mut();
-            if c.shard.wal().durable_position() != acked {
+            if c.shard.wal().durable_position() != acked || !c.repl.resubmit.is_empty() {
                 return Poll::Ready(());
             }
             c.repl.acker_waker = Some(cx.waker().clone());
@@ -1030,12 +1053,37 @@ async fn send_acks(
         });
         futures_lite::future::or(changed, glommio::timer::sleep(heartbeat)).await;
         {
-            let c = core.borrow();
+            let mut c = core.borrow_mut();
             if c.shard.role != Role::Replica {
                 return Ok(());
             }
             acked = c.shard.wal().durable_position();
             out.clear();
+            let mut resubmitted = 0;
+            while out.len() < RESUBMIT_BYTES_PER_WRITE {
+                let Some(m) = c.repl.resubmit.pop_front() else {
+                    break;
+                };
+                proto::encode(
+                    &Msg::Resubmit {
+                        msg_id: m.msg_id,
+                        sender: &m.sender,
+                        recipient: &m.recipient,
+                        body: &m.body,
+                    },
+                    &mut out,
+                );
+                resubmitted += 1;
+            }
+            if resubmitted > 0 {
+                let left = c.repl.resubmit.len();
+                tracing::info!(
+                    shard = c.shard.id,
+                    resubmitted,
+                    left,
+                    "re-submitting a dropped tail to the primary"
+                );
+            }
             proto::encode(
                 &Msg::Ack {
                     epoch: c.shard.epoch(),
@@ -1046,46 +1094,6 @@ async fn send_acks(
             );
         }
         writer.write_all(&out).await.map_err(|e| e.to_string())?;
-    }
-}
-
-/// Sends the messages of a dropped tail to the new primary as their senders
-/// (msg_id dedup makes a repeat harmless). On its own thread: a blocking client.
-fn resubmit(addr: String, tail: Vec<Resubmit>) {
-    let spawned = std::thread::Builder::new()
-        .name("iris-resubmit".into())
-        .spawn(move || {
-            let (mut stored, mut failed) = (0usize, 0usize);
-            for m in &tail {
-                let ok = (|| -> Result<bool, net::ClientError> {
-                    let (mut client, _) =
-                        net::Client::connect(&addr, &m.sender, b"", Duration::from_secs(10))?;
-                    client.send(m.msg_id, &m.recipient, &m.body)?;
-                    loop {
-                        match client.recv(Duration::from_secs(10))? {
-                            Some(net::Event::Stored { msg_id }) if msg_id == m.msg_id => {
-                                return Ok(true)
-                            }
-                            Some(net::Event::Rejected { .. })
-                            | Some(net::Event::Error { .. })
-                            | None => return Ok(false),
-                            Some(_) => {}
-                        }
-                    }
-                })();
-                match ok {
-                    Ok(true) => stored += 1,
-                    _ => failed += 1,
-                }
-            }
-            tracing::warn!(
-                stored,
-                failed,
-                "re-submitted the messages of a dropped tail"
-            );
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the re-submission thread");
     }
 }
 

@@ -16,6 +16,7 @@
 //! | 0x20 | RECORDS | P→R | whole WAL record frames exactly as on the primary's disk (wal/FORMAT.md), dense positions |
 //! | 0x21 | HEARTBEAT | P→R | u64 epoch, u64 last_position, u64 now_ms |
 //! | 0x30 | ACK | R→P | u64 epoch, u64 durable_position, u64 now_ms |
+//! | 0x31 | RESUBMIT | R→P | id16 msg_id, str sender, str recipient, body (the rest): a message of a tail this replica dropped when it rejoined (it was a primary), stored by the primary like a SEND from `sender` (msg_id dedup makes a repeat harmless) |
 //!
 //! Every frame carries or follows an epoch: a side that sees a higher epoch
 //! than its own stops acting as primary (fencing).
@@ -41,6 +42,7 @@ mod t {
     pub const RECORDS: u8 = 0x20;
     pub const HEARTBEAT: u8 = 0x21;
     pub const ACK: u8 = 0x30;
+    pub const RESUBMIT: u8 = 0x31;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +101,12 @@ pub enum Msg<'a> {
         epoch: u64,
         durable_position: u64,
         now_ms: u64,
+    },
+    Resubmit {
+        msg_id: [u8; 16],
+        sender: &'a str,
+        recipient: &'a str,
+        body: &'a [u8],
     },
 }
 
@@ -188,6 +196,17 @@ pub fn encode(msg: &Msg<'_>, out: &mut Vec<u8>) {
             now_ms,
         } => frame(out, t::ACK, |o| {
             u64s(o, &[*epoch, *durable_position, *now_ms])
+        }),
+        Msg::Resubmit {
+            msg_id,
+            sender,
+            recipient,
+            body,
+        } => frame(out, t::RESUBMIT, |o| {
+            o.extend_from_slice(msg_id);
+            put_str(o, sender);
+            put_str(o, recipient);
+            o.extend_from_slice(body);
         }),
     }
 }
@@ -311,6 +330,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
             durable_position: c.u64()?,
             now_ms: c.u64()?,
         },
+        t::RESUBMIT => Msg::Resubmit {
+            msg_id: c.take(16)?.try_into().expect("16"),
+            sender: c.str()?,
+            recipient: c.str()?,
+            body: c.rest(),
+        },
         other => return Err(ProtoError::UnknownType(other)),
     };
     c.done()?;
@@ -365,6 +390,12 @@ mod tests {
                 durable_position: 9,
                 now_ms: 5,
             },
+            Msg::Resubmit {
+                msg_id: [7; 16],
+                sender: "alice",
+                recipient: "bob",
+                body: b"a message of a dropped tail",
+            },
         ]
     }
 
@@ -400,5 +431,220 @@ mod tests {
         encode(&all()[0], &mut hello);
         hello[5] ^= 1;
         assert_eq!(decode(&hello), Err(ProtoError::BadMagic));
+    }
+}
+
+/// Entry point for the fuzzer (engine/fuzz, target `decode_repl`). Here, not in
+/// the target, so it is compiled and property-tested with the crate and cannot rot.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{decode, encode, frame_len, ProtoError};
+
+    /// Decodes every frame in `data` as a stream; asserts what must hold for any
+    /// input: `frame_len` and `decode` agree (same length, same length error,
+    /// same "not yet"), progress stays in bounds, and a decoded frame re-encodes
+    /// to exactly its bytes.
+    pub fn decode_repl(data: &[u8]) {
+        let mut rest = data;
+        loop {
+            let len = frame_len(rest);
+            let decoded = decode(rest);
+            match (&len, &decoded) {
+                (Ok(None), Ok(None)) => break,
+                (Err(a), Err(b)) => {
+                    assert_eq!(a, b);
+                    assert!(matches!(a, ProtoError::BadLength(_)));
+                    break;
+                }
+                (Ok(Some(n)), Err(e)) => {
+                    assert!(*n >= 5 && *n <= rest.len());
+                    assert!(!matches!(e, ProtoError::BadLength(_)), "{e:?}");
+                    // A bad frame body does not stop the framing: skip it.
+                    rest = &rest[*n..];
+                }
+                (Ok(Some(n)), Ok(Some((msg, consumed)))) => {
+                    assert_eq!(n, consumed);
+                    assert!(*consumed >= 5 && *consumed <= rest.len());
+                    let mut out = Vec::new();
+                    encode(msg, &mut out);
+                    assert_eq!(out, &rest[..*consumed], "{msg:?}");
+                    rest = &rest[*consumed..];
+                }
+                _ => panic!("frame_len {len:?} and decode {decoded:?} disagree"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> impl Strategy<Value = Hello> {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(shards, slots, shard, epoch, last_position, last_record_epoch)| Hello {
+                    shards,
+                    slots,
+                    shard,
+                    epoch,
+                    last_position,
+                    last_record_epoch,
+                },
+            )
+    }
+
+    /// Every message kind, with owned data the test borrows from.
+    #[derive(Debug, Clone)]
+    enum Owned {
+        Hello(Hello),
+        Welcome(u64, bool, u64, String),
+        Refuse(String),
+        Truncate(u64),
+        Fetch(u64),
+        FetchEnd(u64),
+        SnapBegin(u64, u64, u64, u64),
+        SnapChunk(u32, Vec<u8>),
+        SnapEnd(u32),
+        Records(Vec<u8>),
+        Heartbeat(u64, u64, u64),
+        Ack(u64, u64, u64),
+    }
+
+    impl Owned {
+        fn msg(&self) -> Msg<'_> {
+            match self {
+                Owned::Hello(h) => Msg::Hello(h.clone()),
+                Owned::Welcome(epoch, full, start_position, client_addr) => Msg::Welcome {
+                    epoch: *epoch,
+                    full: *full,
+                    start_position: *start_position,
+                    client_addr,
+                },
+                Owned::Refuse(reason) => Msg::Refuse { reason },
+                Owned::Truncate(keep_through) => Msg::Truncate {
+                    keep_through: *keep_through,
+                },
+                Owned::Fetch(from_position) => Msg::Fetch {
+                    from_position: *from_position,
+                },
+                Owned::FetchEnd(last_position) => Msg::FetchEnd {
+                    last_position: *last_position,
+                },
+                Owned::SnapBegin(first_position, last_position, records, bytes) => Msg::SnapBegin {
+                    first_position: *first_position,
+                    last_position: *last_position,
+                    records: *records,
+                    bytes: *bytes,
+                },
+                Owned::SnapChunk(crc, data) => Msg::SnapChunk { crc: *crc, data },
+                Owned::SnapEnd(crc) => Msg::SnapEnd { crc: *crc },
+                Owned::Records(frames) => Msg::Records { frames },
+                Owned::Heartbeat(epoch, last_position, now_ms) => Msg::Heartbeat {
+                    epoch: *epoch,
+                    last_position: *last_position,
+                    now_ms: *now_ms,
+                },
+                Owned::Ack(epoch, durable_position, now_ms) => Msg::Ack {
+                    epoch: *epoch,
+                    durable_position: *durable_position,
+                    now_ms: *now_ms,
+                },
+            }
+        }
+    }
+
+    /// Strings the encoder keeps whole: at most 63 chars, so at most 252 bytes
+    /// of UTF-8 (the wire's limit is 255).
+    fn str255() -> impl Strategy<Value = String> {
+        ".{0,63}"
+    }
+
+    fn owned() -> impl Strategy<Value = Owned> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..512);
+        prop_oneof![
+            hello().prop_map(Owned::Hello),
+            (any::<u64>(), any::<bool>(), any::<u64>(), str255())
+                .prop_map(|(e, f, s, a)| Owned::Welcome(e, f, s, a)),
+            str255().prop_map(Owned::Refuse),
+            any::<u64>().prop_map(Owned::Truncate),
+            any::<u64>().prop_map(Owned::Fetch),
+            any::<u64>().prop_map(Owned::FetchEnd),
+            any::<(u64, u64, u64, u64)>().prop_map(|(a, b, c, d)| Owned::SnapBegin(a, b, c, d)),
+            (any::<u32>(), bytes()).prop_map(|(c, d)| Owned::SnapChunk(c, d)),
+            any::<u32>().prop_map(Owned::SnapEnd),
+            bytes().prop_map(Owned::Records),
+            any::<(u64, u64, u64)>().prop_map(|(a, b, c)| Owned::Heartbeat(a, b, c)),
+            any::<(u64, u64, u64)>().prop_map(|(a, b, c)| Owned::Ack(a, b, c)),
+        ]
+    }
+
+    /// Bytes that are often a plausible frame: a small length, a known type.
+    fn framed_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let known = prop_oneof![
+            Just(0x01u8),
+            Just(0x02),
+            Just(0x03),
+            Just(0x04),
+            Just(0x05),
+            Just(0x06),
+            Just(0x10),
+            Just(0x11),
+            Just(0x12),
+            Just(0x20),
+            Just(0x21),
+            Just(0x30),
+            any::<u8>(),
+        ];
+        (
+            known,
+            proptest::collection::vec(any::<u8>(), 0..96),
+            0usize..8,
+        )
+            .prop_map(|(ty, body, slack)| {
+                let len = (body.len() + 1) as u32;
+                let mut buf = len.to_le_bytes().to_vec();
+                buf.push(ty);
+                buf.extend_from_slice(&body);
+                // Sometimes short of the whole frame, sometimes with a next one.
+                buf.truncate(buf.len().saturating_sub(slack % 3));
+                buf.resize(buf.len() + slack / 3, 0x21);
+                buf
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(
+            data in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            fuzzing::decode_repl(&data);
+        }
+
+        #[test]
+        fn plausible_frames_never_panic_the_decoder(data in framed_bytes()) {
+            fuzzing::decode_repl(&data);
+        }
+
+        #[test]
+        fn every_message_round_trips(owned in owned(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let msg = owned.msg();
+            let mut buf = Vec::new();
+            encode(&msg, &mut buf);
+            let total = buf.len();
+            prop_assert_eq!(frame_len(&buf), Ok(Some(total)));
+            prop_assert_eq!(decode(&buf[..total - 1]), Ok(None));
+            // Bytes after the frame (the next frame) are not consumed.
+            buf.extend_from_slice(&tail);
+            prop_assert_eq!(decode(&buf), Ok(Some((msg, total))));
+        }
     }
 }

@@ -899,17 +899,16 @@ fn old_primary_resubmits_its_degraded_tail() {
     let resubmissions = || -> Vec<String> {
         old.log_since(offset)
             .lines()
-            .filter(|l| l.contains("re-submitted the messages of a dropped tail"))
+            .filter(|l| l.contains("re-submitting a dropped tail to the primary"))
+            .filter(|l| l.contains("left=0"))
             .map(str::to_string)
             .collect()
     };
+    // Over the replication link (RESUBMIT), not as a client: no token needed.
     wait_until(
         "the old primary re-submits each shard's dropped tail",
         || resubmissions().len() >= CORES,
     );
-    for line in resubmissions() {
-        assert!(line.contains("failed=0"), "a re-submission failed: {line}");
-    }
     wait_converged(&old, &new);
     wait_caught_up(&new);
     let all: Vec<Sent> = replicated.into_iter().chain(tail).chain(after).collect();
