@@ -203,21 +203,21 @@ fn an_address_is_bounded_in_open_connections() {
 #[test]
 fn an_address_is_bounded_in_new_connections_per_second() {
     let server = Server::start(&["--new-connections-per-address-per-sec", "5"]);
-    let mut turned = 0;
-    let mut kept = Vec::new();
-    for _ in 0..30 {
-        let mut c = tests::connect_raw(server.addr());
-        match c.recv(Duration::from_millis(100)) {
+    // 20 connections at once (well under a second, or two at worst): about
+    // 5 per second are admitted, the rest turned away at accept.
+    let mut conns: Vec<_> = (0..20).map(|_| tests::connect_raw(server.addr())).collect();
+    let (mut turned, mut admitted) = (0, 0);
+    for c in conns.iter_mut() {
+        match c.recv(Duration::from_millis(500)) {
             Ok(Some(Event::Error { code, reason })) => {
                 assert_eq!(code, error_code::TOO_MANY_CONNECTIONS);
                 assert!(reason.contains("connecting too fast"), "{reason}");
                 turned += 1;
             }
-            Ok(None) => kept.push(c),
+            Ok(None) => admitted += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
-    // 30 connections at 100 ms each span about 3 s: about 5 a second pass.
-    assert!(turned >= 10, "only {turned} of 30 turned away");
-    assert!(kept.len() >= 5, "only {} admitted", kept.len());
+    assert!(turned >= 5, "only {turned} of 20 turned away");
+    assert!(admitted >= 5, "only {admitted} admitted");
 }
