@@ -517,6 +517,7 @@ mod fuzz_props {
         Records(Vec<u8>),
         Heartbeat(u64, u64, u64),
         Ack(u64, u64, u64),
+        Resubmit([u8; 16], String, String, Vec<u8>),
     }
 
     impl Owned {
@@ -558,6 +559,12 @@ mod fuzz_props {
                     durable_position: *durable_position,
                     now_ms: *now_ms,
                 },
+                Owned::Resubmit(msg_id, sender, recipient, body) => Msg::Resubmit {
+                    msg_id: *msg_id,
+                    sender,
+                    recipient,
+                    body,
+                },
             }
         }
     }
@@ -584,6 +591,8 @@ mod fuzz_props {
             bytes().prop_map(Owned::Records),
             any::<(u64, u64, u64)>().prop_map(|(a, b, c)| Owned::Heartbeat(a, b, c)),
             any::<(u64, u64, u64)>().prop_map(|(a, b, c)| Owned::Ack(a, b, c)),
+            (any::<[u8; 16]>(), str255(), str255(), bytes())
+                .prop_map(|(i, s, r, b)| Owned::Resubmit(i, s, r, b)),
         ]
     }
 
@@ -602,6 +611,7 @@ mod fuzz_props {
             Just(0x20),
             Just(0x21),
             Just(0x30),
+            Just(0x31),
             any::<u8>(),
         ];
         (
