@@ -5,7 +5,6 @@
 
 use crate::poller::{Interest, Poller};
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
 /// Bytes a connection reads at most per wake. Larger than the largest server
@@ -13,64 +12,7 @@ use std::os::fd::AsRawFd;
 /// whole frame always fits once the decoded ones before it are compacted away.
 pub const READ_BUF_LEN: usize = 128 * 1024;
 
-/// A benchmark connection's transport: plain TCP, or TLS over it.
-pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<net::rustls::StreamOwned<net::rustls::ClientConnection, TcpStream>>),
-}
-
-impl Stream {
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => &s.sock,
-        }
-    }
-
-    /// TLS records encrypted but not yet taken by the socket.
-    fn tls_wants_write(&self) -> bool {
-        matches!(self, Stream::Tls(s) if s.conn.wants_write())
-    }
-
-    /// Writes pending TLS records; Ok(false) when the socket is full.
-    fn flush_tls(&mut self) -> io::Result<bool> {
-        if let Stream::Tls(s) = self {
-            while s.conn.wants_write() {
-                match s.conn.write_tls(&mut s.sock) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(true)
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
+pub use net::Stream;
 
 pub struct Conn {
     pub stream: Stream,

@@ -106,18 +106,38 @@ enum Inbound {
     Event(Event),
 }
 
-/// The connection under a client: plain TCP, or TLS over it (rustls).
-enum Stream {
+/// A client's transport: plain TCP, or TLS over it (rustls). Also used by
+/// the load drivers (bench), which poll the TCP socket themselves.
+pub enum Stream {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
-    fn tcp(&self) -> &TcpStream {
+    pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
             Stream::Tls(s) => &s.sock,
         }
+    }
+
+    /// TLS records encrypted but not yet taken by the socket.
+    pub fn tls_wants_write(&self) -> bool {
+        matches!(self, Stream::Tls(s) if s.conn.wants_write())
+    }
+
+    /// Writes pending TLS records; Ok(false) when the (nonblocking) socket is full.
+    pub fn flush_tls(&mut self) -> io::Result<bool> {
+        if let Stream::Tls(s) = self {
+            while s.conn.wants_write() {
+                match s.conn.write_tls(&mut s.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(true)
     }
 }
 
