@@ -158,13 +158,25 @@ impl Addresses {
     }
 }
 
-/// A user's SEND token bucket on one core.
+/// A user's SEND token bucket on one core. Made at the user's first SEND;
+/// a full bucket is the same as none, so idle ones are swept
+/// (`sweep_buckets`): only users who sent lately cost memory.
 #[derive(Debug)]
 pub struct Bucket {
     tokens: f64,
     last_ms: u64,
-    /// Connections of this user on this core (the bucket goes with the last).
-    pub connections: u32,
+}
+
+/// Forgets the buckets that have refilled (they equal a fresh one).
+pub fn sweep_buckets<K: std::hash::Hash + Eq>(
+    buckets: &mut HashMap<K, Bucket, ahash::RandomState>,
+    limits: &AbuseLimits,
+    now_ms: u64,
+) {
+    buckets.retain(|_, b| !b.is_full(limits, now_ms));
+    if buckets.capacity() > 4 * buckets.len().max(64) {
+        buckets.shrink_to_fit();
+    }
 }
 
 impl Bucket {
@@ -172,8 +184,13 @@ impl Bucket {
         Bucket {
             tokens: f64::from(limits.send_burst_per_user),
             last_ms: now_ms,
-            connections: 0,
         }
+    }
+
+    fn is_full(&self, limits: &AbuseLimits, now_ms: u64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.tokens + elapsed * f64::from(limits.sends_per_user_per_sec)
+            >= f64::from(limits.send_burst_per_user)
     }
 
     /// Takes one SEND's token; false when the user is over its rate.

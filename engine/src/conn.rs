@@ -552,16 +552,10 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 c.edge.fail(index, error_code::AUTH_FAILED, &reason);
                 return false;
             }
-            let user: std::rc::Rc<str> = user.into();
             let slot = c.edge.slot(index);
-            slot.user = Some(user.clone());
+            slot.user = Some(user.into());
             slot.state = SlotState::AwaitWelcome;
-            let limits = c.addresses.limits();
-            c.send_buckets
-                .entry(user.clone())
-                .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
-                .connections += 1;
-            c.route_login(conn, &user);
+            c.route_login(conn, user);
             true
         }
         (SlotState::AwaitHello, _) => {
@@ -592,8 +586,9 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
             let limits = c.addresses.limits();
             let within_rate = c
                 .send_buckets
-                .get_mut(&user)
-                .is_none_or(|b| b.take(limits, clock_ms));
+                .entry(user.clone())
+                .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
+                .take(limits, clock_ms);
             if !within_rate {
                 let reason = "sending too fast (sends_per_user_per_sec)";
                 c.reject_here(index, msg_id, reject_code::RATE_LIMITED, reason);
@@ -643,12 +638,6 @@ fn close(c: &mut Core, ring: &mut SocketRing, index: u32, linger: bool) {
     let user = c.edge.slot(index).user.take();
     if let Some(user) = user {
         c.route_logout(conn, &user);
-        if let Some(bucket) = c.send_buckets.get_mut(&user) {
-            bucket.connections -= 1;
-            if bucket.connections == 0 {
-                c.send_buckets.remove(&user);
-            }
-        }
     }
     let slot = c.edge.slot(index);
     let fd = slot.fd;

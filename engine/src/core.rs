@@ -144,12 +144,13 @@ pub struct Slot {
     pub deliver_blocked_since_ms: u64,
     /// After a rewind: the only DELIVER seq accepted next (older mail in
     /// flight from the shard is dropped, so order holds).
-    pub deliver_expected_seq: Option<u64>,
+    /// (0: any; seqs start at 1.)
+    pub deliver_expected_seq: u64,
 }
 
 /// What an idle connection costs in its core's arena: all of its user-space
 /// state (issue 9: an idle connection is its slot). Keep it small.
-pub const SLOT_BYTES_MAX: usize = 144;
+pub const SLOT_BYTES_MAX: usize = 136;
 const _: () = assert!(std::mem::size_of::<Slot>() <= SLOT_BYTES_MAX);
 
 impl Slot {
@@ -176,7 +177,7 @@ impl Slot {
             delivered_seq_max: 0,
             last_activity_ms: 0,
             deliver_blocked_since_ms: 0,
-            deliver_expected_seq: None,
+            deliver_expected_seq: 0,
         }
     }
 }
@@ -578,7 +579,8 @@ impl Edge {
         if slot.state != SlotState::Ready {
             return;
         }
-        if slot.deliver_blocked_since_ms != 0 || slot.deliver_expected_seq.is_some_and(|e| e != seq)
+        if slot.deliver_blocked_since_ms != 0
+            || (slot.deliver_expected_seq != 0 && slot.deliver_expected_seq != seq)
         {
             return; // rewound: the shard resends from the expected seq after Resume
         }
@@ -592,13 +594,13 @@ impl Edge {
         if self.write_frame(conn.slot, &frame) {
             let slot = &mut self.slots[conn.slot as usize];
             slot.delivered_seq_max = slot.delivered_seq_max.max(seq);
-            slot.deliver_expected_seq = None;
+            slot.deliver_expected_seq = 0;
             return;
         }
         let clock_ms = self.clock_ms;
         let slot = &mut self.slots[conn.slot as usize];
         slot.deliver_blocked_since_ms = clock_ms.max(1);
-        slot.deliver_expected_seq = Some(seq);
+        slot.deliver_expected_seq = seq;
         tracing::debug!(
             slot = conn.slot,
             seq,
@@ -725,7 +727,8 @@ pub struct Core {
     pub auth: crate::auth::Authenticator,
     /// The node's per-address limits (engine::abuse).
     pub addresses: std::sync::Arc<crate::abuse::Addresses>,
-    /// SEND token buckets of the users logged in on this core.
+    /// SEND token buckets of the users who sent on this core lately (swept
+    /// once refilled: engine::abuse).
     pub send_buckets:
         std::collections::HashMap<std::rc::Rc<str>, crate::abuse::Bucket, ahash::RandomState>,
     /// Refused logins are logged at most once per interval and reason (with

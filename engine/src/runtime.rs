@@ -880,6 +880,12 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             c.edge.expire_idle();
+            let Core {
+                addresses,
+                send_buckets,
+                ..
+            } = &mut *c;
+            crate::abuse::sweep_buckets(send_buckets, addresses.limits(), now);
             c.edge.expire_stuck_readers();
             c.shard.expire_dedup(now);
         }

@@ -23,8 +23,9 @@ use std::sync::{Arc, RwLock};
 pub const TLS_RECORD_BYTES_MAX: usize = 5 + (1 << 14) + 256;
 /// State-machine steps per pump (each step consumes or emits something).
 const PUMP_STEPS_MAX: usize = 64;
-/// A drained `pending_out` larger than this is freed rather than kept.
-const PENDING_OUT_KEPT_BYTES_MAX: usize = 4096;
+/// A drained `pending_out` larger than this is freed rather than kept (0: always:
+/// an idle TLS connection then holds no ciphertext buffer at all).
+const PENDING_OUT_KEPT_BYTES_MAX: usize = 0;
 
 /// The client listener's certificate and key, replaced whole on reload.
 pub struct TlsContext {
