@@ -54,6 +54,11 @@ fn check_bound(case: &str, to: impl Fn(usize) -> String) {
         &dedup,
         "--inbox-users-max",
         "10000000",
+        // One sender fills the shard as fast as it can: no rate limit here.
+        "--sends-per-user-per-sec",
+        "4000000000",
+        "--send-burst-per-user",
+        "4000000000",
     ]);
     let (mut alice, _) = connect(server.addr(), "alice");
     std::thread::sleep(Duration::from_millis(200));
