@@ -94,21 +94,7 @@ pub fn connect(
     tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
     let mut stream = match &access.tls {
         None => Stream::Plain(tcp),
-        Some(tls) => {
-            let conn =
-                net::rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
-                    .map_err(|e| format!("TLS: {e}"))?;
-            let mut s = net::rustls::StreamOwned::new(conn, tcp);
-            s.sock
-                .set_read_timeout(Some(timeout))
-                .map_err(|e| format!("read timeout: {e}"))?;
-            while s.conn.is_handshaking() {
-                s.conn
-                    .complete_io(&mut s.sock)
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
-            }
-            Stream::Tls(Box::new(s))
-        }
+        Some(tls) => net::tls_connect(tcp, tls, timeout).map_err(|e| format!("TLS: {e}"))?,
     };
     let mut request = Vec::with_capacity(128);
     match proto {

@@ -80,7 +80,15 @@ impl Turned {
 pub struct Addresses {
     limits: AbuseLimits,
     hasher: ahash::RandomState,
-    table: Mutex<HashMap<u64, AddressState>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    by_key: HashMap<u64, AddressState>,
+    /// The second a full table was last swept: at most one O(n) sweep a
+    /// second, however many new addresses knock while it stays full.
+    swept_second: u64,
 }
 
 impl Addresses {
@@ -88,7 +96,7 @@ impl Addresses {
         Addresses {
             limits,
             hasher: ahash::RandomState::new(),
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
         }
     }
 
@@ -101,14 +109,19 @@ impl Addresses {
     /// `tracked` false: the table was full, nothing to release later.
     pub fn admit(&self, key: u64, now_ms: u64) -> Result<bool, Turned> {
         let (second, minute) = (now_ms / 1000, now_ms / 60_000);
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if !table.contains_key(&key) && table.len() >= ADDRESS_TABLE_ENTRIES_MAX {
-            table.retain(|_, s| s.connections > 0 || s.minute == minute);
-            if table.len() >= ADDRESS_TABLE_ENTRIES_MAX {
+        let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let table = &mut *guard;
+        let by_key = &mut table.by_key;
+        if !by_key.contains_key(&key) && by_key.len() >= ADDRESS_TABLE_ENTRIES_MAX {
+            if table.swept_second != second {
+                table.swept_second = second;
+                by_key.retain(|_, s| s.connections > 0 || s.minute == minute);
+            }
+            if by_key.len() >= ADDRESS_TABLE_ENTRIES_MAX {
                 return Ok(false);
             }
         }
-        let s = table.entry(key).or_default();
+        let s = by_key.entry(key).or_default();
         if s.minute != minute {
             (s.minute, s.failed_in_minute) = (minute, 0);
         }
@@ -133,10 +146,10 @@ impl Addresses {
     /// A connection admitted (and tracked) under `key` closed.
     pub fn release(&self, key: u64, now_ms: u64) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = table.get_mut(&key) {
+        if let Some(s) = table.by_key.get_mut(&key) {
             s.connections = s.connections.saturating_sub(1);
             if s.connections == 0 && s.minute != now_ms / 60_000 {
-                table.remove(&key);
+                table.by_key.remove(&key);
             }
         }
     }
@@ -145,7 +158,7 @@ impl Addresses {
     pub fn login_failed(&self, key: u64, now_ms: u64) {
         let minute = now_ms / 60_000;
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = table.get_mut(&key) {
+        if let Some(s) = table.by_key.get_mut(&key) {
             if s.minute != minute {
                 (s.minute, s.failed_in_minute) = (minute, 0);
             }

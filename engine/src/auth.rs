@@ -427,10 +427,12 @@ impl Authenticator {
 
 fn parse_header(token: &str) -> Result<Header, Refusal> {
     use base64::Engine;
-    let encoded = token.split('.').next().ok_or(Refusal::Malformed)?;
-    if token.split('.').count() != 3 {
+    let mut parts = token.split('.');
+    let (Some(encoded), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(Refusal::Malformed);
-    }
+    };
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(encoded)
         .map_err(|_| Refusal::Malformed)?;

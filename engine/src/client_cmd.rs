@@ -126,14 +126,8 @@ fn tls_settings(
     name: Option<&str>,
 ) -> Result<Option<net::TlsSettings>, CmdError> {
     let Some(ca) = ca else { return Ok(None) };
-    let host = match name {
-        Some(n) => n.to_string(),
-        None => addr
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
-            .unwrap_or_else(|| addr.to_string()),
-    };
-    Ok(Some(net::TlsSettings::from_ca_file(ca, &host)?))
+    let host = name.unwrap_or_else(|| net::host_of(addr));
+    Ok(Some(net::TlsSettings::from_ca_file(ca, host)?))
 }
 
 /// Ok(true): all STORED; Ok(false): some REJECTED (reported on stderr).

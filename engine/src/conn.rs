@@ -584,11 +584,14 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 .clone()
                 .expect("a Ready connection has a user");
             let limits = c.addresses.limits();
-            let within_rate = c
-                .send_buckets
-                .entry(user.clone())
-                .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
-                .take(limits, clock_ms);
+            let within_rate = match c.send_buckets.get_mut(&user) {
+                Some(bucket) => bucket.take(limits, clock_ms),
+                None => c
+                    .send_buckets
+                    .entry(user.clone())
+                    .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
+                    .take(limits, clock_ms),
+            };
             if !within_rate {
                 let reason = "sending too fast (sends_per_user_per_sec)";
                 c.reject_here(index, msg_id, reject_code::RATE_LIMITED, reason);

@@ -22,7 +22,7 @@ use rustls::{
 };
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,16 +93,9 @@ pub struct Inbox {
 
 impl Inbox {
     fn new() -> io::Result<Inbox> {
-        // Blocking on purpose (read through io_uring; see engine::sockets).
-        // SAFETY: eventfd has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Inbox {
             links: Mutex::new(Vec::new()),
-            // SAFETY: fd was just created and is owned by nothing else.
-            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            eventfd: crate::sockets::blocking_eventfd()?,
         })
     }
 
@@ -232,10 +225,7 @@ pub fn dial(addr: &str, tls: &Arc<NodeTls>) -> io::Result<RawFd> {
 }
 
 fn dial_and_pump(addr: &str, tls: &NodeTls, pair: UnixStream) -> Result<(), String> {
-    let host = addr
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or(addr);
+    let host = net::host_of(addr);
     let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
     let mut last = io::Error::new(ErrorKind::InvalidInput, "no address");
     let sock = addr

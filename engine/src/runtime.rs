@@ -736,7 +736,7 @@ fn refuse_with(fd: RawFd, reason: &str) {
         reason,
     };
     net::encode_server_frame(&frame, &mut out);
-    sys::send_nonblocking(fd, &out);
+    let _ = crate::sockets::send(fd, &out); // best effort: the socket closes next
 }
 
 async fn mesh_receiver(core: Rc<RefCell<Core>>, rx: ConnectedReceiver<Batch>) {

@@ -97,15 +97,7 @@ impl SocketRing {
         let ring = IoUring::builder()
             .setup_cqsize(SOCKET_RING_COMPLETIONS)
             .build(SOCKET_RING_ENTRIES)?;
-        // Blocking on purpose: io_uring answers a read on an O_NONBLOCK
-        // eventfd with EAGAIN instead of waiting for it.
-        // SAFETY: eventfd has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just created and is owned by nothing else.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = blocking_eventfd()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(SocketRing {
             ring,
@@ -207,6 +199,19 @@ impl SocketRing {
             }
         }
     }
+}
+
+/// An eventfd to be awaited through glommio (a read of it through io_uring).
+/// Blocking on purpose: io_uring answers a read on an O_NONBLOCK eventfd
+/// with EAGAIN instead of waiting for it.
+pub fn blocking_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory-safety preconditions.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// What a nonblocking socket call did.

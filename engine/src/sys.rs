@@ -141,19 +141,6 @@ pub fn glommio_file(fd: RawFd) -> glommio::io::BufferedFile {
     unsafe { glommio::io::BufferedFile::from_raw_fd(fd) }
 }
 
-/// Best-effort, non-blocking write of a few bytes (an ERROR before closing).
-pub fn send_nonblocking(fd: RawFd, bytes: &[u8]) {
-    // SAFETY: the pointer and length describe `bytes`, valid for the call.
-    unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-}
-
 /// Wraps a socket descriptor we own into a glommio stream (closed with it).
 pub fn tcp_stream(fd: RawFd) -> glommio::net::TcpStream {
     use std::os::fd::FromRawFd;

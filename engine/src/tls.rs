@@ -196,22 +196,12 @@ impl TlsConn {
                     }
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    let at = self.pending_out.len();
-                    let mut want = 1024;
-                    loop {
-                        self.pending_out.resize(at + want, 0);
-                        match encode.encode(&mut self.pending_out[at..]) {
-                            Ok(n) => {
-                                self.pending_out.truncate(at + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(e)) => want = e.required_size,
-                            Err(e) => {
-                                self.pending_out.truncate(at);
-                                return Err(TlsError(e.to_string()));
-                            }
-                        }
-                    }
+                    append_grown(&mut self.pending_out, 1024, |buf| {
+                        encode.encode(buf).map_err(|e| match e {
+                            EncodeError::InsufficientSize(e) => Ok(e.required_size),
+                            e => Err(e.to_string()),
+                        })
+                    })?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
                     // Queued in pending_out, which the caller sends in order.
@@ -220,22 +210,13 @@ impl TlsConn {
                 ConnectionState::BlockedHandshake => stop = true,
                 ConnectionState::WriteTraffic(mut traffic) => {
                     if !app_out.is_empty() && !pumped.encrypted {
-                        let at = self.pending_out.len();
-                        let mut want = app_out.len() + app_out.len() / 64 + 64;
-                        loop {
-                            self.pending_out.resize(at + want, 0);
-                            match traffic.encrypt(app_out, &mut self.pending_out[at..]) {
-                                Ok(n) => {
-                                    self.pending_out.truncate(at + n);
-                                    break;
-                                }
-                                Err(EncryptError::InsufficientSize(e)) => want = e.required_size,
-                                Err(e) => {
-                                    self.pending_out.truncate(at);
-                                    return Err(TlsError(e.to_string()));
-                                }
-                            }
-                        }
+                        let guess = app_out.len() + app_out.len() / 64 + 64;
+                        append_grown(&mut self.pending_out, guess, |buf| {
+                            traffic.encrypt(app_out, buf).map_err(|e| match e {
+                                EncryptError::InsufficientSize(e) => Ok(e.required_size),
+                                e => Err(e.to_string()),
+                            })
+                        })?;
                         pumped.encrypted = true;
                     }
                     stop = true;
@@ -260,12 +241,40 @@ impl TlsConn {
     pub fn close_notify(&mut self) {
         let status = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-            let at = self.pending_out.len();
-            self.pending_out.resize(at + 64, 0);
-            match traffic.queue_close_notify(&mut self.pending_out[at..]) {
-                Ok(n) => self.pending_out.truncate(at + n),
-                Err(_) => self.pending_out.truncate(at),
+            let _ = append_grown(&mut self.pending_out, 64, |buf| {
+                traffic.queue_close_notify(buf).map_err(|e| match e {
+                    EncryptError::InsufficientSize(e) => Ok(e.required_size),
+                    e => Err(e.to_string()),
+                })
+            });
+        }
+    }
+}
+
+/// Appends what `write` puts into a buffer to `out`: first `guess` bytes of
+/// room, then as many as `write` asks for (`Err(Ok(required))`, rustls's
+/// InsufficientSize). On a failure (`Err(Err(why))`) `out` is left as it was.
+fn append_grown(
+    out: &mut Vec<u8>,
+    guess: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Result<usize, String>>,
+) -> Result<(), TlsError> {
+    let at = out.len();
+    let mut room = guess;
+    for _ in 0..2 {
+        out.resize(at + room, 0);
+        match write(&mut out[at..]) {
+            Ok(n) => {
+                out.truncate(at + n);
+                return Ok(());
+            }
+            Err(Ok(required)) => room = required,
+            Err(Err(why)) => {
+                out.truncate(at);
+                return Err(TlsError(why));
             }
         }
     }
+    out.truncate(at);
+    Err(TlsError("the encoder asked for more room twice".into()))
 }

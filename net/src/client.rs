@@ -166,6 +166,34 @@ impl Write for Stream {
     }
 }
 
+/// The host part of `host:port` (brackets of an IPv6 literal removed): the
+/// name a server's certificate is checked against by default.
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(addr)
+}
+
+/// The TLS handshake over a connected (blocking) socket, within `timeout`
+/// per read or write; the socket's timeouts stay set to it.
+pub fn tls_connect(
+    tcp: TcpStream,
+    tls: &TlsSettings,
+    timeout: Duration,
+) -> Result<Stream, ClientError> {
+    let conn = rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.sock.set_read_timeout(Some(timeout))?;
+    s.sock.set_write_timeout(Some(timeout))?;
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    Ok(Stream::Tls(Box::new(s)))
+}
+
 /// How to reach a server over TLS: the CA that signed its certificate and
 /// the name to check it against.
 #[derive(Clone)]
@@ -269,20 +297,7 @@ impl Client {
         tcp.set_nodelay(true)?;
         let stream = match tls {
             None => Stream::Plain(tcp),
-            Some(tls) => {
-                let conn =
-                    rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
-                        .map_err(|e| ClientError::Tls(e.to_string()))?;
-                let mut s = rustls::StreamOwned::new(conn, tcp);
-                s.sock.set_read_timeout(Some(timeout))?;
-                s.sock.set_write_timeout(Some(timeout))?;
-                while s.conn.is_handshaking() {
-                    s.conn
-                        .complete_io(&mut s.sock)
-                        .map_err(|e| ClientError::Tls(e.to_string()))?;
-                }
-                Stream::Tls(Box::new(s))
-            }
+            Some(tls) => tls_connect(tcp, tls, timeout)?,
         };
         stream.tcp().set_write_timeout(Some(WRITE_STALL_POLL))?;
         Ok(Client {
@@ -385,22 +400,19 @@ impl Client {
         }
         self.wbuf.clear();
         self.wpos = 0;
-        if let Stream::Tls(s) = &mut self.stream {
-            // Records rustls encrypted but the socket did not take yet.
-            let deadline = Instant::now() + self.stall_timeout;
-            while s.conn.wants_write() {
-                match s.conn.write_tls(&mut s.sock) {
-                    Ok(_) => {}
-                    Err(e) if is_would_block(&e) || e.kind() == ErrorKind::Interrupted => {
-                        if Instant::now() >= deadline {
-                            return Err(io::Error::new(ErrorKind::TimedOut, "flush stalled").into());
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+        // Records rustls encrypted but the socket did not take yet.
+        let deadline = Instant::now() + self.stall_timeout;
+        loop {
+            match self.stream.flush_tls() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if is_would_block(&e) || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(ErrorKind::TimedOut, "flush stalled").into());
             }
         }
-        Ok(())
     }
 
     /// Flushes pending writes, then waits up to `timeout` for the next server

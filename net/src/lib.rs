@@ -10,7 +10,10 @@ pub mod client;
 pub mod codec;
 pub mod limits;
 
-pub use client::{new_msg_id, Client, ClientError, Delivered, Event, Stream, TlsSettings, Welcome};
+pub use client::{
+    host_of, new_msg_id, tls_connect, Client, ClientError, Delivered, Event, Stream, TlsSettings,
+    Welcome,
+};
 pub use codec::{
     decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
     encoded_len_client, encoded_len_server, error_code, frame_type, reject_code, valid_user_id,

@@ -48,17 +48,10 @@ enum Command {
     FloodChild(FloodChildArgs),
 }
 
-#[derive(Args)]
-struct Common {
-    /// Server address (loopback only).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    addr: String,
-    /// Protocol of the server: iris, or redis (LPUSH, the peer comparison).
-    #[arg(long, value_enum, default_value = "iris")]
-    proto: Proto,
-    /// Pid of the server, for its RSS and CPU time.
-    #[arg(long)]
-    server_pid: Option<u32>,
+/// How the drivers log in and whether they speak TLS (both commands, and
+/// the flood's children).
+#[derive(Args, Clone)]
+struct Login {
     /// HELLO token (empty by default).
     #[arg(long, default_value = "")]
     token: String,
@@ -72,6 +65,32 @@ struct Common {
     /// The name the server's certificate is checked against.
     #[arg(long, default_value = "127.0.0.1")]
     tls_name: String,
+}
+
+impl Login {
+    fn access(&self) -> Result<bench::handshake::Access, String> {
+        bench::handshake::Access::new(
+            &self.token,
+            self.token_key.as_deref(),
+            self.tls_ca.as_deref(),
+            &self.tls_name,
+        )
+    }
+}
+
+#[derive(Args)]
+struct Common {
+    /// Server address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// Protocol of the server: iris, or redis (LPUSH, the peer comparison).
+    #[arg(long, value_enum, default_value = "iris")]
+    proto: Proto,
+    /// Pid of the server, for its RSS and CPU time.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[command(flatten)]
+    login: Login,
     /// Driver threads (msgs: default one per CPU this process may run on;
     /// flood: connecting threads per process, default 8).
     #[arg(long)]
@@ -166,14 +185,8 @@ struct FloodChildArgs {
     rate: f64,
     #[arg(long)]
     user_prefix: String,
-    #[arg(long, default_value = "")]
-    token: String,
-    #[arg(long)]
-    token_key: Option<PathBuf>,
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1")]
-    tls_name: String,
+    #[command(flatten)]
+    login: Login,
     #[arg(long, value_parser = parse_duration)]
     connect_timeout: Duration,
     #[arg(long, value_parser = parse_duration)]
@@ -231,10 +244,10 @@ fn flood(args: FloodArgs) -> Result<(), String> {
         hold: args.hold,
         settle: args.settle,
         server_pid: c.server_pid,
-        token: c.token.clone(),
-        token_key: c.token_key.clone(),
-        tls_ca: c.tls_ca.clone(),
-        tls_name: c.tls_name.clone(),
+        token: c.login.token.clone(),
+        token_key: c.login.token_key.clone(),
+        tls_ca: c.login.tls_ca.clone(),
+        tls_name: c.login.tls_name.clone(),
         connect_timeout: c.connect_timeout,
         threads: c.threads.unwrap_or(FLOOD_THREADS_DEFAULT),
         progress: progress_wanted(c.json),
@@ -258,12 +271,7 @@ fn flood_child(args: FloodChildArgs) -> Result<(), String> {
         conns: args.conns,
         rate: args.rate,
         user_prefix: args.user_prefix,
-        access: bench::handshake::Access::new(
-            &args.token,
-            args.token_key.as_deref(),
-            args.tls_ca.as_deref(),
-            &args.tls_name,
-        )?,
+        access: args.login.access()?,
         connect_timeout: args.connect_timeout,
         hold_max: args.hold_max,
         threads: args.threads,
@@ -290,12 +298,7 @@ fn msgs(args: MsgsArgs) -> Result<(), String> {
         offline: args.offline,
         server_pid: c.server_pid,
         threads: c.threads.unwrap_or_else(default_threads).max(1),
-        access: bench::handshake::Access::new(
-            &c.token,
-            c.token_key.as_deref(),
-            c.tls_ca.as_deref(),
-            &c.tls_name,
-        )?,
+        access: c.login.access()?,
         drain_timeout: args.drain_timeout,
         connect_timeout: c.connect_timeout,
         progress: progress_wanted(c.json),
