@@ -35,6 +35,28 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub auth: AuthConfig,
     pub abuse: crate::abuse::AbuseLimits,
+    /// What this process is: `all` (edge and core in one), `core` or `edge` (docs/CLUSTER.md).
+    pub role: NodeRole,
+    /// The cluster file (docs/CLUSTER.md): needed by `core` and `edge`.
+    pub cluster: Option<PathBuf>,
+    /// With role `core`: this node's name in the cluster file (its addresses come from there).
+    pub node: Option<String>,
+    /// With role `edge`: its name in link handshakes and logs. [default: edge-PID]
+    pub name: Option<String>,
+}
+
+/// What a process does in a cluster (docs/CLUSTER.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// One process: client connections and shards (no cluster file needed).
+    #[default]
+    All,
+    /// A node of a core pair: shards, WAL, replication, a node-link listener;
+    /// clients may connect to it directly.
+    Core,
+    /// Client connections only: every request goes to the owning pair's primary.
+    Edge,
 }
 
 /// How HELLO is authenticated (engine::auth).
@@ -213,6 +235,10 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             auth: AuthConfig::default(),
             abuse: crate::abuse::AbuseLimits::default(),
+            role: NodeRole::All,
+            cluster: None,
+            node: None,
+            name: None,
         }
     }
 }

@@ -145,6 +145,7 @@ fn on_event(c: &mut Core, ring: &mut SocketRing, event: Event) {
 fn conn_ref(c: &mut Core, index: u32) -> ConnRef {
     ConnRef {
         core: c.edge.id,
+        link: 0,
         slot: index,
         generation: c.edge.slot(index).generation,
     }

@@ -41,6 +41,12 @@ pub enum Mail {
         code: u16,
         reason: Box<str>,
     },
+    /// Refused by a shard that does not take writes (Sink::not_primary).
+    NotPrimary {
+        conn: ConnRef,
+        msg_id: MsgId,
+        reason: Box<str>,
+    },
     /// The edge dropped DELIVERs from `seq` on (outbox full): resend from there later.
     Rewind {
         conn: ConnRef,
@@ -228,7 +234,29 @@ pub struct Edge {
     pub rejected_count: u64,
     pub shutting_down: bool,
     pub clock_ms: u64,
+    /// Node links from edges accepted on this core (engine::link), by id.
+    pub links_in: std::collections::HashMap<u16, LinkIn, ahash::RandomState>,
+    next_link_id: u16,
+    /// Routes to other core pairs (a cluster member: engine::route).
+    pub remote: Option<crate::route::Links>,
 }
+
+/// A node link from an edge, on the core that accepted it: the answers
+/// and deliveries on their way to the edge.
+#[derive(Default)]
+pub struct LinkIn {
+    pub out: Vec<u8>,
+    pub waker: Option<Waker>,
+    /// Over its bound or closed: nothing more is written; the edge
+    /// reconnects and registers its connections again.
+    pub broken: bool,
+}
+
+/// Bytes queued to one edge link before the link is dropped (the edge
+/// reconnects, registers its logins again and resends what is unanswered).
+pub const LINK_OUT_BYTES_MAX: usize = 64 << 20;
+/// Node links from edges one core holds.
+pub const LINKS_PER_CORE_MAX: usize = 4096;
 
 /// Buffers kept in a core's pool; more are freed on return.
 const BUFFERS_POOLED_MAX: usize = 64;
@@ -270,6 +298,47 @@ impl Edge {
             rejected_count: 0,
             shutting_down: false,
             clock_ms: now_ms(),
+            links_in: Default::default(),
+            next_link_id: 0,
+            remote: None,
+        }
+    }
+
+    /// Registers a link from an edge; None at LINKS_PER_CORE_MAX. Ids are
+    /// not reused until 65535 others were handed out, so a stale answer
+    /// never reaches a newer link.
+    pub fn add_link(&mut self) -> Option<u16> {
+        if self.links_in.len() >= LINKS_PER_CORE_MAX {
+            return None;
+        }
+        loop {
+            self.next_link_id = self.next_link_id.wrapping_add(1).max(1);
+            if !self.links_in.contains_key(&self.next_link_id) {
+                self.links_in.insert(self.next_link_id, LinkIn::default());
+                return Some(self.next_link_id);
+            }
+        }
+    }
+
+    /// Writes an answer to the edge link a connection came through.
+    fn link_write(&mut self, conn: ConnRef, msg: &crate::link_proto::Msg<'_>) {
+        let Some(link) = self.links_in.get_mut(&conn.link) else {
+            return; // the link closed: the edge sends again elsewhere
+        };
+        if link.broken {
+            return;
+        }
+        crate::link_proto::encode(msg, &mut link.out);
+        if link.out.len() > LINK_OUT_BYTES_MAX {
+            tracing::warn!(
+                link = conn.link,
+                max = LINK_OUT_BYTES_MAX,
+                "an edge does not read its link: dropped"
+            );
+            link.broken = true;
+        }
+        if let Some(w) = link.waker.take() {
+            w.wake();
         }
     }
 
@@ -484,6 +553,7 @@ impl Edge {
         };
         let conn = ConnRef {
             core: self.id,
+            link: 0,
             slot: index,
             generation: slot.generation,
         };
@@ -523,8 +593,11 @@ impl Edge {
         }
     }
 
+    /// Requests cannot leave this core now (the core mesh or the links to
+    /// other pairs are at their bound): connections pause reading.
     pub fn mesh_full(&self) -> bool {
         self.outgoing_len >= self.limits.mesh_outgoing_max
+            || self.remote.as_ref().is_some_and(|r| r.full())
     }
 
     fn answered(&mut self, conn: ConnRef, frame: &ServerFrame<'_>) {
@@ -551,6 +624,11 @@ impl Edge {
                 code,
                 reason,
             } => self.rejected(conn, msg_id, code, &reason),
+            Mail::NotPrimary {
+                conn,
+                msg_id,
+                reason,
+            } => self.not_primary(conn, msg_id, &reason),
             Mail::Welcome { conn, pending } => self.welcome(conn, pending),
             Mail::Deliver {
                 conn,
@@ -562,6 +640,19 @@ impl Edge {
             } => self.deliver_local(conn, seq, msg_id, &from, sent_ms, &body),
             other => unreachable!("shard request routed to the edge: {other:?}"),
         }
+    }
+
+    /// A DELIVER from a remote pair's primary for a connection of this core.
+    pub fn deliver_remote(
+        &mut self,
+        conn: ConnRef,
+        seq: u64,
+        msg_id: MsgId,
+        from: &str,
+        sent_ms: u64,
+        body: &[u8],
+    ) {
+        self.deliver_local(conn, seq, msg_id, from, sent_ms, body);
     }
 
     fn deliver_local(
@@ -583,6 +674,11 @@ impl Edge {
             || (slot.deliver_expected_seq != 0 && slot.deliver_expected_seq != seq)
         {
             return; // rewound: the shard resends from the expected seq after Resume
+        }
+        if seq <= slot.delivered_seq_max {
+            // Already written to this connection: a new primary (after a
+            // failover, engine::route) sends again from the last ACK it has.
+            return;
         }
         let frame = ServerFrame::Deliver {
             seq,
@@ -636,9 +732,21 @@ impl Edge {
     }
 }
 
+/// An edge connection's name on its link.
+fn link_conn(conn: ConnRef) -> crate::link_proto::Conn {
+    crate::link_proto::Conn {
+        slot: conn.slot,
+        generation: conn.generation,
+    }
+}
+
 impl Sink for Edge {
     fn stored(&mut self, conn: ConnRef, msg_id: MsgId) {
-        if conn.core == self.id {
+        if conn.core == self.id && conn.link != 0 {
+            self.stored_count += 1;
+            let c = link_conn(conn);
+            self.link_write(conn, &crate::link_proto::Msg::Stored { conn: c, msg_id });
+        } else if conn.core == self.id {
             self.answered(conn, &ServerFrame::Stored { msg_id });
         } else {
             self.post(conn.core, Mail::Stored { conn, msg_id });
@@ -646,7 +754,16 @@ impl Sink for Edge {
     }
 
     fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &str) {
-        if conn.core == self.id {
+        if conn.core == self.id && conn.link != 0 {
+            self.rejected_count += 1;
+            let msg = crate::link_proto::Msg::Rejected {
+                conn: link_conn(conn),
+                msg_id,
+                code,
+                reason,
+            };
+            self.link_write(conn, &msg);
+        } else if conn.core == self.id {
             self.answered(
                 conn,
                 &ServerFrame::Rejected {
@@ -668,9 +785,39 @@ impl Sink for Edge {
         }
     }
 
+    fn not_primary(&mut self, conn: ConnRef, msg_id: MsgId, reason: &str) {
+        if conn.core != self.id {
+            let reason = reason.into();
+            self.post(
+                conn.core,
+                Mail::NotPrimary {
+                    conn,
+                    msg_id,
+                    reason,
+                },
+            );
+        } else if conn.link != 0 {
+            let msg = crate::link_proto::Msg::Retry {
+                conn: link_conn(conn),
+                msg_id,
+            };
+            self.link_write(conn, &msg);
+        } else {
+            self.rejected(conn, msg_id, net::reject_code::UNAVAILABLE, reason);
+        }
+    }
+
     fn welcome(&mut self, conn: ConnRef, pending: u64) {
         if conn.core != self.id {
             self.post(conn.core, Mail::Welcome { conn, pending });
+            return;
+        }
+        if conn.link != 0 {
+            let msg = crate::link_proto::Msg::WelcomeUser {
+                conn: link_conn(conn),
+                pending,
+            };
+            self.link_write(conn, &msg);
             return;
         }
         let frame_len_max = self.limits.frame_len_max;
@@ -692,7 +839,17 @@ impl Sink for Edge {
     }
 
     fn deliver(&mut self, conn: ConnRef, msg: &PendingMsg) {
-        if conn.core == self.id {
+        if conn.core == self.id && conn.link != 0 {
+            let frame = crate::link_proto::Msg::Deliver {
+                conn: link_conn(conn),
+                seq: msg.seq,
+                msg_id: msg.msg_id,
+                sent_ms: msg.sent_ms,
+                from: msg.from(),
+                body: msg.body(),
+            };
+            self.link_write(conn, &frame);
+        } else if conn.core == self.id {
             self.deliver_local(
                 conn,
                 msg.seq,
@@ -715,9 +872,43 @@ impl Sink for Edge {
     }
 }
 
+/// A core's shard: every core of a data node (role all or core) has one;
+/// the cores of an edge have none, and no code path of an edge reaches for
+/// it (engine::runtime starts no shard task there). Reaching for it anyway
+/// is a broken invariant, and panics with that message.
+pub struct DataShard(Option<Box<Shard>>);
+
+impl DataShard {
+    pub fn new(shard: Shard) -> DataShard {
+        DataShard(Some(Box::new(shard)))
+    }
+
+    /// An edge core's: no shard.
+    pub fn none() -> DataShard {
+        DataShard(None)
+    }
+
+    pub fn exists(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::ops::Deref for DataShard {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        self.0.as_deref().expect("an edge core has no shard")
+    }
+}
+
+impl std::ops::DerefMut for DataShard {
+    fn deref_mut(&mut self) -> &mut Shard {
+        self.0.as_deref_mut().expect("an edge core has no shard")
+    }
+}
+
 /// A core's whole state, behind one RefCell owned by its executor thread.
 pub struct Core {
-    pub shard: Shard,
+    pub shard: DataShard,
     pub edge: Edge,
     pub repl: crate::repl::ReplState,
     pub commit_waker: Option<Waker>,
@@ -745,7 +936,7 @@ impl Core {
         self.kick_committer();
     }
 
-    fn handle_one(&mut self, mail: Mail) {
+    pub fn handle_one(&mut self, mail: Mail) {
         let Core { shard, edge, .. } = self;
         let result = match mail {
             Mail::Send {
@@ -783,6 +974,7 @@ impl Core {
                 shard.logout(conn, &user);
                 Ok(())
             }
+            Mail::AdoptReplica { .. } => unreachable!("replica streams are adopted by the mesh receiver"),
             answer => {
                 edge.receive(answer);
                 Ok(())
@@ -816,8 +1008,20 @@ impl Core {
         to: &str,
         body: &[u8],
     ) {
-        let dest = self.edge.shard_of(to);
         let sent_ms = crate::shard::now_ms();
+        if let Some((links, pair)) = self.remote_for(to) {
+            let msg = crate::link_proto::Msg::Send {
+                conn: link_conn(reply),
+                msg_id,
+                sent_ms,
+                sender,
+                to,
+                body,
+            };
+            links.push_send(pair, &msg);
+            return;
+        }
+        let dest = self.edge.shard_of(to);
         if dest == self.edge.id {
             let req = SendRequest {
                 reply,
@@ -843,7 +1047,19 @@ impl Core {
         }
     }
 
+    /// The links and the pair, when `user` belongs to another core pair.
+    fn remote_for(&mut self, user: &str) -> Option<(&mut crate::route::Links, u16)> {
+        let links = self.edge.remote.as_mut()?;
+        let pair = links.remote_pair(user)?;
+        Some((links, pair))
+    }
+
     pub fn route_login(&mut self, conn: ConnRef, user: &str) {
+        if let Some((links, pair)) = self.remote_for(user) {
+            let conn = link_conn(conn);
+            links.push(pair, &crate::link_proto::Msg::Login { conn, user });
+            return;
+        }
         let dest = self.edge.shard_of(user);
         if dest == self.edge.id {
             self.shard.login(conn, user, &mut self.edge);
@@ -859,6 +1075,10 @@ impl Core {
     }
 
     pub fn route_ack(&mut self, user: &str, seq: u64) {
+        if let Some((links, pair)) = self.remote_for(user) {
+            links.push(pair, &crate::link_proto::Msg::Ack { seq, user });
+            return;
+        }
         let dest = self.edge.shard_of(user);
         if dest == self.edge.id {
             if let Err(e) = self.shard.ack(user, seq, &mut self.edge) {
@@ -876,6 +1096,11 @@ impl Core {
     }
 
     pub fn route_logout(&mut self, conn: ConnRef, user: &str) {
+        if let Some((links, pair)) = self.remote_for(user) {
+            let conn = link_conn(conn);
+            links.push(pair, &crate::link_proto::Msg::Logout { conn, user });
+            return;
+        }
         let dest = self.edge.shard_of(user);
         if dest == self.edge.id {
             self.shard.logout(conn, user);
@@ -897,6 +1122,22 @@ impl Core {
                 Mail::Rewind { user, .. } | Mail::Resume { user, .. } => user.clone(),
                 _ => unreachable!("only Rewind and Resume are raised by the edge"),
             };
+            if let Some((links, pair)) = self.remote_for(&user) {
+                let msg = match &mail {
+                    Mail::Rewind { conn, seq, .. } => crate::link_proto::Msg::Rewind {
+                        conn: link_conn(*conn),
+                        seq: *seq,
+                        user: &user,
+                    },
+                    Mail::Resume { conn, .. } => crate::link_proto::Msg::Resume {
+                        conn: link_conn(*conn),
+                        user: &user,
+                    },
+                    _ => unreachable!("matched above"),
+                };
+                links.push(pair, &msg);
+                continue;
+            }
             let dest = self.edge.shard_of(&user);
             if dest == self.edge.id {
                 self.handle_one(mail);

@@ -10,11 +10,14 @@ pub mod admin_cmd;
 pub mod auth;
 pub mod chunked;
 pub mod client_cmd;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod core;
 pub mod dedup;
 pub mod dev_cmd;
+pub mod link;
+pub mod link_proto;
 pub mod lograte;
 pub mod memory;
 pub mod node_tls;
@@ -22,6 +25,7 @@ pub mod ports;
 pub mod record;
 pub mod repl;
 pub mod repl_proto;
+pub mod route;
 pub mod runtime;
 pub mod security;
 pub mod shard;
@@ -51,7 +55,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a node: edge and core roles in one process, one shard per core.
+    /// Run a node: by default edge and core roles in one process, one shard per core
+    /// (`--role core` / `--role edge` with `--cluster`: docs/CLUSTER.md).
     ///
     /// On startup it prints `iris listening on ADDR` on stdout (ADDR is the bound
     /// address, useful with port 0); logs go to stderr (filter with RUST_LOG).
@@ -75,6 +80,20 @@ enum Command {
 /// Flags override the TOML file, which overrides the defaults.
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// What this process is: `all` (one process), `core` (a node of a core pair, with
+    /// --cluster and --node) or `edge` (client connections only, with --cluster). [default: all]
+    #[arg(long, value_enum)]
+    role: Option<config::NodeRole>,
+    /// Cluster file (docs/CLUSTER.md): the core pairs, their nodes' addresses, the slot map.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// With --role core: this node's name in the cluster file (its client, link,
+    /// replication and admin addresses come from there; --listen and --admin override).
+    #[arg(long)]
+    node: Option<String>,
+    /// With --role edge: the name in link handshakes and logs. [default: edge-PID]
+    #[arg(long)]
+    name: Option<String>,
     /// Client listener address (port 0: any free port). [default: 127.0.0.1:7070;
     /// none when only --tls-listen is given]
     #[arg(long)]
@@ -234,6 +253,18 @@ impl ServeArgs {
              failed_logins_per_address_per_min => abuse.failed_logins_per_address_per_min,
              sends_per_user_per_sec => abuse.sends_per_user_per_sec,
              send_burst_per_user => abuse.send_burst_per_user);
+        if let Some(role) = self.role {
+            c.role = role;
+        }
+        if self.cluster.is_some() {
+            c.cluster = self.cluster.clone();
+        }
+        if self.node.is_some() {
+            c.node = self.node.clone();
+        }
+        if self.name.is_some() {
+            c.name = self.name.clone();
+        }
         if self.tls_listen.is_some() {
             c.tls_listen = self.tls_listen;
             // TLS instead of plain TCP, unless --listen asks for both.

@@ -674,6 +674,7 @@ fn on_replica_msg(c: &mut Core, msg: Msg<'_>, generation: u64) -> Result<(), Str
             // stored like a SEND of `sender`, answered to nobody.
             let nobody = crate::shard::ConnRef {
                 core: c.edge.id,
+                link: 0,
                 slot: u32::MAX,
                 generation: 0,
             };

@@ -94,6 +94,83 @@ struct CoreSpec {
     repl_inbox: Option<Arc<crate::node_tls::Inbox>>,
     /// This core's dup of the replication listener, if there is one.
     replication_fd: Option<OwnedFd>,
+    /// This core's dup of the node-link listener (role core).
+    link_fd: Option<OwnedFd>,
+    /// The cluster this process belongs to (roles core and edge).
+    cluster: Option<Arc<ClusterSetup>>,
+}
+
+/// A cluster member's place: the file, and for a core node its pair and name.
+pub struct ClusterSetup {
+    pub spec: crate::cluster::ClusterSpec,
+    /// A core node's own pair (its users are served by the local shards).
+    pub own_pair: Option<u16>,
+    /// The node or edge name.
+    pub name: String,
+    pub link: Option<SocketAddr>,
+}
+
+impl ClusterSetup {
+    /// Loads the cluster file and, for a core node, takes its addresses from
+    /// there and asks its peer whether it is running as primary (a node
+    /// restarted after a failover rejoins as the replica).
+    fn resolve(config: &mut Config) -> Result<Option<ClusterSetup>, String> {
+        use crate::config::NodeRole;
+        let Some(path) = config.cluster.clone() else {
+            return match config.role {
+                NodeRole::All => Ok(None),
+                role => Err(format!("--role {role:?} needs --cluster FILE").to_lowercase()),
+            };
+        };
+        let spec = crate::cluster::ClusterSpec::load(&path)?;
+        match config.role {
+            NodeRole::All => Err("--cluster needs --role core or --role edge".into()),
+            NodeRole::Edge => {
+                let name = config
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("edge-{}", std::process::id()));
+                Ok(Some(ClusterSetup {
+                    spec,
+                    own_pair: None,
+                    name,
+                    link: None,
+                }))
+            }
+            NodeRole::Core => {
+                let name = config
+                    .node
+                    .clone()
+                    .ok_or("--role core needs --node NAME (a node of the cluster file)")?;
+                let (pair, index) = spec
+                    .node(&name)
+                    .ok_or_else(|| format!("node {name:?} is not in {}", path.display()))?;
+                let me = spec.pairs[pair].nodes[index].clone();
+                config.listen = me.client;
+                config.plain = true;
+                config.admin = Some(me.admin);
+                let nodes = &spec.pairs[pair].nodes;
+                if nodes.len() > 1 {
+                    config.replication.listen = Some(me.replication);
+                    let peer = &nodes[1 - index];
+                    let role = crate::link::probe(peer.link, &spec, &name)?;
+                    config.replication.replica_of =
+                        crate::cluster::replica_of(&spec, pair, index, role);
+                    tracing::info!(node = %name, peer = %peer.name, ?role, replica_of = ?config.replication.replica_of, "cluster role");
+                }
+                Ok(Some(ClusterSetup {
+                    spec,
+                    own_pair: Some(pair as u16),
+                    name,
+                    link: Some(me.link),
+                }))
+            }
+        }
+    }
+
+    fn links(&self) -> crate::route::Links {
+        crate::route::Links::new(self.spec.instance(), self.own_pair, &self.name)
+    }
 }
 
 /// The process's listening sockets: one per address, made before the cores
@@ -102,6 +179,7 @@ struct Listeners {
     client: Option<std::net::TcpListener>,
     tls: Option<std::net::TcpListener>,
     replication: Option<std::net::TcpListener>,
+    link: Option<std::net::TcpListener>,
 }
 
 /// The bound addresses of the listeners (port 0 resolved).
@@ -109,10 +187,11 @@ struct Bound {
     client: Option<SocketAddr>,
     tls: Option<SocketAddr>,
     replication: Option<SocketAddr>,
+    link: Option<SocketAddr>,
 }
 
 impl Listeners {
-    fn open(config: &Config) -> Result<Listeners, String> {
+    fn open(config: &Config, link: Option<SocketAddr>) -> Result<Listeners, String> {
         let wait = Duration::from_millis(config.limits.listen_busy_wait_ms);
         let open = |addr: Option<SocketAddr>, what: &'static str| {
             addr.map(|a| ports::listen_exclusive(a, what, wait).map_err(|e| e.to_string()))
@@ -122,6 +201,7 @@ impl Listeners {
             client: open(config.plain.then_some(config.listen), "client listener")?,
             tls: open(config.tls_listen, "TLS client listener")?,
             replication: open(config.replication.listen, "replication listener")?,
+            link: open(link, "node-link listener")?,
         })
     }
 
@@ -138,12 +218,23 @@ impl Listeners {
             client: addr(&self.client)?,
             tls: addr(&self.tls)?,
             replication: addr(&self.replication)?,
+            link: addr(&self.link)?,
         })
     }
 
-    /// A core's own descriptors for the same sockets (client, TLS, replication).
+    /// A core's own descriptors for the same sockets (client, TLS, replication, link).
     #[allow(clippy::type_complexity)]
-    fn dup(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>), String> {
+    fn dup(
+        &self,
+    ) -> Result<
+        (
+            Option<OwnedFd>,
+            Option<OwnedFd>,
+            Option<OwnedFd>,
+            Option<OwnedFd>,
+        ),
+        String,
+    > {
         let dup = |l: &Option<std::net::TcpListener>| {
             l.as_ref()
                 .map(|l| {
@@ -153,7 +244,12 @@ impl Listeners {
                 })
                 .transpose()
         };
-        Ok((dup(&self.client)?, dup(&self.tls)?, dup(&self.replication)?))
+        Ok((
+            dup(&self.client)?,
+            dup(&self.tls)?,
+            dup(&self.replication)?,
+            dup(&self.link)?,
+        ))
     }
 }
 
@@ -182,8 +278,10 @@ pub fn persist_epoch(data: &Path, epoch: u64) -> std::io::Result<()> {
 }
 
 /// Runs `iris serve` until SIGTERM/SIGINT.
-pub fn serve(config: Config) -> Result<(), String> {
+pub fn serve(mut config: Config) -> Result<(), String> {
     config.validate()?;
+    let cluster = ClusterSetup::resolve(&mut config)?.map(Arc::new);
+    let edge_only = config.role == crate::config::NodeRole::Edge;
     sys::probe_io_uring()?;
     let cpus =
         core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>());
@@ -194,13 +292,23 @@ pub fn serve(config: Config) -> Result<(), String> {
         config.cores
     };
     check_memlock(nr_cores)?;
-    std::fs::create_dir_all(&config.data)
-        .map_err(|e| format!("cannot create {}: {e}", config.data.display()))?;
-    let _lock = sys::lock_dir(&config.data)?;
-    check_layout(&config.data, nr_cores)?;
+    // An edge holds no durable state: no data directory.
+    let _lock = if edge_only {
+        None
+    } else {
+        std::fs::create_dir_all(&config.data)
+            .map_err(|e| format!("cannot create {}: {e}", config.data.display()))?;
+        let lock = sys::lock_dir(&config.data)?;
+        check_layout(&config.data, nr_cores)?;
+        Some(lock)
+    };
     sys::install_signal_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
-    let epoch = read_epoch(&config.data)?;
+    let epoch = if edge_only {
+        0
+    } else {
+        read_epoch(&config.data)?
+    };
     let role = if config.replication.replica_of.is_some() {
         Role::Replica
     } else {
@@ -208,13 +316,15 @@ pub fn serve(config: Config) -> Result<(), String> {
     };
     let mode = crate::repl::initial_mode(&config.replication);
     let stats = Arc::new(NodeStats::new(nr_cores, role, mode, epoch));
-    let mesh = (nr_cores > 1)
+    // An edge's cores never talk to each other: each has its own links.
+    let mesh = (nr_cores > 1 && !edge_only)
         .then(|| MeshBuilder::<Batch, Full>::full(nr_cores, config.limits.mesh_channel_batches));
     let security = Arc::new(crate::security::Security::open(&config)?);
     for warning in security.warnings() {
         tracing::warn!("{warning}");
     }
-    let mut listeners = Listeners::open(&config)?;
+    let link_addr = cluster.as_ref().and_then(|c| c.link);
+    let mut listeners = Listeners::open(&config, link_addr)?;
     let bound = listeners.addrs()?;
     let r = &config.replication;
     let node_tls = match (&r.cluster_ca, &r.node_cert, &r.node_key) {
@@ -247,7 +357,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         }
         core_config.tls_listen = bound.tls;
         core_config.replication.listen = bound.replication;
-        let (client_fd, tls_fd, replication_fd) = listeners.dup()?;
+        let (client_fd, tls_fd, replication_fd, link_fd) = listeners.dup()?;
         let spec = CoreSpec {
             cpu: cpus[core % cpus.len()],
             nr_cores,
@@ -261,12 +371,19 @@ pub fn serve(config: Config) -> Result<(), String> {
             node_tls: node_tls.clone(),
             repl_inbox: if core == 0 { repl_inbox.clone() } else { None },
             replication_fd,
+            link_fd,
+            cluster: cluster.clone(),
         };
         let (mesh, ready_tx) = (mesh.clone(), ready_tx.clone());
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(spec.cpu))
+        let builder = LocalExecutorBuilder::new(Placement::Fixed(spec.cpu))
             .name(&format!("iris-core-{core}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .spawn(move || core_main(spec, mesh, ready_tx))
+            .io_memory(IO_MEMORY_BYTES);
+        let spawned = if edge_only {
+            builder.spawn(move || edge_core_main(spec, core, ready_tx))
+        } else {
+            builder.spawn(move || core_main(spec, mesh, ready_tx))
+        };
+        let handle = spawned
             .map_err(|e| format!("cannot start the executor of core {core}: {e}"))?;
         handles.push(handle);
     }
@@ -295,6 +412,9 @@ pub fn serve(config: Config) -> Result<(), String> {
     if let Some(r) = bound.replication {
         println!("iris replication listening on {r}");
     }
+    if let Some(l) = bound.link {
+        println!("iris link listening on {l}");
+    }
     if let Some(a) = admin {
         println!("iris admin listening on {a}");
     }
@@ -306,7 +426,11 @@ pub fn serve(config: Config) -> Result<(), String> {
         .or(bound.tls)
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(%listen, cores = nr_cores, data = %config.data.display(), role = role.name(), epoch, "iris serving");
+    if edge_only {
+        tracing::info!(%listen, cores = nr_cores, "iris edge serving");
+    } else {
+        tracing::info!(%listen, cores = nr_cores, data = %config.data.display(), role = role.name(), epoch, "iris serving");
+    }
     let mut failure = None;
     for handle in handles {
         match handle.join() {
@@ -370,7 +494,7 @@ fn shard_dir(data: &Path, shard: usize) -> PathBuf {
 }
 
 async fn core_main(
-    spec: CoreSpec,
+    mut spec: CoreSpec,
     mesh: Option<MeshBuilder<Batch, Full>>,
     ready: mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
@@ -378,10 +502,9 @@ async fn core_main(
         let _ = ready.send(Err(msg.clone()));
         Err(msg)
     };
-    let listener = spec.client_fd.map(sys::tcp_listener);
-    let tls_listener = spec.tls_fd.map(sys::tcp_listener);
-    let repl_listener = spec.replication_fd.map(sys::tcp_listener);
-    let client = spec.config.listen;
+    let listener = spec.client_fd.take().map(sys::tcp_listener);
+    let tls_listener = spec.tls_fd.take().map(sys::tcp_listener);
+    let repl_listener = spec.replication_fd.take().map(sys::tcp_listener);
     let (senders, receivers, id) = match mesh {
         Some(mesh) => {
             let (s, mut r) = mesh.join().await.map_err(|e| format!("core mesh: {e}"))?;
@@ -404,38 +527,11 @@ async fn core_main(
     } else {
         shard.mode = crate::repl::initial_mode(&repl_config);
     }
-    let edge = Edge::new(
-        id as u16,
-        spec.nr_cores,
-        spec.config.limits.clone(),
-        spec.config.net_limits(),
-    );
-    let repl = crate::repl::ReplState::new(
-        repl_config.clone(),
-        spec.stats.clone(),
-        spec.nr_cores as u32,
-        client.to_string(),
-    );
-    let mut repl = repl;
-    repl.links = spec.repl_links.clone();
-    repl.node_tls = spec.node_tls.clone();
-    let core = Rc::new(RefCell::new(Core {
-        shard,
-        edge,
-        repl,
-        commit_waker: None,
-        shutdown_waker: None,
-        auth: crate::auth::Authenticator::new(
-            spec.security.mode,
-            spec.security.keys.clone(),
-            spec.config.auth.jwt_leeway_secs,
-            spec.config.auth.token_cache_entries,
-            spec.security.stats.clone(),
-        ),
-        auth_log: Default::default(),
-        addresses: spec.addresses.clone(),
-        send_buckets: Default::default(),
-    }));
+    let core = Rc::new(RefCell::new(new_core(
+        &spec,
+        id,
+        crate::core::DataShard::new(shard),
+    )));
     let ring = match crate::sockets::SocketRing::new() {
         Ok(ring) => ring,
         Err(e) => return fail(format!("cannot create the core's socket ring: {e}")),
@@ -465,6 +561,20 @@ async fn core_main(
             Err(e) => return fail(format!("cannot watch the replication gateway: {e}")),
         }
     }
+    if let Some(cluster) = &spec.cluster {
+        spawn_links(&core, cluster);
+        if let Some(fd) = spec.link_fd.take() {
+            let me = crate::link::CoreIdentity {
+                topology: cluster.spec.topology_hash,
+                node: cluster.name.as_str().into(),
+                pair: cluster.own_pair.unwrap_or(0),
+                stats: spec.stats.clone(),
+                frame_max: spec.config.limits.frame_len_max as usize + 1024,
+            };
+            let listener = sys::tcp_listener(fd);
+            glommio::spawn_local(crate::link::acceptor(core.clone(), listener, me)).detach();
+        }
+    }
     let is_primary = repl_config.replica_of.is_none();
     if let Some(primary) = repl_config.replica_of.clone() {
         glommio::spawn_local(crate::repl::follow(core.clone(), primary)).detach();
@@ -484,6 +594,147 @@ async fn core_main(
     .await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
+}
+
+/// A core's state around its shard (an edge core's: `DataShard::none()`).
+fn new_core(spec: &CoreSpec, id: usize, shard: crate::core::DataShard) -> Core {
+    let mut edge = Edge::new(
+        id as u16,
+        spec.nr_cores,
+        spec.config.limits.clone(),
+        spec.config.net_limits(),
+    );
+    edge.remote = spec.cluster.as_ref().map(|c| c.links());
+    let mut repl = crate::repl::ReplState::new(
+        spec.config.replication.clone(),
+        spec.stats.clone(),
+        spec.nr_cores as u32,
+        spec.config.listen.to_string(),
+    );
+    repl.links = spec.repl_links.clone();
+    repl.node_tls = spec.node_tls.clone();
+    Core {
+        shard,
+        edge,
+        repl,
+        commit_waker: None,
+        shutdown_waker: None,
+        auth: crate::auth::Authenticator::new(
+            spec.security.mode,
+            spec.security.keys.clone(),
+            spec.config.auth.jwt_leeway_secs,
+            spec.config.auth.token_cache_entries,
+            spec.security.stats.clone(),
+        ),
+        auth_log: Default::default(),
+        addresses: spec.addresses.clone(),
+        send_buckets: Default::default(),
+    }
+}
+
+/// One task per node of every other pair: this core's links (engine::link).
+fn spawn_links(core: &Rc<RefCell<Core>>, cluster: &ClusterSetup) {
+    for (pair, p) in cluster.spec.pairs.iter().enumerate() {
+        if Some(pair as u16) == cluster.own_pair {
+            continue;
+        }
+        for node in 0..p.nodes.len() {
+            glommio::spawn_local(crate::link::keep_link(core.clone(), pair as u16, node)).detach();
+        }
+    }
+}
+
+/// An edge core: client connections, links to every pair, no shard.
+async fn edge_core_main(
+    mut spec: CoreSpec,
+    id: usize,
+    ready: mpsc::Sender<Result<(), String>>,
+) -> Result<(), String> {
+    let fail = |msg: String| {
+        let _ = ready.send(Err(msg.clone()));
+        Err(msg)
+    };
+    let listener = spec.client_fd.take().map(sys::tcp_listener);
+    let tls_listener = spec.tls_fd.take().map(sys::tcp_listener);
+    let core = Rc::new(RefCell::new(new_core(
+        &spec,
+        id,
+        crate::core::DataShard::none(),
+    )));
+    let ring = match crate::sockets::SocketRing::new() {
+        Ok(ring) => ring,
+        Err(e) => return fail(format!("cannot create the core's socket ring: {e}")),
+    };
+    let bell = match ring.eventfd() {
+        Ok(fd) => sys::glommio_file(fd),
+        Err(e) => return fail(format!("cannot watch the core's socket ring: {e}")),
+    };
+    glommio::spawn_local(crate::conn::drive(core.clone(), ring, bell)).detach();
+    glommio::spawn_local(edge_maintenance(core.clone())).detach();
+    if let Some(cluster) = &spec.cluster {
+        spawn_links(&core, cluster);
+    }
+    let _ = ready.send(Ok(()));
+    let tls = spec.security.tls.clone();
+    futures_lite::future::zip(
+        acceptor(core.clone(), listener, None),
+        acceptor(core.clone(), tls_listener, tls),
+    )
+    .await;
+    edge_shutdown(core, spec.config.limits.shutdown_drain_ms).await;
+    Ok(())
+}
+
+/// An edge core's timers: the clock, lingering, idle and stuck connections,
+/// rate-limit buckets, and noticing shutdown.
+async fn edge_maintenance(core: Rc<RefCell<Core>>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        glommio::timer::sleep(MAINTENANCE_TICK).await;
+        let mut c = core.borrow_mut();
+        let now = now_ms();
+        c.edge.clock_ms = now;
+        c.edge.expire_lingering();
+        c.route_edge_mail();
+        publish_connections(&c);
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            c.edge.expire_idle();
+            let Core {
+                addresses,
+                send_buckets,
+                ..
+            } = &mut *c;
+            crate::abuse::sweep_buckets(send_buckets, addresses.limits(), now);
+            c.edge.expire_stuck_readers();
+        }
+        if sys::SHUTDOWN.load(Ordering::SeqCst) && !c.edge.shutting_down {
+            tracing::info!(core = c.edge.id, "shutting down: no new connections or frames");
+            c.edge.shutting_down = true;
+            if let Some(w) = c.shutdown_waker.take() {
+                w.wake();
+            }
+        }
+        if c.edge.shutting_down {
+            return;
+        }
+    }
+}
+
+/// An edge's graceful stop: SENDs in flight are answered (bounded), then
+/// ERROR 5 to every client and a flush.
+async fn edge_shutdown(core: Rc<RefCell<Core>>, drain_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(drain_ms);
+    let pause = Duration::from_millis(5);
+    while Instant::now() < deadline && core.borrow().edge.sends_in_flight_total > 0 {
+        glommio::timer::sleep(pause).await;
+    }
+    core.borrow_mut().edge.shut_all();
+    let flush_deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while Instant::now() < flush_deadline && core.borrow().edge.connections > 0 {
+        glommio::timer::sleep(pause).await;
+    }
+    tracing::info!(core = core.borrow().edge.id, "edge core stopped");
 }
 
 /// Asks for the records past this log's end and waits (bounded) until a
@@ -710,7 +961,7 @@ fn accept_lead(c: &Core) -> u64 {
     let mine = c.edge.connections as u64;
     let shards = &c.repl.stats.shards;
     let least = (0..shards.len())
-        .filter(|&i| i != c.shard.id)
+        .filter(|&i| i != c.edge.id as usize)
         .map(|i| shards[i].connections.load(Ordering::Relaxed))
         .min();
     least.map_or(0, |least| mine.saturating_sub(least))
@@ -718,7 +969,7 @@ fn accept_lead(c: &Core) -> u64 {
 
 fn publish_connections(c: &Core) {
     let open = c.edge.connections as u64;
-    c.repl.stats.shards[c.shard.id]
+    c.repl.stats.shards[c.edge.id as usize]
         .connections
         .store(open, Ordering::Relaxed);
 }

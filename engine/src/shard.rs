@@ -24,6 +24,10 @@ use wal::{Wal, WalConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnRef {
     pub core: u16,
+    /// 0: a client connection in `core`'s arena. Otherwise the node link
+    /// (from an edge) accepted on `core`, and `slot` and `generation` name
+    /// the connection in that edge core's arena (engine::link).
+    pub link: u16,
     pub slot: u32,
     pub generation: u32,
 }
@@ -33,6 +37,10 @@ pub struct ConnRef {
 pub trait Sink {
     fn stored(&mut self, conn: ConnRef, msg_id: MsgId);
     fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &str);
+    /// Refused because this shard does not take writes now (a replica, or
+    /// fenced). A client connected here hears REJECTED 4 with `reason`; an
+    /// edge hears RETRY and sends it again to the pair's primary.
+    fn not_primary(&mut self, conn: ConnRef, msg_id: MsgId, reason: &str);
     fn welcome(&mut self, conn: ConnRef, pending: u64);
     fn deliver(&mut self, conn: ConnRef, msg: &PendingMsg);
 }
@@ -339,12 +347,7 @@ impl Shard {
     /// Stores one message, or answers at once (duplicate already durable, or a limit).
     pub fn send(&mut self, req: SendRequest<'_>, sink: &mut impl Sink) -> Result<(), ShardError> {
         if self.role != Role::Primary {
-            sink.rejected(
-                req.reply,
-                req.msg_id,
-                reject_code::UNAVAILABLE,
-                &self.not_primary_reason,
-            );
+            sink.not_primary(req.reply, req.msg_id, &self.not_primary_reason);
             return Ok(());
         }
         if self.mode == Mode::Blocked {
@@ -693,12 +696,7 @@ impl Shard {
         self.role = Role::Fenced;
         self.not_primary_reason = format!("not the primary: a node with epoch {epoch} took over");
         for w in self.waiting.drain(..) {
-            sink.rejected(
-                w.reply,
-                w.msg_id,
-                reject_code::UNAVAILABLE,
-                "not the primary any more",
-            );
+            sink.not_primary(w.reply, w.msg_id, "not the primary any more");
         }
     }
 
@@ -1099,6 +1097,9 @@ mod tests {
         fn rejected(&mut self, _: ConnRef, msg_id: MsgId, code: u16, _: &str) {
             self.rejected.push((msg_id, code));
         }
+        fn not_primary(&mut self, _: ConnRef, msg_id: MsgId, _: &str) {
+            self.rejected.push((msg_id, reject_code::UNAVAILABLE));
+        }
         fn welcome(&mut self, _: ConnRef, pending: u64) {
             self.welcomes.push(pending);
         }
@@ -1109,6 +1110,7 @@ mod tests {
 
     const CONN: ConnRef = ConnRef {
         core: 0,
+        link: 0,
         slot: 0,
         generation: 1,
     };
