@@ -989,7 +989,7 @@ impl Core {
     /// stream writer (records go out in parallel with the local fsync).
     pub fn kick_committer(&mut self) {
         self.route_edge_mail();
-        if self.shard.needs_sync() {
+        if self.shard.exists() && self.shard.needs_sync() {
             if let Some(w) = self.commit_waker.take() {
                 w.wake();
             }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod dedup;
+pub mod dev_cluster;
 pub mod dev_cmd;
 pub mod link;
 pub mod link_proto;
@@ -75,6 +76,10 @@ enum Command {
     Keygen(dev_cmd::KeygenArgs),
     /// Print a JWT for USER signed with a private key (for `--token`).
     Token(dev_cmd::TokenArgs),
+    /// Run a local edge/core cluster as real processes on loopback: writes DIR/cluster.toml,
+    /// starts every core node and edge, prints one JSON line when all are ready, and
+    /// stops them on SIGTERM/SIGINT (docs/CLUSTER.md).
+    DevCluster(dev_cluster::DevClusterArgs),
 }
 
 /// Flags override the TOML file, which overrides the defaults.
@@ -350,5 +355,6 @@ pub fn main() -> ExitCode {
         Command::Certs(args) => dev_cmd::run_certs(&args),
         Command::Keygen(args) => dev_cmd::run_keygen(&args),
         Command::Token(args) => dev_cmd::run_token(&args),
+        Command::DevCluster(args) => dev_cluster::run(&args),
     }
 }

@@ -157,3 +157,9 @@ pub fn tcp_listener(fd: std::os::fd::OwnedFd) -> glommio::net::TcpListener {
     // into_raw_fd hands its ownership to the glommio listener, which closes it.
     unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
 }
+
+/// Sends SIGTERM to a process (a child we started).
+pub fn terminate(pid: u32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid gives ESRCH.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+}

@@ -1,0 +1,281 @@
+//! `iris dev-cluster`: a whole edge/core cluster on one machine, as real
+//! processes on loopback (README: one command). It writes the cluster file,
+//! starts every core node (the pairs' first nodes, then their replicas) and
+//! every edge, prints one JSON line once all are ready, and stays until
+//! SIGTERM or SIGINT, when it stops them all. A node someone else kills
+//! stays dead (a test restarts it from its `cmd`).
+
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Pairs and edges one dev cluster starts at most.
+pub const PAIRS_MAX: usize = 16;
+pub const EDGES_MAX: usize = 16;
+/// How long a node may take to print its listening line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the stop waits for the nodes before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Debug)]
+pub struct DevClusterArgs {
+    /// Core pairs (a primary and a replica each).
+    #[arg(long, default_value_t = 2)]
+    pub pairs: usize,
+    /// Edges (client listeners in front of every pair).
+    #[arg(long, default_value_t = 2)]
+    pub edges: usize,
+    /// Directory for the cluster file, the nodes' data and their logs.
+    #[arg(long, default_value = "./iris-cluster")]
+    pub dir: PathBuf,
+    /// Executors per process.
+    #[arg(long, default_value_t = 1)]
+    pub cores: usize,
+    /// More `iris serve` flags for every node and edge (after `--`).
+    #[arg(last = true)]
+    pub serve_args: Vec<String>,
+}
+
+struct Started {
+    name: String,
+    child: Child,
+    cmd: Vec<String>,
+}
+
+pub fn run(args: &DevClusterArgs) -> ExitCode {
+    match dev_cluster(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iris dev-cluster: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A free loopback port (bound and released: the node binds it next).
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
+    if args.pairs == 0 || args.pairs > PAIRS_MAX || args.edges > EDGES_MAX {
+        return Err(format!(
+            "1 to {PAIRS_MAX} pairs and 0 to {EDGES_MAX} edges"
+        ));
+    }
+    std::fs::create_dir_all(&args.dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.dir.display()))?;
+    let dir = args
+        .dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", args.dir.display()))?;
+    crate::sys::install_signal_handlers().map_err(|e| format!("signal handlers: {e}"))?;
+    let mut ports = Vec::new();
+    for _ in 0..(args.pairs * 8 + args.edges * 2) {
+        ports.push(free_port()?);
+    }
+    let mut next = ports.into_iter();
+    let text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let spec = crate::cluster::ClusterSpec::parse(&text)?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the iris binary: {e}"))?;
+    let mut started: Vec<Started> = Vec::new();
+    let result = start_all(args, &dir, &path, &spec, &exe, &mut next, &mut started);
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            watch(&mut started);
+        }
+        Err(e) => {
+            stop(&mut started);
+            return Err(e);
+        }
+    }
+    stop(&mut started);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_all(
+    args: &DevClusterArgs,
+    dir: &Path,
+    path: &Path,
+    spec: &crate::cluster::ClusterSpec,
+    exe: &Path,
+    ports: &mut impl Iterator<Item = u16>,
+    started: &mut Vec<Started>,
+) -> Result<String, String> {
+    let common = |cmd: &mut Vec<String>| {
+        cmd.extend(["--cores".into(), args.cores.to_string()]);
+        cmd.extend(args.serve_args.iter().cloned());
+    };
+    // First nodes first: each pair's second node then finds its peer running
+    // as primary and follows it.
+    let mut pids = std::collections::HashMap::new();
+    for index in 0..2 {
+        for pair in &spec.pairs {
+            let node = &pair.nodes[index];
+            let mut cmd = vec![
+                exe.display().to_string(),
+                "serve".into(),
+                "--role".into(),
+                "core".into(),
+                "--cluster".into(),
+                path.display().to_string(),
+                "--node".into(),
+                node.name.clone(),
+                "--data".into(),
+                dir.join(&node.name).display().to_string(),
+            ];
+            common(&mut cmd);
+            let child = start(dir, &node.name, &cmd)?;
+            pids.insert(node.name.clone(), child.id());
+            started.push(Started {
+                name: node.name.clone(),
+                child,
+                cmd,
+            });
+        }
+    }
+    let mut edges = Vec::new();
+    for e in 0..args.edges {
+        let name = format!("e{e}");
+        let client = format!("127.0.0.1:{}", ports.next().expect("counted"));
+        let admin = format!("127.0.0.1:{}", ports.next().expect("counted"));
+        let mut cmd = vec![
+            exe.display().to_string(),
+            "serve".into(),
+            "--role".into(),
+            "edge".into(),
+            "--cluster".into(),
+            path.display().to_string(),
+            "--name".into(),
+            name.clone(),
+            "--listen".into(),
+            client.clone(),
+            "--admin".into(),
+            admin,
+        ];
+        common(&mut cmd);
+        let child = start(dir, &name, &cmd)?;
+        edges.push(json!({"name": name, "pid": child.id(), "client": client}));
+        started.push(Started {
+            name,
+            child,
+            cmd,
+        });
+    }
+    let pairs: Vec<_> = spec
+        .pairs
+        .iter()
+        .map(|p| {
+            let nodes: Vec<_> = p
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let cmd = &started.iter().find(|s| s.name == n.name).expect("started").cmd;
+                    json!({
+                        "name": n.name,
+                        "pid": pids[&n.name],
+                        "role": if i == 0 { "primary" } else { "replica" },
+                        "client": n.client.to_string(),
+                        "admin": n.admin.to_string(),
+                        "cmd": cmd,
+                    })
+                })
+                .collect();
+            json!({"name": p.name, "slots": p.slots, "nodes": nodes})
+        })
+        .collect();
+    Ok(json!({"cluster": path.display().to_string(), "edges": edges, "pairs": pairs}).to_string())
+}
+
+/// Starts one process (stderr to DIR/NAME.log) and waits for its ready line.
+fn start(dir: &Path, name: &str, cmd: &[String]) -> Result<Child, String> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))
+        .map_err(|e| format!("cannot create the log of {name}: {e}"))?;
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !ready && line.starts_with("iris listening on") {
+                ready = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "{name} exited during startup ({status}); see {}",
+                dir.join(format!("{name}.log")).display()
+            ));
+        }
+        if Instant::now() > deadline || crate::sys::SHUTDOWN.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{name} was not ready within {READY_TIMEOUT:?}"));
+        }
+    }
+}
+
+/// Until SIGTERM/SIGINT: reports processes that exit (never restarts them).
+fn watch(started: &mut [Started]) {
+    let mut gone = vec![false; started.len()];
+    while !crate::sys::SHUTDOWN.load(Ordering::SeqCst) {
+        for (i, s) in started.iter_mut().enumerate() {
+            if !gone[i] {
+                if let Ok(Some(status)) = s.child.try_wait() {
+                    eprintln!("iris dev-cluster: {} exited ({status}); not restarted", s.name);
+                    gone[i] = true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM to every process still running, SIGKILL after STOP_TIMEOUT.
+fn stop(started: &mut [Started]) {
+    for s in started.iter_mut() {
+        if let Ok(None) = s.child.try_wait() {
+            crate::sys::terminate(s.child.id());
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for s in started.iter_mut() {
+        loop {
+            match s.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = s.child.kill();
+                    let _ = s.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
