@@ -275,10 +275,15 @@ mod tests {
     fn any_topology_change_changes_the_hash() {
         let text = two_pairs();
         let base = ClusterSpec::parse(&text).unwrap().topology_hash;
-        let moved = text.replace("\"0-8191\"", "\"0-8190\"").replace("\"8192-16383\"", "\"8191-16383\"");
+        let moved = text
+            .replace("\"0-8191\"", "\"0-8190\"")
+            .replace("\"8192-16383\"", "\"8191-16383\"");
         assert_ne!(ClusterSpec::parse(&moved).unwrap().topology_hash, base);
         let readdressed = text.replace("127.0.0.1:20001", "127.0.0.1:29999");
-        assert_ne!(ClusterSpec::parse(&readdressed).unwrap().topology_hash, base);
+        assert_ne!(
+            ClusterSpec::parse(&readdressed).unwrap().topology_hash,
+            base
+        );
         // Comments and layout are not topology.
         let commented = format!("# hello\n{text}");
         assert_eq!(ClusterSpec::parse(&commented).unwrap().topology_hash, base);
@@ -288,13 +293,21 @@ mod tests {
     fn bad_files_are_refused_with_the_reason() {
         let text = two_pairs();
         let gap = text.replace("\"0-8191\"", "\"1-8191\"");
-        assert!(ClusterSpec::parse(&gap).unwrap_err().contains("slot 0 belongs to no pair"));
+        assert!(ClusterSpec::parse(&gap)
+            .unwrap_err()
+            .contains("slot 0 belongs to no pair"));
         let overlap = text.replace("\"0-8191\"", "\"0-8192\"");
-        assert!(ClusterSpec::parse(&overlap).unwrap_err().contains("two pairs"));
+        assert!(ClusterSpec::parse(&overlap)
+            .unwrap_err()
+            .contains("two pairs"));
         let twice = text.replace("name = \"p1a\"", "name = \"p0a\"");
-        assert!(ClusterSpec::parse(&twice).unwrap_err().contains("used twice"));
+        assert!(ClusterSpec::parse(&twice)
+            .unwrap_err()
+            .contains("used twice"));
         let range = text.replace("\"0-8191\"", "\"0-99999\"");
-        assert!(ClusterSpec::parse(&range).unwrap_err().contains("bad slot range"));
+        assert!(ClusterSpec::parse(&range)
+            .unwrap_err()
+            .contains("bad slot range"));
         let unknown = format!("{text}\nfoo = 1\n");
         assert!(ClusterSpec::parse(&unknown).is_err());
     }
@@ -304,7 +317,10 @@ mod tests {
         let spec = ClusterSpec::parse(&two_pairs()).unwrap();
         let b_repl = spec.pairs[0].nodes[1].replication.to_string();
         let a_repl = spec.pairs[0].nodes[0].replication.to_string();
-        assert_eq!(replica_of(&spec, 0, 0, PeerRole::Primary { epoch: 3 }), Some(b_repl));
+        assert_eq!(
+            replica_of(&spec, 0, 0, PeerRole::Primary { epoch: 3 }),
+            Some(b_repl)
+        );
         assert_eq!(replica_of(&spec, 0, 0, PeerRole::Unreachable), None);
         assert_eq!(replica_of(&spec, 0, 1, PeerRole::Unreachable), Some(a_repl));
         assert_eq!(replica_of(&spec, 0, 1, PeerRole::NotPrimary), None);

@@ -974,7 +974,9 @@ impl Core {
                 shard.logout(conn, &user);
                 Ok(())
             }
-            Mail::AdoptReplica { .. } => unreachable!("replica streams are adopted by the mesh receiver"),
+            Mail::AdoptReplica { .. } => {
+                unreachable!("replica streams are adopted by the mesh receiver")
+            }
             answer => {
                 edge.receive(answer);
                 Ok(())

@@ -65,9 +65,7 @@ fn free_port() -> Result<u16, String> {
 
 fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
     if args.pairs == 0 || args.pairs > PAIRS_MAX || args.edges > EDGES_MAX {
-        return Err(format!(
-            "1 to {PAIRS_MAX} pairs and 0 to {EDGES_MAX} edges"
-        ));
+        return Err(format!("1 to {PAIRS_MAX} pairs and 0 to {EDGES_MAX} edges"));
     }
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| format!("cannot create {}: {e}", args.dir.display()))?;
@@ -168,11 +166,7 @@ fn start_all(
         common(&mut cmd);
         let child = start(dir, &name, &cmd)?;
         edges.push(json!({"name": name, "pid": child.id(), "client": client}));
-        started.push(Started {
-            name,
-            child,
-            cmd,
-        });
+        started.push(Started { name, child, cmd });
     }
     let pairs: Vec<_> = spec
         .pairs
@@ -183,7 +177,11 @@ fn start_all(
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
-                    let cmd = &started.iter().find(|s| s.name == n.name).expect("started").cmd;
+                    let cmd = &started
+                        .iter()
+                        .find(|s| s.name == n.name)
+                        .expect("started")
+                        .cmd;
                     json!({
                         "name": n.name,
                         "pid": pids[&n.name],
@@ -248,7 +246,10 @@ fn watch(started: &mut [Started]) {
         for (i, s) in started.iter_mut().enumerate() {
             if !gone[i] {
                 if let Ok(Some(status)) = s.child.try_wait() {
-                    eprintln!("iris dev-cluster: {} exited ({status}); not restarted", s.name);
+                    eprintln!(
+                        "iris dev-cluster: {} exited ({status}); not restarted",
+                        s.name
+                    );
                     gone[i] = true;
                 }
             }

@@ -166,7 +166,17 @@ async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdentity)
             .map_err(|e| e.to_string())
             .map(|m| (m, len))
     }) {
-        Ok((Some((Msg::Hello { kind, topology, name }, _)), len)) => {
+        Ok((
+            Some((
+                Msg::Hello {
+                    kind,
+                    topology,
+                    name,
+                },
+                _,
+            )),
+            len,
+        )) => {
             if topology != me.topology {
                 let reason = format!(
                     "cluster topology mismatch: {name} has {topology:016x}, node {} has {:016x}; give both the same cluster file",
@@ -311,7 +321,13 @@ async fn read_requests(
             if !wait {
                 break;
             }
-            if core.borrow().edge.links_in.get(&link).is_none_or(|l| l.broken) {
+            if core
+                .borrow()
+                .edge
+                .links_in
+                .get(&link)
+                .is_none_or(|l| l.broken)
+            {
                 return "closed".into();
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;
@@ -514,7 +530,16 @@ async fn session(
     let (reader, writer) = split(stream).map_err(|e| e.to_string())?;
     let heard = Rc::new(std::cell::Cell::new(std::time::Instant::now()));
     let writing = write_requests(core.clone(), writer, pair, node, heard.clone());
-    let reading = read_answers(core.clone(), reader, pair, node, buf, pending, frame_max, heard);
+    let reading = read_answers(
+        core.clone(),
+        reader,
+        pair,
+        node,
+        buf,
+        pending,
+        frame_max,
+        heard,
+    );
     futures_lite::future::or(writing, reading).await
 }
 
@@ -703,7 +728,11 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
 /// Asks `addr` (a node's link listener) for its role, blocking, at startup.
 /// A peer that refuses (another topology) is an error: starting anyway could
 /// make a second primary.
-pub fn probe(addr: std::net::SocketAddr, spec: &ClusterSpec, name: &str) -> Result<PeerRole, String> {
+pub fn probe(
+    addr: std::net::SocketAddr,
+    spec: &ClusterSpec,
+    name: &str,
+) -> Result<PeerRole, String> {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return Ok(PeerRole::Unreachable);
@@ -730,12 +759,19 @@ pub fn probe(addr: std::net::SocketAddr, spec: &ClusterSpec, name: &str) -> Resu
         }
         match proto::decode(&buf) {
             Ok(None) => continue,
-            Ok(Some((Msg::Welcome { primary: true, epoch, .. }, _))) => {
-                return Ok(PeerRole::Primary { epoch })
-            }
+            Ok(Some((
+                Msg::Welcome {
+                    primary: true,
+                    epoch,
+                    ..
+                },
+                _,
+            ))) => return Ok(PeerRole::Primary { epoch }),
             Ok(Some((Msg::Welcome { .. }, _))) => return Ok(PeerRole::NotPrimary),
             Ok(Some((Msg::Refuse { reason }, _))) => {
-                return Err(format!("the peer node at {addr} refused this node: {reason}"))
+                return Err(format!(
+                    "the peer node at {addr} refused this node: {reason}"
+                ))
             }
             _ => return Ok(PeerRole::Unreachable),
         }

@@ -225,12 +225,8 @@ pub fn encode(msg: &Msg<'_>, out: &mut Vec<u8>) {
             o.push(u8::from(*primary));
             o.extend_from_slice(&epoch.to_le_bytes());
         }),
-        Msg::Ping { now_ms } => frame(out, t::PING, |o| {
-            o.extend_from_slice(&now_ms.to_le_bytes())
-        }),
-        Msg::Pong { now_ms } => frame(out, t::PONG, |o| {
-            o.extend_from_slice(&now_ms.to_le_bytes())
-        }),
+        Msg::Ping { now_ms } => frame(out, t::PING, |o| o.extend_from_slice(&now_ms.to_le_bytes())),
+        Msg::Pong { now_ms } => frame(out, t::PONG, |o| o.extend_from_slice(&now_ms.to_le_bytes())),
         Msg::Login { conn, user } => frame(out, t::LOGIN, |o| {
             put_conn(o, conn);
             put_str(o, user);
@@ -610,7 +606,10 @@ mod tests {
         assert_eq!(decode(&[0, 0, 0, 0]), Err(ProtoError::BadLength(0)));
         let huge = (FRAME_LEN_MAX + 1).to_le_bytes();
         assert!(matches!(decode(&huge), Err(ProtoError::BadLength(_))));
-        assert_eq!(decode(&[1, 0, 0, 0, 0x7f]), Err(ProtoError::UnknownType(0x7f)));
+        assert_eq!(
+            decode(&[1, 0, 0, 0, 0x7f]),
+            Err(ProtoError::UnknownType(0x7f))
+        );
         let mut hello = Vec::new();
         encode(
             &Msg::Hello {

@@ -152,7 +152,14 @@ impl Links {
     /// to a node (the caller re-registers the logins of that pair's users
     /// there, ahead of every queued request); every unanswered SEND will be
     /// written again.
-    pub fn set_node(&mut self, pair: u16, node: usize, up: bool, primary: bool, epoch: u64) -> bool {
+    pub fn set_node(
+        &mut self,
+        pair: u16,
+        node: usize,
+        up: bool,
+        primary: bool,
+        epoch: u64,
+    ) -> bool {
         let p = &mut self.pairs[pair as usize];
         let v = &mut p.nodes[node];
         v.up = up;
@@ -216,7 +223,10 @@ impl Links {
     }
 
     pub fn bytes(&self) -> usize {
-        debug_assert_eq!(self.bytes, self.pairs.iter().map(PairRoute::bytes).sum::<usize>());
+        debug_assert_eq!(
+            self.bytes,
+            self.pairs.iter().map(PairRoute::bytes).sum::<usize>()
+        );
         self.bytes
     }
 }
@@ -281,23 +291,44 @@ mod tests {
         assert!(l.set_node(1, 0, true, true, 1));
         let (_, _, f1) = send(1);
         let (c2, id2, f2) = send(2);
-        assert_eq!(l.take_batch(1, 0, 1 << 20), Some([f1.clone(), f2.clone()].concat()));
-        assert_eq!(l.take_batch(1, 0, 1 << 20), None, "written once per session");
+        assert_eq!(
+            l.take_batch(1, 0, 1 << 20),
+            Some([f1.clone(), f2.clone()].concat())
+        );
+        assert_eq!(
+            l.take_batch(1, 0, 1 << 20),
+            None,
+            "written once per session"
+        );
         assert!(l.answered(1, c2, id2));
         assert!(!l.answered(1, c2, id2), "a second answer is not forwarded");
         // The primary dies; the replica is promoted with a higher epoch.
         assert!(!l.set_node(1, 0, false, false, 0));
         assert!(l.set_node(1, 1, true, true, 2));
-        assert_eq!(l.take_batch(1, 0, 1 << 20), None, "only the active node writes");
-        assert_eq!(l.take_batch(1, 1, 1 << 20), Some(f1), "SEND 1 is resent, 2 was answered");
+        assert_eq!(
+            l.take_batch(1, 0, 1 << 20),
+            None,
+            "only the active node writes"
+        );
+        assert_eq!(
+            l.take_batch(1, 1, 1 << 20),
+            Some(f1),
+            "SEND 1 is resent, 2 was answered"
+        );
     }
 
     #[test]
     fn the_highest_epoch_primary_wins_and_bytes_are_counted() {
         let mut l = links();
         assert!(l.set_node(1, 0, true, true, 5));
-        assert!(!l.set_node(1, 1, true, false, 5), "a replica never becomes active");
-        assert!(l.set_node(1, 1, true, true, 6), "a promotion moves the traffic");
+        assert!(
+            !l.set_node(1, 1, true, false, 5),
+            "a replica never becomes active"
+        );
+        assert!(
+            l.set_node(1, 1, true, true, 6),
+            "a promotion moves the traffic"
+        );
         assert_eq!(l.pairs[1].active, Some(1));
         push(&mut l, 1);
         assert!(l.bytes() > 0);
@@ -305,6 +336,9 @@ mod tests {
         l.take_batch(1, 1, 1 << 20);
         assert!(l.answered(1, c, id));
         assert_eq!(l.bytes(), 0);
-        assert_eq!(l.remote_pair("anyone-on-pair-0").is_none(), l.cluster.pair_of("anyone-on-pair-0") == 0);
+        assert_eq!(
+            l.remote_pair("anyone-on-pair-0").is_none(),
+            l.cluster.pair_of("anyone-on-pair-0") == 0
+        );
     }
 }

@@ -383,8 +383,8 @@ pub fn serve(mut config: Config) -> Result<(), String> {
         } else {
             builder.spawn(move || core_main(spec, mesh, ready_tx))
         };
-        let handle = spawned
-            .map_err(|e| format!("cannot start the executor of core {core}: {e}"))?;
+        let handle =
+            spawned.map_err(|e| format!("cannot start the executor of core {core}: {e}"))?;
         handles.push(handle);
     }
     // The cores hold their dups; the sockets live as long as one of them does.
@@ -709,7 +709,10 @@ async fn edge_maintenance(core: Rc<RefCell<Core>>) {
             c.edge.expire_stuck_readers();
         }
         if sys::SHUTDOWN.load(Ordering::SeqCst) && !c.edge.shutting_down {
-            tracing::info!(core = c.edge.id, "shutting down: no new connections or frames");
+            tracing::info!(
+                core = c.edge.id,
+                "shutting down: no new connections or frames"
+            );
             c.edge.shutting_down = true;
             if let Some(w) = c.shutdown_waker.take() {
                 w.wake();

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dev_cluster;
+
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,302 @@
+//! A local edge/core cluster for tests: `iris dev-cluster` as a real process
+//! (which starts every node and edge as real processes), its JSON line
+//! parsed, and the node operations a failover test needs (kill -9, restart
+//! from the node's own command line, promotion through the admin API).
+
+use crate::{iris_bin, unique_temp_path};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the cluster may take to print its JSON line.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct ClusterNode {
+    pub name: String,
+    pub pair: String,
+    pub pid: u32,
+    pub client: String,
+    pub admin: String,
+    pub cmd: Vec<String>,
+    /// A node this harness restarted (dev-cluster never does): ours to stop.
+    pub restarted: Option<Child>,
+}
+
+pub struct DevCluster {
+    pub dir: PathBuf,
+    pub cluster_file: PathBuf,
+    child: Child,
+    pub edges: Vec<(String, u32, String)>,
+    pub nodes: Vec<ClusterNode>,
+    /// Pair name → its slot ranges as written in the cluster file.
+    pub slots: HashMap<String, Vec<String>>,
+}
+
+impl DevCluster {
+    /// `iris dev-cluster --pairs P --edges E --dir TMP -- serve_args...`
+    pub fn start(pairs: usize, edges: usize, serve_args: &[&str]) -> DevCluster {
+        let dir = unique_temp_path("cluster");
+        let mut cmd = Command::new(iris_bin());
+        cmd.args(["dev-cluster", "--pairs", &pairs.to_string()])
+            .args(["--edges", &edges.to_string(), "--dir"])
+            .arg(&dir)
+            .arg("--")
+            .args(serve_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn iris dev-cluster");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(READY_TIMEOUT).unwrap_or_else(|_| {
+            panic!(
+                "dev-cluster printed no JSON line (logs in {})",
+                dir.display()
+            )
+        });
+        let v: Value = serde_json::from_str(&line).expect("dev-cluster prints JSON");
+        let edges = v["edges"]
+            .as_array()
+            .expect("edges")
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().expect("name").to_string(),
+                    e["pid"].as_u64().expect("pid") as u32,
+                    e["client"].as_str().expect("client").to_string(),
+                )
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        let mut slots = HashMap::new();
+        for p in v["pairs"].as_array().expect("pairs") {
+            let pair = p["name"].as_str().expect("name").to_string();
+            let ranges = p["slots"].as_array().expect("slots");
+            slots.insert(
+                pair.clone(),
+                ranges
+                    .iter()
+                    .map(|r| r.as_str().expect("range").to_string())
+                    .collect(),
+            );
+            for n in p["nodes"].as_array().expect("nodes") {
+                nodes.push(ClusterNode {
+                    name: n["name"].as_str().expect("name").to_string(),
+                    pair: pair.clone(),
+                    pid: n["pid"].as_u64().expect("pid") as u32,
+                    client: n["client"].as_str().expect("client").to_string(),
+                    admin: n["admin"].as_str().expect("admin").to_string(),
+                    cmd: n["cmd"]
+                        .as_array()
+                        .expect("cmd")
+                        .iter()
+                        .map(|a| a.as_str().expect("arg").to_string())
+                        .collect(),
+                    restarted: None,
+                });
+            }
+        }
+        DevCluster {
+            dir,
+            cluster_file: PathBuf::from(v["cluster"].as_str().expect("cluster")),
+            child,
+            edges,
+            nodes,
+            slots,
+        }
+    }
+
+    pub fn edge(&self, i: usize) -> &str {
+        &self.edges[i].2
+    }
+
+    pub fn node(&self, name: &str) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("node name")
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("node name")
+    }
+
+    /// kill -9 of a node, waiting until it is gone.
+    pub fn kill9(&mut self, name: &str) {
+        let node = self.node_mut(name);
+        match node.restarted.as_mut() {
+            Some(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            None => {
+                let _ = Command::new("kill")
+                    .args(["-9", &node.pid.to_string()])
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::path::Path::new(&format!("/proc/{}", node.pid)).exists()
+                    && !proc_is_zombie(node.pid)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to a node and wait for it to exit (a clean stop).
+    pub fn terminate(&mut self, name: &str) {
+        let node = self.node_mut(name);
+        match node.restarted.as_mut() {
+            Some(child) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let _ = child.wait();
+            }
+            None => {
+                let pid = node.pid;
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && !proc_is_zombie(pid)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Starts a node again from its `cmd`, waiting for its listening line.
+    pub fn restart(&mut self, name: &str) {
+        let log = self.dir.join(format!("{name}.restarted.log"));
+        let node = self.node_mut(name);
+        let (mut child, lines) = crate::spawn_iris(&node.cmd[1..], &log);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.starts_with("iris listening on") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("{name} exited on restart ({status}): see {}", log.display());
+                    }
+                    assert!(Instant::now() < deadline, "{name} not ready after restart");
+                }
+            }
+        }
+        node.pid = child.id();
+        node.restarted = Some(child);
+    }
+
+    /// POST /replication/promote on a node; returns the new epoch.
+    pub fn promote(&self, name: &str) -> u64 {
+        let admin = &self.node(name).admin;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = engine::admin_cmd::http("POST", admin, "/replication/promote")
+                .unwrap_or_else(|e| panic!("{name}: promote: {e}"));
+            if status == 503 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            assert_eq!(status, 200, "{name}: promote answered {body}");
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            return v["epoch"].as_u64().expect("epoch");
+        }
+    }
+
+    /// GET /replication/stats of a node.
+    pub fn stats(&self, name: &str) -> Value {
+        let admin = &self.node(name).admin;
+        let (status, body) = engine::admin_cmd::http("GET", admin, "/replication/stats")
+            .unwrap_or_else(|e| panic!("{name}: stats: {e}"));
+        assert_eq!(status, 200, "{name}: stats answered {body}");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    /// The concatenated logs (for a failing test's message).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                if p.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                    out.push_str(&format!("==== {}\n{tail}\n", p.display()));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn proc_is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(child) = n.restarted.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The slot of a user id (the cluster's fixed hash).
+pub fn slot_of(user: &str) -> u16 {
+    net::slot_of(user)
+}
+
+/// `n` user ids starting with `prefix` whose slots fall in `range` ("A-B").
+pub fn users_in(prefix: &str, range: &str, n: usize) -> Vec<String> {
+    let (a, b) = range.split_once('-').expect("A-B");
+    let (a, b): (u16, u16) = (a.parse().expect("A"), b.parse().expect("B"));
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|u| (a..=b).contains(&slot_of(u)))
+        .take(n)
+        .collect()
+}
