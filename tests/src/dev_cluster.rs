@@ -230,6 +230,70 @@ impl DevCluster {
         serde_json::from_str(&body).expect("JSON")
     }
 
+    /// Waits until `primary` reports every shard's replica connected and
+    /// caught up (lag 0).
+    pub fn wait_caught_up(&self, primary: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let stats = self.stats(primary);
+            let caught_up = stats["role"] == "primary"
+                && stats["shards"].as_array().is_some_and(|shards| {
+                    shards.iter().all(|s| {
+                        s["replicas"].as_array().is_some_and(|r| {
+                            r.iter()
+                                .any(|r| r["connected"] == true && r["lag_ops"] == 0)
+                        })
+                    })
+                });
+            if caught_up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{primary}'s replica did not catch up: {stats}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node of `pair` whose admin says primary.
+    pub fn primary_of(&self, pair: &str) -> String {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            for n in self.nodes.iter().filter(|n| n.pair == pair) {
+                if let Ok((200, body)) = engine::admin_cmd::http("GET", &n.admin, "/replication/stats") {
+                    if body.contains("\"role\":\"primary\"") {
+                        return n.name.clone();
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "{pair} has no primary");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts every core node in turn, as an operator would (docs/CLUSTER.md,
+    /// "Rolling restart"): per pair, twice: wait until the replica caught up,
+    /// stop the primary cleanly (SIGTERM), promote the replica, start the
+    /// old primary again (it finds its peer primary and follows it).
+    pub fn rolling_restart(&mut self) {
+        let pairs: Vec<String> = self.slots.keys().cloned().collect();
+        for pair in pairs {
+            for _ in 0..2 {
+                let primary = self.primary_of(&pair);
+                let replica = self
+                    .nodes
+                    .iter()
+                    .find(|n| n.pair == pair && n.name != primary)
+                    .expect("a pair has two nodes")
+                    .name
+                    .clone();
+                self.wait_caught_up(&primary);
+                self.terminate(&primary);
+                self.promote(&replica);
+                self.restart(&primary);
+                self.wait_caught_up(&replica);
+            }
+        }
+    }
+
     /// The concatenated logs (for a failing test's message).
     pub fn logs(&self) -> String {
         let mut out = String::new();
