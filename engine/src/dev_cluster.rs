@@ -34,6 +34,10 @@ pub struct DevClusterArgs {
     /// Executors per process.
     #[arg(long, default_value_t = 1)]
     pub cores: usize,
+    /// Mutual TLS on every node link and replication stream: a development CA
+    /// and one certificate per node and edge are made in DIR/certs (`iris certs`).
+    #[arg(long)]
+    pub mtls: bool,
     /// More `iris serve` flags for every node and edge (after `--`).
     #[arg(last = true)]
     pub serve_args: Vec<String>,
@@ -112,8 +116,30 @@ fn start_all(
     ports: &mut impl Iterator<Item = u16>,
     started: &mut Vec<Started>,
 ) -> Result<String, String> {
-    let common = |cmd: &mut Vec<String>| {
+    let certs = dir.join("certs");
+    if args.mtls {
+        let mut names: Vec<String> = spec
+            .pairs
+            .iter()
+            .flat_map(|p| p.nodes.iter().map(|n| n.name.clone()))
+            .collect();
+        names.extend((0..args.edges).map(|e| format!("e{e}")));
+        let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+        crate::dev_cmd::certs(&certs, &hosts, &names)?;
+    }
+    let common = |cmd: &mut Vec<String>, name: &str| {
         cmd.extend(["--cores".into(), args.cores.to_string()]);
+        if args.mtls {
+            let file = |f: String| certs.join(f).display().to_string();
+            cmd.extend([
+                "--cluster-ca".into(),
+                file("ca.pem".into()),
+                "--node-cert".into(),
+                file(format!("{name}.pem")),
+                "--node-key".into(),
+                file(format!("{name}.key")),
+            ]);
+        }
         cmd.extend(args.serve_args.iter().cloned());
     };
     // First nodes first: each pair's second node then finds its peer running
@@ -134,7 +160,7 @@ fn start_all(
                 "--data".into(),
                 dir.join(&node.name).display().to_string(),
             ];
-            common(&mut cmd);
+            common(&mut cmd, &node.name);
             let child = start(dir, &node.name, &cmd)?;
             pids.insert(node.name.clone(), child.id());
             started.push(Started {
@@ -163,7 +189,7 @@ fn start_all(
             "--admin".into(),
             admin,
         ];
-        common(&mut cmd);
+        common(&mut cmd, &name);
         let child = start(dir, &name, &cmd)?;
         edges.push(json!({"name": name, "pid": child.id(), "client": client}));
         started.push(Started { name, child, cmd });

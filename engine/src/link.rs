@@ -145,7 +145,9 @@ pub async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener, me: CoreId
     }
 }
 
-async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdentity) {
+/// Serves one link from its HELLO on (plain, or the plaintext end of a
+/// mutual-TLS pump: engine::node_tls).
+pub async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdentity) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
@@ -501,10 +503,19 @@ async fn session(
     addr: std::net::SocketAddr,
     hello: &[u8],
 ) -> Result<(), String> {
-    let mut stream = within(HANDSHAKE_TIMEOUT, async {
-        TcpStream::connect(addr).await.map_err(|e| e.to_string())
-    })
-    .await?;
+    let tls = core.borrow().repl.node_tls.clone();
+    let mut stream = match tls {
+        // Mutual TLS on a pump thread; this end is plaintext (engine::node_tls).
+        Some(tls) => crate::node_tls::dial(&addr.to_string(), &tls)
+            .map(sys::tcp_stream)
+            .map_err(|e| e.to_string())?,
+        None => {
+            within(HANDSHAKE_TIMEOUT, async {
+                TcpStream::connect(addr).await.map_err(|e| e.to_string())
+            })
+            .await?
+        }
+    };
     let _ = stream.set_nodelay(true);
     stream.write_all(hello).await.map_err(|e| e.to_string())?;
     let frame_max = core.borrow().edge.limits.frame_len_max as usize + 1024;
@@ -732,12 +743,35 @@ pub fn probe(
     addr: std::net::SocketAddr,
     spec: &ClusterSpec,
     name: &str,
+    tls: Option<&Arc<crate::node_tls::NodeTls>>,
 ) -> Result<PeerRole, String> {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return Ok(PeerRole::Unreachable);
-    };
-    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    match tls {
+        Some(tls) => {
+            // Mutual TLS on a pump thread; this end is plaintext.
+            let Ok(fd) = crate::node_tls::dial(&addr.to_string(), tls) else {
+                return Ok(PeerRole::Unreachable);
+            };
+            let s = sys::unix_stream(fd);
+            let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT * 2));
+            exchange_probe(s, addr, spec, name)
+        }
+        None => {
+            let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            else {
+                return Ok(PeerRole::Unreachable);
+            };
+            let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+            exchange_probe(s, addr, spec, name)
+        }
+    }
+}
+
+fn exchange_probe(
+    mut s: impl std::io::Read + std::io::Write,
+    addr: std::net::SocketAddr,
+    spec: &ClusterSpec,
+    name: &str,
+) -> Result<PeerRole, String> {
     let mut hello = Vec::new();
     proto::encode(
         &Msg::Hello {

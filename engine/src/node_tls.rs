@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// Replication connections (authenticated or in their handshake) a node
 /// holds at once; more are closed at accept.
 pub const REPLICATION_CONNECTIONS_MAX: usize = 64;
+/// Node links from edges (engine::link) a core node holds over mutual TLS
+/// at once (a pump thread each).
+pub const EDGE_LINKS_MAX: usize = 1024;
 /// A peer must finish its TLS handshake within this.
 pub const NODE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Plaintext a pump holds for the slower side before it stops reading the faster.
@@ -115,13 +118,14 @@ impl Inbox {
     }
 }
 
-/// Counts replication connections against `REPLICATION_CONNECTIONS_MAX`.
+/// Counts node connections of one kind against their bound
+/// (`REPLICATION_CONNECTIONS_MAX`, `EDGE_LINKS_MAX`).
 pub struct LinkCount(Arc<AtomicUsize>);
 
 impl LinkCount {
-    pub fn try_new(count: &Arc<AtomicUsize>) -> Option<LinkCount> {
+    pub fn try_new(count: &Arc<AtomicUsize>, max: usize) -> Option<LinkCount> {
         let was = count.fetch_add(1, Ordering::SeqCst);
-        if was >= REPLICATION_CONNECTIONS_MAX {
+        if was >= max {
             count.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
@@ -142,15 +146,17 @@ pub fn start_gateway(
     listener: TcpListener,
     tls: Arc<NodeTls>,
     count: Arc<AtomicUsize>,
+    max: usize,
+    what: &'static str,
 ) -> Result<Arc<Inbox>, String> {
     // The process's listeners are nonblocking (engine::ports); this thread blocks.
     listener
         .set_nonblocking(false)
-        .map_err(|e| format!("replication listener: {e}"))?;
+        .map_err(|e| format!("{what} listener: {e}"))?;
     let inbox = Arc::new(Inbox::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     let out = inbox.clone();
     std::thread::Builder::new()
-        .name("iris-repl-tls".into())
+        .name(format!("iris-{what}-tls"))
         .spawn(move || {
             let mut log = crate::lograte::LogEvery::default();
             loop {
@@ -160,20 +166,20 @@ pub fn start_gateway(
                 let (sock, peer) = match listener.accept() {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "replication accept failed");
+                        tracing::warn!(error = %e, what, "node accept failed");
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
                 };
-                let Some(guard) = LinkCount::try_new(&count) else {
+                let Some(guard) = LinkCount::try_new(&count, max) else {
                     if let Some(suppressed) = log.check(crate::lograte::REPEATED_ERROR_LOG_INTERVAL) {
-                        tracing::warn!(%peer, suppressed, max = REPLICATION_CONNECTIONS_MAX, "replication connections at their bound: closed");
+                        tracing::warn!(%peer, suppressed, max, what, "node connections at their bound: closed");
                     }
                     continue;
                 };
                 let (tls, inbox) = (tls.clone(), inbox.clone());
                 let spawned = std::thread::Builder::new()
-                    .name("iris-repl-pump".into())
+                    .name(format!("iris-{what}-pump"))
                     .spawn(move || serve_link(sock, peer, &tls, &inbox, guard));
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a replication link thread");
@@ -204,7 +210,7 @@ fn serve_link(sock: TcpStream, peer: SocketAddr, tls: &NodeTls, inbox: &Inbox, _
         pump(conn, sock, mine)
     });
     if let Err(e) = result {
-        tracing::warn!(%peer, error = %e, "replication link refused or ended");
+        tracing::warn!(%peer, error = %e, "node link (TLS) refused or ended");
     }
 }
 

@@ -94,8 +94,10 @@ struct CoreSpec {
     repl_inbox: Option<Arc<crate::node_tls::Inbox>>,
     /// This core's dup of the replication listener, if there is one.
     replication_fd: Option<OwnedFd>,
-    /// This core's dup of the node-link listener (role core).
+    /// This core's dup of the node-link listener (role core, plain links).
     link_fd: Option<OwnedFd>,
+    /// With mutual TLS: authenticated edge links, taken by core 0.
+    link_inbox: Option<Arc<crate::node_tls::Inbox>>,
     /// The cluster this process belongs to (roles core and edge).
     cluster: Option<Arc<ClusterSetup>>,
 }
@@ -153,7 +155,14 @@ impl ClusterSetup {
                 if nodes.len() > 1 {
                     config.replication.listen = Some(me.replication);
                     let peer = &nodes[1 - index];
-                    let role = crate::link::probe(peer.link, &spec, &name)?;
+                    let r = &config.replication;
+                    let tls = match (&r.cluster_ca, &r.node_cert, &r.node_key) {
+                        (Some(ca), Some(cert), Some(key)) => {
+                            Some(Arc::new(crate::node_tls::NodeTls::load(ca, cert, key)?))
+                        }
+                        _ => None,
+                    };
+                    let role = crate::link::probe(peer.link, &spec, &name, tls.as_ref())?;
                     config.replication.replica_of =
                         crate::cluster::replica_of(&spec, pair, index, role);
                     tracing::info!(node = %name, peer = %peer.name, ?role, replica_of = ?config.replication.replica_of, "cluster role");
@@ -279,8 +288,19 @@ pub fn persist_epoch(data: &Path, epoch: u64) -> std::io::Result<()> {
 
 /// Runs `iris serve` until SIGTERM/SIGINT.
 pub fn serve(mut config: Config) -> Result<(), String> {
-    config.validate()?;
+    // The cluster file gives a core node its addresses: checked with the rest.
     let cluster = ClusterSetup::resolve(&mut config)?.map(Arc::new);
+    config.validate()?;
+    if let Some(link) = cluster.as_ref().and_then(|c| c.link) {
+        let r = &config.replication;
+        if !link.ip().is_loopback() && r.cluster_ca.is_none() && !r.insecure_cluster {
+            return Err(format!(
+                "refusing a node-link listener on {link} without mutual TLS: anyone reaching it \
+                 could send as any user. Fix: --cluster-ca FILE --node-cert FILE --node-key FILE, \
+                 or loopback addresses, or --insecure-cluster to accept it"
+            ));
+        }
+    }
     let edge_only = config.role == crate::config::NodeRole::Edge;
     sys::probe_io_uring()?;
     let cpus =
@@ -342,9 +362,25 @@ pub fn serve(mut config: Config) -> Result<(), String> {
             listener,
             tls.clone(),
             repl_links.clone(),
+            crate::node_tls::REPLICATION_CONNECTIONS_MAX,
+            "replication",
         )?),
         (_, listener) => {
             listeners.replication = listener;
+            None
+        }
+    };
+    // The same for the node-link listener: edges authenticate first.
+    let link_inbox = match (&node_tls, listeners.link.take()) {
+        (Some(tls), Some(listener)) => Some(crate::node_tls::start_gateway(
+            listener,
+            tls.clone(),
+            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            crate::node_tls::EDGE_LINKS_MAX,
+            "link",
+        )?),
+        (_, listener) => {
+            listeners.link = listener;
             None
         }
     };
@@ -370,6 +406,7 @@ pub fn serve(mut config: Config) -> Result<(), String> {
             addresses: addresses.clone(),
             node_tls: node_tls.clone(),
             repl_inbox: if core == 0 { repl_inbox.clone() } else { None },
+            link_inbox: if core == 0 { link_inbox.clone() } else { None },
             replication_fd,
             link_fd,
             cluster: cluster.clone(),
@@ -563,16 +600,26 @@ async fn core_main(
     }
     if let Some(cluster) = &spec.cluster {
         spawn_links(&core, cluster);
+        let me = crate::link::CoreIdentity {
+            topology: cluster.spec.topology_hash,
+            node: cluster.name.as_str().into(),
+            pair: cluster.own_pair.unwrap_or(0),
+            stats: spec.stats.clone(),
+            frame_max: spec.config.limits.frame_len_max as usize + 1024,
+        };
         if let Some(fd) = spec.link_fd.take() {
-            let me = crate::link::CoreIdentity {
-                topology: cluster.spec.topology_hash,
-                node: cluster.name.as_str().into(),
-                pair: cluster.own_pair.unwrap_or(0),
-                stats: spec.stats.clone(),
-                frame_max: spec.config.limits.frame_len_max as usize + 1024,
-            };
             let listener = sys::tcp_listener(fd);
-            glommio::spawn_local(crate::link::acceptor(core.clone(), listener, me)).detach();
+            let task = crate::link::acceptor(core.clone(), listener, me.clone());
+            glommio::spawn_local(task).detach();
+        }
+        if let Some(inbox) = spec.link_inbox.clone() {
+            match sys::dup(std::os::fd::AsRawFd::as_raw_fd(&inbox.eventfd)) {
+                Ok(fd) => {
+                    let bell = sys::glommio_file(fd);
+                    glommio::spawn_local(link_inbox(core.clone(), inbox, bell, me)).detach();
+                }
+                Err(e) => return fail(format!("cannot watch the link gateway: {e}")),
+            }
         }
     }
     let is_primary = repl_config.replica_of.is_none();
@@ -801,7 +848,10 @@ async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
         match listener.accept().await {
             Ok(stream) => {
                 let links = core.borrow().repl.links.clone();
-                match crate::node_tls::LinkCount::try_new(&links) {
+                match crate::node_tls::LinkCount::try_new(
+                    &links,
+                    crate::node_tls::REPLICATION_CONNECTIONS_MAX,
+                ) {
                     Some(count) => {
                         let task = crate::repl::accept_replica(core.clone(), stream, Some(count));
                         glommio::spawn_local(task).detach();
@@ -821,6 +871,28 @@ async fn replication_acceptor(core: Rc<RefCell<Core>>, listener: TcpListener) {
                     glommio::timer::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+        if core.borrow().edge.shutting_down {
+            return;
+        }
+    }
+}
+
+/// Takes the edge links the TLS gateway authenticated (engine::node_tls).
+async fn link_inbox(
+    core: Rc<RefCell<Core>>,
+    inbox: Arc<crate::node_tls::Inbox>,
+    bell: glommio::io::BufferedFile,
+    me: crate::link::CoreIdentity,
+) {
+    loop {
+        if bell.read_at(0, 8).await.is_err() {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+        for fd in inbox.take() {
+            use std::os::fd::IntoRawFd;
+            let stream = sys::tcp_stream(fd.into_raw_fd());
+            glommio::spawn_local(crate::link::serve(core.clone(), stream, me.clone())).detach();
         }
         if core.borrow().edge.shutting_down {
             return;

@@ -163,3 +163,10 @@ pub fn terminate(pid: u32) {
     // SAFETY: kill(2) has no memory-safety preconditions; a stale pid gives ESRCH.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
 }
+
+/// Wraps a socket descriptor we own (a socketpair end) as a blocking Unix stream.
+pub fn unix_stream(fd: RawFd) -> std::os::unix::net::UnixStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is a fresh socketpair end that nothing else owns.
+    unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }
+}

@@ -38,9 +38,20 @@ pub struct DevCluster {
 impl DevCluster {
     /// `iris dev-cluster --pairs P --edges E --dir TMP -- serve_args...`
     pub fn start(pairs: usize, edges: usize, serve_args: &[&str]) -> DevCluster {
+        DevCluster::start_with(pairs, edges, &[], serve_args)
+    }
+
+    /// With more dev-cluster flags (e.g. `--mtls`).
+    pub fn start_with(
+        pairs: usize,
+        edges: usize,
+        flags: &[&str],
+        serve_args: &[&str],
+    ) -> DevCluster {
         let dir = unique_temp_path("cluster");
         let mut cmd = Command::new(iris_bin());
         cmd.args(["dev-cluster", "--pairs", &pairs.to_string()])
+            .args(flags)
             .args(["--edges", &edges.to_string(), "--dir"])
             .arg(&dir)
             .arg("--")
@@ -248,7 +259,10 @@ impl DevCluster {
             if caught_up {
                 return;
             }
-            assert!(Instant::now() < deadline, "{primary}'s replica did not catch up: {stats}");
+            assert!(
+                Instant::now() < deadline,
+                "{primary}'s replica did not catch up: {stats}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -258,7 +272,9 @@ impl DevCluster {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             for n in self.nodes.iter().filter(|n| n.pair == pair) {
-                if let Ok((200, body)) = engine::admin_cmd::http("GET", &n.admin, "/replication/stats") {
+                if let Ok((200, body)) =
+                    engine::admin_cmd::http("GET", &n.admin, "/replication/stats")
+                {
                     if body.contains("\"role\":\"primary\"") {
                         return n.name.clone();
                     }

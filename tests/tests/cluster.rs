@@ -286,6 +286,55 @@ fn kill9_primary_under_load_costs_a_pause_not_an_error() {
     }
 }
 
+/// With mutual TLS on every link: traffic flows through the edges, and an
+/// edge without a certificate of the cluster CA gets no link at all.
+#[test]
+fn mutual_tls_links_carry_traffic_and_keep_strangers_out() {
+    let c = DevCluster::start_with(2, 1, &["--mtls"], &[]);
+    let recipients = vec![
+        users_in("m-p0-", &range(&c, "p0"), 1).remove(0),
+        users_in("m-p1-", &range(&c, "p1"), 1).remove(0),
+    ];
+    let receivers: Vec<_> = recipients
+        .iter()
+        .map(|r| Receiver::start(c.edge(0), r))
+        .collect();
+    let sender = Sender::start(c.edge(0), "m-sender", &recipients, 8);
+    sender.wait_stored(200, "over mutual TLS");
+    let stored = sender.finish();
+    thread::sleep(Duration::from_millis(500));
+    let received: HashMap<String, _> = recipients
+        .iter()
+        .cloned()
+        .zip(receivers.into_iter().map(Receiver::finish))
+        .collect();
+    check(&stored, &received);
+    // An edge without certificates: its links never get past the TLS handshake.
+    let (mut edge, client, log) = start_edge(&c, &c.cluster_file.clone(), "stranger");
+    // Its login waits for a pair that never answers.
+    let login = tests::Client::connect(&client, "m-stranger", b"t", Duration::from_secs(2));
+    assert!(
+        login.is_err(),
+        "a login through an edge without a certificate got WELCOME"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let core_log = c.dir.join("p0a.log");
+    while !std::fs::read_to_string(&core_log)
+        .unwrap_or_default()
+        .contains("node link (TLS) refused")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no TLS refusal logged:\n{}",
+            c.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::read_to_string(&log);
+    let _ = edge.kill();
+    let _ = edge.wait();
+}
+
 /// Starts `iris serve --role edge` with `cluster`; returns it and its client address.
 fn start_edge(
     c: &DevCluster,
