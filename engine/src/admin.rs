@@ -625,7 +625,7 @@ fn encode_auth(auth: &AuthStats, encoder: &mut DescriptorEncoder<'_>) -> std::fm
 
 fn encode_node(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     let role = stats.role();
-    let roles = [Role::Primary, Role::Replica, Role::Fenced]
+    let roles = [Role::Primary, Role::Replica, Role::Fenced, Role::Edge]
         .map(|r| (vec![("role", r.name().to_owned())], u64::from(r == role)));
     labeled_gauges(encoder, "iris_role", "1 for this node's role", &roles)?;
     gauge(

@@ -329,7 +329,9 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     } else {
         read_epoch(&config.data)?
     };
-    let role = if config.replication.replica_of.is_some() {
+    let role = if edge_only {
+        Role::Edge
+    } else if config.replication.replica_of.is_some() {
         Role::Replica
     } else {
         Role::Primary

@@ -12,6 +12,8 @@ pub enum Role {
     Replica = 1,
     /// Saw a higher epoch: no longer primary, not (yet) a replica.
     Fenced = 2,
+    /// An edge: client connections only, no shard (docs/CLUSTER.md).
+    Edge = 3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,10 +31,10 @@ pub enum Mode {
 
 impl Role {
     pub fn name(self) -> &'static str {
-        ["primary", "replica", "fenced"][self as usize]
+        ["primary", "replica", "fenced", "edge"][self as usize]
     }
     fn from_u8(v: u8) -> Role {
-        [Role::Primary, Role::Replica, Role::Fenced][v as usize % 3]
+        [Role::Primary, Role::Replica, Role::Fenced, Role::Edge][v as usize % 4]
     }
 }
 
