@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The edge figures of BENCHMARKS.md, from one `iris dev-cluster --pairs 1
 # --edges 1` (the pair's two nodes and the edge pinned to SERVER_CPU, the
-# driver to DRIVER_CPU). Per run, alternating, on the same cluster:
-#   msgs --offline C=64 W=16 S=100 through the edge, then straight to the primary
-#   msgs --offline C=1 W=1 S=100 through the edge, then straight to the primary
+# driver to DRIVER_CPU). Per run, on a fresh cluster (offline runs fill the
+# inboxes), edge and direct in turn, which goes first alternating by run:
+#   msgs --offline C=64 W=16 S=100 through the edge / straight to the primary
+#   msgs --offline C=1 W=1 S=100 through the edge / straight to the primary
 # then once: flood 15,000 idle connections on the edge (user-space bytes per
 # connection), and failover-bench (promotion to the first STORED, 20 rounds).
 #
@@ -52,15 +53,20 @@ run() {
         | jq -c --arg l "$label" '. + {"label": $l}' >>"$results"
 }
 
-start_cluster
 for r in $(seq 1 "$runs"); do
     echo "run $r/$runs" >&2
-    run edge-c64 "$EDGE_ADDR" "$EDGE_PID" --offline --conns 64 --inflight 16 --size 100 --duration "$duration"
-    run core-c64 "$CORE_ADDR" "$CORE_PID" --offline --conns 64 --inflight 16 --size 100 --duration "$duration"
-    run edge-c1 "$EDGE_ADDR" "$EDGE_PID" --offline --conns 1 --inflight 1 --size 100 --duration "$duration"
-    run core-c1 "$CORE_ADDR" "$CORE_PID" --offline --conns 1 --inflight 1 --size 100 --duration "$duration"
+    start_cluster
+    if [ $((r % 2)) -eq 1 ]; then order="edge core"; else order="core edge"; fi
+    for shape in c64 c1; do
+        for side in $order; do
+            if [ "$side" = edge ]; then addr="$EDGE_ADDR" pid="$EDGE_PID"; else addr="$CORE_ADDR" pid="$CORE_PID"; fi
+            if [ "$shape" = c64 ]; then flags="--conns 64 --inflight 16"; else flags="--conns 1 --inflight 1"; fi
+            # shellcheck disable=SC2086
+            run "$side-$shape" "$addr" "$pid" --offline $flags --size 100 --duration "$duration"
+        done
+    done
+    stop_cluster
 done
-stop_cluster
 
 # Idle connections on a fresh edge.
 start_cluster

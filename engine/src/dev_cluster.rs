@@ -59,11 +59,17 @@ pub fn run(args: &DevClusterArgs) -> ExitCode {
     }
 }
 
-/// A free loopback port (bound and released: the node binds it next).
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+/// `n` distinct free loopback ports: all held at once while collected (a
+/// port released before the next bind could be handed out twice), then
+/// released for the nodes to bind.
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
@@ -78,10 +84,7 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", args.dir.display()))?;
     crate::sys::install_signal_handlers().map_err(|e| format!("signal handlers: {e}"))?;
-    let mut ports = Vec::new();
-    for _ in 0..(args.pairs * 8 + args.edges * 2) {
-        ports.push(free_port()?);
-    }
+    let ports = free_ports(args.pairs * 8 + args.edges * 2)?;
     let mut next = ports.into_iter();
     let text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
     let path = dir.join("cluster.toml");

@@ -122,22 +122,20 @@ fn consume(buf: &mut [u8], pending: &mut usize, used: usize) {
 
 /// Accepts node links on one core (each core holds a dup of the listener).
 pub async fn acceptor(core: Rc<RefCell<Core>>, listener: TcpListener, me: CoreIdentity) {
+    // Never cancelled while waiting: dropping an io_uring accept that already
+    // completed in the kernel would strand a connection nobody serves (an
+    // edge then waits out its handshake timeout). The task ends with the
+    // executor.
     loop {
-        if core.borrow().edge.shutting_down {
-            return;
-        }
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            glommio::timer::sleep(Duration::from_millis(100)).await;
-            None
-        })
-        .await;
-        match accepted {
-            None => continue,
-            Some(Ok(stream)) => {
+        match listener.accept().await {
+            Ok(stream) => {
+                if core.borrow().edge.shutting_down {
+                    continue; // dropped: the edge reconnects elsewhere
+                }
                 let _ = stream.set_nodelay(true);
                 glommio::spawn_local(serve(core.clone(), stream, me.clone())).detach();
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "node link accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }

@@ -278,6 +278,19 @@ fn pump(mut conn: Connection, mut sock: TcpStream, mut pair: UnixStream) -> Resu
     conn.set_buffer_limit(Some(PUMP_BUFFER_BYTES));
     let mut to_pair: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; PUMP_READ_BYTES];
+    // The handshake may have read the peer's first application data along
+    // with its last handshake message: it is already inside rustls, and the
+    // socket will not turn readable for it. Hand it over before polling.
+    conn.process_new_packets()
+        .map_err(|e| format!("TLS: {e}"))?;
+    loop {
+        match conn.reader().read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to_pair.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     loop {
         if crate::sys::SHUTDOWN.load(Ordering::SeqCst) {
             return Ok(());

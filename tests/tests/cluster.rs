@@ -346,14 +346,20 @@ fn a_slow_reader_behind_an_edge_gets_everything_once_in_order() {
         let (mut reader, _) = connect(c.edge(1), &user);
         let (mut sender, _) = connect(c.edge(0), &format!("fast-{pair}"));
         let body = vec![b'x'; 1000];
-        let messages: Vec<(&str, &[u8])> = (0..1500).map(|_| (user.as_str(), body.as_slice())).collect();
+        let messages: Vec<(&str, &[u8])> = (0..1500)
+            .map(|_| (user.as_str(), body.as_slice()))
+            .collect();
         let ids = tests::pipeline_stored_to(&mut sender, &messages, 64);
         // Nothing was read so far: the edge's outbox for `reader` filled and
         // the rest waits in the pair's inbox.
         let got = tests::collect_and_ack(&mut reader, ids.len());
         let seqs: Vec<u64> = got.iter().map(|d| d.seq).collect();
         let first = seqs[0];
-        assert_eq!(seqs, (first..first + ids.len() as u64).collect::<Vec<_>>(), "{pair}: seqs");
+        assert_eq!(
+            seqs,
+            (first..first + ids.len() as u64).collect::<Vec<_>>(),
+            "{pair}: seqs"
+        );
         let got_ids: Vec<MsgId> = got.iter().map(|d| d.msg_id).collect();
         assert_eq!(got_ids, ids, "{pair}: every message once, in order");
         expect_quiet(&mut reader);

@@ -1440,7 +1440,7 @@ fn mutual_tls_links_replicate_and_keep_outsiders_from_fencing() {
     assert_eq!(stats["epoch"], 1);
     let (mut alice, _) = connect(&primary.client, "alice");
     tests::send_stored(&mut alice, "mtls-bob0", b"still serving");
-    assert!(primary.log().contains("replication link refused or ended"));
+    assert!(primary.log().contains("node link (TLS) refused or ended"));
 
     // A node of the cluster is trusted: its HELLO is read and answered.
     let mut member = tls_peer(&primary.repl, &ca, &certs, "c").expect("cluster member handshake");
