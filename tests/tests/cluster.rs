@@ -241,6 +241,45 @@ fn the_latest_hello_across_edges_receives() {
     }
 }
 
+/// A client connected straight to a core node reaches users of the other
+/// pair (the node forwards over its own links), and receives from them.
+#[test]
+fn a_core_node_takes_clients_for_users_of_any_pair() {
+    let c = DevCluster::start(2, 1, &[]);
+    let on_p0 = users_in("direct-p0-", &range(&c, "p0"), 1).remove(0);
+    let on_p1 = users_in("direct-p1-", &range(&c, "p1"), 1).remove(0);
+    // Both connect to p0's primary; one of them lives on p1.
+    let p0a = c.node("p0a").client.clone();
+    let (mut a, _) = connect(&p0a, &on_p0);
+    let (mut b, _) = connect(&p0a, &on_p1);
+    let exchange = |from: &mut tests::Client, to: &mut tests::Client, to_name: &str| {
+        let id = new_msg_id();
+        from.send(id, to_name, b"across pairs").expect("send");
+        from.flush().expect("flush");
+        match next_event(from) {
+            Event::Stored { msg_id } => assert_eq!(msg_id, id),
+            other => panic!("expected STORED, got {other:?}"),
+        }
+        match next_event(to) {
+            Event::Deliver(d) => assert_eq!(d.msg_id, id),
+            other => panic!("expected DELIVER, got {other:?}"),
+        }
+    };
+    exchange(&mut a, &mut b, &on_p1);
+    exchange(&mut b, &mut a, &on_p0);
+    // The p1 user's inbox is on p1's primary (its stats are published
+    // every maintenance tick: wait for them).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = c.stats("p1a");
+        if stats["shards"][0]["last_position"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing stored on p1: {stats}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Kill -9 of one pair's primary under load through both edges, then the
 /// replica's promotion: senders see only STORED (a pause), receivers stay
 /// connected, and every STORED id arrives exactly once, in order.
