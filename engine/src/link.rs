@@ -285,8 +285,14 @@ async fn write_answers(
             futures_lite::future::or(woken, glommio::timer::sleep(ROLE_POLL)).await;
             continue;
         }
-        if let Err(e) = writer.write_all(&batch).await {
-            return format!("write failed: {e}");
+        let write = async {
+            writer
+                .write_all(&batch)
+                .await
+                .map_err(|e| format!("write failed: {e}"))
+        };
+        if let Err(e) = within(SILENCE_MAX, write).await {
+            return e;
         }
         let mut c = core.borrow_mut();
         if let Some(l) = c.edge.links_in.get_mut(&link) {
@@ -332,7 +338,9 @@ async fn read_requests(
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        let len = match read_frame(&mut reader, &mut buf, &mut pending, frame_max).await {
+        // An edge pings every PING_EVERY: silence means it is gone or paused.
+        let read = read_frame(&mut reader, &mut buf, &mut pending, frame_max);
+        let len = match within(SILENCE_MAX, read).await {
             Ok(len) => len,
             Err(e) => return e,
         };
@@ -602,7 +610,13 @@ async fn write_requests(
 ) -> Result<(), String> {
     let mut last_ping = std::time::Instant::now();
     loop {
-        let batch = {
+        // A node that stopped answering (paused, cut off) is dropped even
+        // while requests keep flowing: PINGs go out every PING_EVERY whatever
+        // else does, and every PONG or answer counts as heard.
+        if heard.get().elapsed() > SILENCE_MAX {
+            return Err(format!("node silent for {SILENCE_MAX:?}"));
+        }
+        let mut batch = {
             let mut c = core.borrow_mut();
             let links = c.edge.remote.as_mut().expect("routes");
             let batch = links.take_batch(pair, node, BATCH_BYTES_MAX);
@@ -611,35 +625,32 @@ async fn write_requests(
             }
             batch
         };
-        let batch = match batch {
-            Some(b) => b,
-            None if last_ping.elapsed() >= PING_EVERY => {
-                if heard.get().elapsed() > SILENCE_MAX {
-                    return Err(format!("node silent for {SILENCE_MAX:?}"));
+        if last_ping.elapsed() >= PING_EVERY {
+            last_ping = std::time::Instant::now();
+            let out = batch.get_or_insert_with(Vec::new);
+            proto::encode(&Msg::Ping { now_ms: now_ms() }, out);
+        }
+        let Some(batch) = batch else {
+            let woken = std::future::poll_fn(|cx| {
+                let mut c = core.borrow_mut();
+                let links = c.edge.remote.as_mut().expect("routes");
+                if links.has_batch(pair, node) {
+                    return std::task::Poll::Ready(());
                 }
-                last_ping = std::time::Instant::now();
-                let mut out = Vec::new();
-                proto::encode(&Msg::Ping { now_ms: now_ms() }, &mut out);
-                out
-            }
-            None => {
-                let woken = std::future::poll_fn(|cx| {
-                    let mut c = core.borrow_mut();
-                    let links = c.edge.remote.as_mut().expect("routes");
-                    if links.has_batch(pair, node) {
-                        return std::task::Poll::Ready(());
-                    }
-                    links.pairs[pair as usize].nodes[node].waker = Some(cx.waker().clone());
-                    std::task::Poll::Pending
-                });
-                futures_lite::future::or(woken, glommio::timer::sleep(PING_EVERY)).await;
-                continue;
-            }
+                links.pairs[pair as usize].nodes[node].waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            });
+            futures_lite::future::or(woken, glommio::timer::sleep(PING_EVERY)).await;
+            continue;
         };
-        writer
-            .write_all(&batch)
-            .await
-            .map_err(|e| format!("write failed: {e}"))?;
+        // A write that cannot finish (the node stopped reading) is bounded too.
+        within(SILENCE_MAX, async {
+            writer
+                .write_all(&batch)
+                .await
+                .map_err(|e| format!("write failed: {e}"))
+        })
+        .await?;
     }
 }
 

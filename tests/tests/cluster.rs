@@ -440,6 +440,48 @@ fn start_edge(
 /// Every core node restarted in turn (clean stop, promotion, rejoin) while
 /// clients send through both edges: no client error, nothing lost or
 /// delivered twice.
+/// A primary paused (SIGSTOP) under load, its replica promoted: the edges
+/// follow the higher epoch although the paused node's links stay open, and
+/// resend what the paused node never answered.
+#[test]
+fn a_paused_primary_is_left_behind_for_the_promoted_replica() {
+    let mut c = DevCluster::start(2, 2, &FAST);
+    let recipients = users_in("z-p0-", &range(&c, "p0"), 2);
+    let receivers: Vec<_> = recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Receiver::start(c.edge(i % 2), r))
+        .collect();
+    let senders: Vec<_> = (0..2)
+        .map(|i| Sender::start(c.edge(i % 2), &format!("zs{i}"), &recipients, 16))
+        .collect();
+    senders[0].wait_stored(200, "before the pause");
+    let paused = c.node("p0a").pid;
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &paused.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.promote("p0b"), 2);
+    for s in &senders {
+        s.wait_stored(200, "after the promotion");
+    }
+    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
+    thread::sleep(Duration::from_millis(800));
+    let received: HashMap<String, _> = recipients
+        .iter()
+        .cloned()
+        .zip(receivers.into_iter().map(Receiver::finish))
+        .collect();
+    check(&stored, &received);
+    signal("-CONT");
+    c.kill9("p0a");
+}
+
 #[test]
 fn rolling_restart_under_load_shows_clients_no_error() {
     let mut c = DevCluster::start(2, 2, &FAST);
