@@ -59,18 +59,42 @@ pub fn run(args: &DevClusterArgs) -> ExitCode {
     }
 }
 
-/// `n` distinct free loopback ports: all held at once while collected (a
-/// port released before the next bind could be handed out twice), then
-/// released for the nodes to bind.
+/// Where dev clusters take their ports: below the kernel's ephemeral range
+/// (32768 and up by default), so a port freed by a killed node is not taken
+/// by some connection's source port before the node restarts on it.
+const PORTS_FROM: u16 = 12000;
+const PORTS_TO: u16 = 32000;
+/// Serializes port picking between dev clusters starting at once on one
+/// machine: the lock is held until every node of this cluster has bound its
+/// ports, so the next cluster's bind check sees them taken.
+const PORT_LOCK: &str = "/tmp/iris-dev-cluster.lock";
+
+/// `n` distinct free loopback ports in [PORTS_FROM, PORTS_TO), from a
+/// random start: all held at once while picked, then released for the
+/// nodes to bind (the caller holds PORT_LOCK until they have).
 fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    let span = u32::from(PORTS_TO - PORTS_FROM);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut held = Vec::new();
+    for i in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = PORTS_FROM + ((seed.wrapping_add(i * 7919)) % span) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        return Err(format!("fewer than {n} free ports in {PORTS_FROM}..{PORTS_TO}"));
+    }
     held.iter()
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot find a free port: {e}"))
+        .map_err(|e| format!("cannot read a port: {e}"))
 }
 
 fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
@@ -84,6 +108,13 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", args.dir.display()))?;
     crate::sys::install_signal_handlers().map_err(|e| format!("signal handlers: {e}"))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PORT_LOCK)
+        .map_err(|e| format!("cannot open {PORT_LOCK}: {e}"))?;
+    lock.lock().map_err(|e| format!("cannot lock {PORT_LOCK}: {e}"))?;
     let ports = free_ports(args.pairs * 8 + args.edges * 2)?;
     let mut next = ports.into_iter();
     let text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
@@ -93,6 +124,8 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the iris binary: {e}"))?;
     let mut started: Vec<Started> = Vec::new();
     let result = start_all(args, &dir, &path, &spec, &exe, &mut next, &mut started);
+    // Every node bound its ports (or failed): the next cluster may pick.
+    drop(lock);
     match result {
         Ok(line) => {
             println!("{line}");
