@@ -89,7 +89,9 @@ fn free_ports(n: usize) -> Result<Vec<u16>, String> {
         }
     }
     if held.len() < n {
-        return Err(format!("fewer than {n} free ports in {PORTS_FROM}..{PORTS_TO}"));
+        return Err(format!(
+            "fewer than {n} free ports in {PORTS_FROM}..{PORTS_TO}"
+        ));
     }
     held.iter()
         .map(|l| l.local_addr().map(|a| a.port()))
@@ -114,7 +116,8 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
         .write(true)
         .open(PORT_LOCK)
         .map_err(|e| format!("cannot open {PORT_LOCK}: {e}"))?;
-    lock.lock().map_err(|e| format!("cannot lock {PORT_LOCK}: {e}"))?;
+    lock.lock()
+        .map_err(|e| format!("cannot lock {PORT_LOCK}: {e}"))?;
     let ports = free_ports(args.pairs * 8 + args.edges * 2)?;
     let mut next = ports.into_iter();
     let text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
