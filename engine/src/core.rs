@@ -637,6 +637,25 @@ impl Edge {
                 from,
                 sent_ms,
                 body,
+            } if conn.link != 0 => {
+                // For an edge's connection, through the link it came on.
+                let msg = crate::link_proto::Msg::Deliver {
+                    conn: link_conn(conn),
+                    seq,
+                    msg_id,
+                    sent_ms,
+                    from: &from,
+                    body: &body,
+                };
+                self.link_write(conn, &msg);
+            }
+            Mail::Deliver {
+                conn,
+                seq,
+                msg_id,
+                from,
+                sent_ms,
+                body,
             } => self.deliver_local(conn, seq, msg_id, &from, sent_ms, &body),
             other => unreachable!("shard request routed to the edge: {other:?}"),
         }

@@ -93,7 +93,7 @@ struct ServeArgs {
     #[arg(long)]
     cluster: Option<PathBuf>,
     /// With --role core: this node's name in the cluster file (its client, link,
-    /// replication and admin addresses come from there; --listen and --admin override).
+    /// replication and admin addresses come from there, not from --listen or --admin).
     #[arg(long)]
     node: Option<String>,
     /// With --role edge: the name in link handshakes and logs. [default: edge-PID]

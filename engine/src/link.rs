@@ -320,7 +320,9 @@ async fn read_requests(
             let wait = {
                 let c = core.borrow();
                 let l = c.edge.links_in.get(&link);
-                c.edge.mesh_full()
+                // Only the mesh to this node's own shards: an edge's requests
+                // never wait on this node's own routes to other pairs.
+                c.edge.outgoing_len >= c.edge.limits.mesh_outgoing_max
                     || c.edge.shutting_down
                     || l.is_none_or(|l| l.out.len() > crate::core::LINK_OUT_BYTES_MAX / 2)
             };
@@ -593,6 +595,26 @@ fn reregister(c: &mut Core, pair: u16) {
             generation,
         };
         proto::encode(&Msg::Login { conn, user: &user }, &mut frames);
+        // A connection whose deliveries were rewound tells the new primary
+        // where to start again, and whether its outbox drained meanwhile.
+        let (blocked, expected) = {
+            let slot = c.edge.slot(index);
+            (
+                slot.deliver_blocked_since_ms != 0,
+                slot.deliver_expected_seq,
+            )
+        };
+        if expected != 0 {
+            let rewind = Msg::Rewind {
+                conn,
+                seq: expected,
+                user: &user,
+            };
+            proto::encode(&rewind, &mut frames);
+            if !blocked {
+                proto::encode(&Msg::Resume { conn, user: &user }, &mut frames);
+            }
+        }
     }
     c.edge
         .remote
@@ -756,6 +778,11 @@ pub fn probe(
 ) -> Result<PeerRole, String> {
     match tls {
         Some(tls) => {
+            // Nobody listening: unreachable. (The TLS dial below reports a
+            // refused connection only as an end of stream.)
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err() {
+                return Ok(PeerRole::Unreachable);
+            }
             // Mutual TLS on a pump thread; this end is plaintext.
             let Ok(fd) = crate::node_tls::dial(&addr.to_string(), tls) else {
                 return Ok(PeerRole::Unreachable);
@@ -797,7 +824,14 @@ fn exchange_probe(
     let mut chunk = [0u8; 512];
     while buf.len() < HANDSHAKE_BYTES_MAX {
         match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return Ok(PeerRole::Unreachable),
+            // Connected but no answer: the peer may be a primary that is
+            // slow; starting as primary on a guess could make a second one.
+            Ok(0) | Err(_) => {
+                return Err(format!(
+                    "the peer node at {addr} accepted the startup probe but did not answer; \
+                     start this node again once the peer answers (or stop the peer)"
+                ))
+            }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
         match proto::decode(&buf) {

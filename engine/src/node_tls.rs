@@ -271,6 +271,17 @@ fn handshake(mut conn: Connection, sock: &TcpStream) -> Result<Connection, Strin
 
 /// Moves bytes both ways between the TLS socket and the socketpair end until
 /// either side closes or fails.
+/// The peer closed: plaintext it sent before still reaches our side (a
+/// WELCOME or REFUSE followed at once by close_notify is the common case).
+fn flush_to_pair(pair: &mut UnixStream, to_pair: &[u8]) -> Result<(), String> {
+    if to_pair.is_empty() {
+        return Ok(());
+    }
+    pair.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let _ = pair.set_write_timeout(Some(NODE_HANDSHAKE_TIMEOUT));
+    pair.write_all(to_pair).map_err(|e| e.to_string())
+}
+
 fn pump(mut conn: Connection, mut sock: TcpStream, mut pair: UnixStream) -> Result<(), String> {
     let err = |e: io::Error| e.to_string();
     sock.set_nonblocking(true).map_err(err)?;
@@ -285,7 +296,7 @@ fn pump(mut conn: Connection, mut sock: TcpStream, mut pair: UnixStream) -> Resu
         .map_err(|e| format!("TLS: {e}"))?;
     loop {
         match conn.reader().read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return flush_to_pair(&mut pair, &to_pair),
             Ok(n) => to_pair.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) => return Err(e.to_string()),
@@ -339,13 +350,14 @@ fn pump(mut conn: Connection, mut sock: TcpStream, mut pair: UnixStream) -> Resu
         let (sock_ready, pair_ready) = (fds[0].revents, fds[1].revents);
         if sock_ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
             match conn.read_tls(&mut sock) {
-                Ok(0) => return Ok(()), // the peer closed
+                Ok(0) => return flush_to_pair(&mut pair, &to_pair), // the peer closed
                 Ok(_) => {
                     conn.process_new_packets()
                         .map_err(|e| format!("TLS: {e}"))?;
                     loop {
                         match conn.reader().read(&mut buf) {
-                            Ok(0) => return Ok(()), // close_notify
+                            // close_notify: what came before it still goes through.
+                            Ok(0) => return flush_to_pair(&mut pair, &to_pair),
                             Ok(n) => to_pair.extend_from_slice(&buf[..n]),
                             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                             Err(e) => return Err(e.to_string()),

@@ -216,6 +216,34 @@ fn traffic_crosses_pairs_and_edges_exactly_once_in_order() {
     assert!(stored.len() >= 1600);
 }
 
+/// Core nodes with two cores each: a shard answers an edge's connection
+/// through the core that holds the link (the core mesh carries it there).
+#[test]
+fn multi_core_nodes_answer_edges_through_the_core_mesh() {
+    let c = DevCluster::start_with(2, 2, &["--cores", "2"], &[]);
+    let mut recipients = users_in("mc-p0-", &range(&c, "p0"), 4);
+    recipients.extend(users_in("mc-p1-", &range(&c, "p1"), 4));
+    let receivers: Vec<_> = recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Receiver::start(c.edge(i % 2), r))
+        .collect();
+    let senders: Vec<_> = (0..2)
+        .map(|i| Sender::start(c.edge((i + 1) % 2), &format!("mcs{i}"), &recipients, 16))
+        .collect();
+    for s in &senders {
+        s.wait_stored(400, "two cores per node");
+    }
+    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
+    thread::sleep(Duration::from_millis(500));
+    let received: HashMap<String, _> = recipients
+        .iter()
+        .cloned()
+        .zip(receivers.into_iter().map(Receiver::finish))
+        .collect();
+    check(&stored, &received);
+}
+
 #[test]
 fn the_latest_hello_across_edges_receives() {
     let c = DevCluster::start(2, 2, &[]);
