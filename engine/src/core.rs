@@ -58,6 +58,12 @@ pub enum Mail {
         conn: ConnRef,
         user: Box<str>,
     },
+    /// An edge's link accepted on core `core` closed: shards forget the
+    /// presence of its connections.
+    LinkClosed {
+        core: u16,
+        link: u16,
+    },
     /// A replica's stream for this core's shard, accepted on another core:
     /// a descriptor this core now owns, and the replica's HELLO.
     AdoptReplica {
@@ -305,8 +311,10 @@ impl Edge {
     }
 
     /// Registers a link from an edge; None at LINKS_PER_CORE_MAX. Ids are
-    /// not reused until 65535 others were handed out, so a stale answer
-    /// never reaches a newer link.
+    /// not reused until 65535 others were handed out, and a closed link's
+    /// presences are forgotten (`Core::link_closed`), so no delivery for a
+    /// closed link reaches a newer one; a stray STORED or REJECTED is
+    /// dropped by the edge (it answers only SENDs it is waiting for).
     pub fn add_link(&mut self) -> Option<u16> {
         if self.links_in.len() >= LINKS_PER_CORE_MAX {
             return None;
@@ -993,6 +1001,11 @@ impl Core {
                 shard.logout(conn, &user);
                 Ok(())
             }
+            Mail::LinkClosed { core, link } => {
+                let cleared = shard.forget_link(core, link);
+                tracing::debug!(core, link, cleared, "edge link closed: presence forgotten");
+                Ok(())
+            }
             Mail::AdoptReplica { .. } => {
                 unreachable!("replica streams are adopted by the mesh receiver")
             }
@@ -1164,6 +1177,22 @@ impl Core {
                 self.handle_one(mail);
             } else {
                 self.edge.post(dest, mail);
+            }
+        }
+    }
+
+    /// An edge's link on this core closed: every shard of the node forgets
+    /// its connections' presence (no delivery can reach a later link that
+    /// reuses the id).
+    pub fn link_closed(&mut self, link: u16) {
+        self.edge.links_in.remove(&link);
+        let core = self.edge.id;
+        if self.shard.exists() {
+            self.handle_one(Mail::LinkClosed { core, link });
+        }
+        for dest in 0..self.edge.nr_cores as u16 {
+            if dest != core {
+                self.edge.post(dest, Mail::LinkClosed { core, link });
             }
         }
     }

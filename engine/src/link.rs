@@ -240,7 +240,7 @@ pub async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdent
     let reading = read_requests(core.clone(), reader, link, buf, pending, me.frame_max);
     let why = futures_lite::future::or(writing, reading).await;
     tracing::info!(peer, edge = %name, link, reason = %why, "edge link closed");
-    core.borrow_mut().edge.links_in.remove(&link);
+    core.borrow_mut().link_closed(link);
 }
 
 async fn write_answers(

@@ -612,6 +612,33 @@ impl Shard {
         }
     }
 
+    /// An edge's link on core `core` closed: its connections stop receiving
+    /// here (they log in again through the edge's next link). Returns how
+    /// many presences were cleared. One pass over the users: links close
+    /// rarely.
+    pub fn forget_link(&mut self, core: u16, link: u16) -> usize {
+        let gone: Vec<Rc<str>> = self
+            .live
+            .inboxes
+            .iter()
+            .filter(|(_, i)| {
+                i.presence
+                    .as_ref()
+                    .is_some_and(|p| p.conn.core == core && p.conn.link == link)
+            })
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in &gone {
+            let conn = self.live.inboxes[user]
+                .presence
+                .as_ref()
+                .expect("filtered on presence")
+                .conn;
+            self.logout(conn, user);
+        }
+        gone.len()
+    }
+
     /// Cumulative ACK (already checked by the edge against what it delivered).
     pub fn ack(&mut self, user: &str, seq: u64, sink: &mut impl Sink) -> Result<(), ShardError> {
         let Some(inbox) = self.live.inboxes.get_mut(user) else {
@@ -1150,6 +1177,34 @@ mod tests {
     fn commit(shard: &mut Shard, sink: &mut Recorder) {
         shard.wal_mut().sync().expect("sync");
         shard.on_durable(sink);
+    }
+
+    #[test]
+    fn a_closed_links_presence_is_forgotten() {
+        let dir = temp_dir("forget-link");
+        let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let mut sink = Recorder::default();
+        let remote = ConnRef {
+            core: 1,
+            link: 3,
+            slot: 9,
+            generation: 1,
+        };
+        shard.login(remote, "bob", &mut sink);
+        shard.login(CONN, "carol", &mut sink);
+        assert_eq!(shard.forget_link(1, 4), 0, "another link");
+        assert_eq!(shard.forget_link(0, 3), 0, "the same id on another core");
+        assert_eq!(shard.forget_link(1, 3), 1);
+        send(&mut shard, &mut sink, "alice", "bob", 1, b"hi");
+        send(&mut shard, &mut sink, "alice", "carol", 2, b"hi");
+        commit(&mut shard, &mut sink);
+        assert_eq!(sink.stored, vec![id(1), id(2)]);
+        assert_eq!(
+            sink.delivered,
+            vec![(1, id(2))],
+            "only carol's connection receives"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
