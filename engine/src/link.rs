@@ -730,7 +730,7 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
     let links = c.edge.remote.as_mut().expect("routes");
     match msg {
         Msg::Stored { conn, msg_id } => {
-            if links.answered(pair, conn, msg_id) {
+            for _ in 0..links.answered(pair, conn, msg_id) {
                 c.edge.stored(local(conn), msg_id);
             }
         }
@@ -740,7 +740,7 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
             code,
             reason,
         } => {
-            if links.answered(pair, conn, msg_id) {
+            for _ in 0..links.answered(pair, conn, msg_id) {
                 c.edge.rejected(local(conn), msg_id, code, reason);
             }
         }

@@ -31,7 +31,9 @@ pub struct PairRoute {
     pub out: Vec<u8>,
     /// Unanswered SENDs, encoded, by arrival order.
     sends: BTreeMap<u64, Box<[u8]>>,
-    send_index: HashMap<(Conn, MsgId), u64, ahash::RandomState>,
+    /// Its order, and how many SENDs of the connection carry that msg_id
+    /// (each gets an answer, as from a single node's dedup).
+    send_index: HashMap<(Conn, MsgId), (u64, u32), ahash::RandomState>,
     next_send: u64,
     /// SENDs ordered below this were written to the active node.
     written_below: u64,
@@ -115,37 +117,38 @@ impl Links {
         let Msg::Send { conn, msg_id, .. } = msg else {
             unreachable!("push_send takes SENDs")
         };
+        let p = &mut self.pairs[pair as usize];
+        if let Some((_, copies)) = p.send_index.get_mut(&(*conn, *msg_id)) {
+            // The client reused a msg_id still unanswered: the first copy
+            // stands (a node's dedup would store only it too), and its
+            // answer is given once per copy.
+            *copies += 1;
+            return;
+        }
         let mut frame = Vec::new();
         proto::encode(msg, &mut frame);
-        let p = &mut self.pairs[pair as usize];
         let order = p.next_send;
         p.next_send += 1;
-        if let Some(old) = p.send_index.insert((*conn, *msg_id), order) {
-            // The client reused an unanswered msg_id: one answer goes back
-            // for the newest; the old copy is not sent again.
-            if let Some(bytes) = p.sends.remove(&old) {
-                p.sends_bytes -= bytes.len();
-                self.bytes -= bytes.len();
-            }
-        }
+        p.send_index.insert((*conn, *msg_id), (order, 1));
         p.sends_bytes += frame.len();
         self.bytes += frame.len();
         p.sends.insert(order, frame.into_boxed_slice());
         self.wake_active(pair);
     }
 
-    /// A SEND was answered (STORED or REJECTED): false if it was not waiting
-    /// (an answer from a superseded session, already given).
-    pub fn answered(&mut self, pair: u16, conn: Conn, msg_id: MsgId) -> bool {
+    /// A SEND was answered (STORED or REJECTED): how many of the
+    /// connection's SENDs the answer is for (0: none waited, an answer from
+    /// a superseded session, already given).
+    pub fn answered(&mut self, pair: u16, conn: Conn, msg_id: MsgId) -> u32 {
         let p = &mut self.pairs[pair as usize];
-        let Some(order) = p.send_index.remove(&(conn, msg_id)) else {
-            return false;
+        let Some((order, copies)) = p.send_index.remove(&(conn, msg_id)) else {
+            return 0;
         };
         if let Some(bytes) = p.sends.remove(&order) {
             p.sends_bytes -= bytes.len();
             self.bytes -= bytes.len();
         }
-        true
+        copies
     }
 
     /// A node's link state changed. True when the pair's active node changed
@@ -300,8 +303,12 @@ mod tests {
             None,
             "written once per session"
         );
-        assert!(l.answered(1, c2, id2));
-        assert!(!l.answered(1, c2, id2), "a second answer is not forwarded");
+        assert_eq!(l.answered(1, c2, id2), 1);
+        assert_eq!(
+            l.answered(1, c2, id2),
+            0,
+            "a second answer is not forwarded"
+        );
         // The primary dies; the replica is promoted with a higher epoch.
         assert!(!l.set_node(1, 0, false, false, 0));
         assert!(l.set_node(1, 1, true, true, 2));
@@ -334,7 +341,15 @@ mod tests {
         assert!(l.bytes() > 0);
         let (c, id, _) = send(1);
         l.take_batch(1, 1, 1 << 20);
-        assert!(l.answered(1, c, id));
+        assert_eq!(l.answered(1, c, id), 1);
+        assert_eq!(l.bytes(), 0);
+        // A msg_id reused while unanswered: one frame, two answers.
+        push(&mut l, 2);
+        push(&mut l, 2);
+        let (_, _, f2) = send(2);
+        assert_eq!(l.take_batch(1, 1, 1 << 20), Some(f2));
+        let (c2, id2, _) = send(2);
+        assert_eq!(l.answered(1, c2, id2), 2);
         assert_eq!(l.bytes(), 0);
         assert_eq!(
             l.remote_pair("anyone-on-pair-0").is_none(),
