@@ -22,7 +22,6 @@ use crate::sys;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::cell::RefCell;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,11 +62,6 @@ impl CoreIdentity {
             self.stats.epoch.load(std::sync::atomic::Ordering::SeqCst),
         )
     }
-}
-
-fn split(stream: TcpStream) -> std::io::Result<(TcpStream, TcpStream)> {
-    let writer = sys::tcp_stream(sys::dup(stream.as_raw_fd())?);
-    Ok((stream, writer))
 }
 
 /// Reads until `buf[..*pending]` holds a whole frame (at most `max` bytes);
@@ -228,7 +222,7 @@ pub async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdent
         .expect("just added")
         .out = welcome;
     tracing::info!(peer, edge = %name, link, "edge linked");
-    let (reader, writer) = match split(stream) {
+    let (reader, writer) = match sys::split(stream) {
         Ok(x) => x,
         Err(e) => {
             tracing::warn!(error = %e, "cannot split a node link");
@@ -546,7 +540,7 @@ async fn session(
         }
         other => return Err(format!("unexpected first frame {other:?}")),
     }
-    let (reader, writer) = split(stream).map_err(|e| e.to_string())?;
+    let (reader, writer) = sys::split(stream).map_err(|e| e.to_string())?;
     let heard = Rc::new(std::cell::Cell::new(std::time::Instant::now()));
     let writing = write_requests(core.clone(), writer, pair, node, heard.clone());
     let reading = read_answers(

@@ -271,6 +271,25 @@ fn handshake(mut conn: Connection, sock: &TcpStream) -> Result<Connection, Strin
 
 /// Moves bytes both ways between the TLS socket and the socketpair end until
 /// either side closes or fails.
+/// Processes the TLS records rustls holds and moves their plaintext to
+/// `to_pair`; true when the peer sent close_notify.
+fn take_plaintext(
+    conn: &mut Connection,
+    buf: &mut [u8],
+    to_pair: &mut Vec<u8>,
+) -> Result<bool, String> {
+    conn.process_new_packets()
+        .map_err(|e| format!("TLS: {e}"))?;
+    loop {
+        match conn.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => to_pair.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 /// The peer closed: plaintext it sent before still reaches our side (a
 /// WELCOME or REFUSE followed at once by close_notify is the common case).
 fn flush_to_pair(pair: &mut UnixStream, to_pair: &[u8]) -> Result<(), String> {
@@ -292,15 +311,8 @@ fn pump(mut conn: Connection, mut sock: TcpStream, mut pair: UnixStream) -> Resu
     // The handshake may have read the peer's first application data along
     // with its last handshake message: it is already inside rustls, and the
     // socket will not turn readable for it. Hand it over before polling.
-    conn.process_new_packets()
-        .map_err(|e| format!("TLS: {e}"))?;
-    loop {
-        match conn.reader().read(&mut buf) {
-            Ok(0) => return flush_to_pair(&mut pair, &to_pair),
-            Ok(n) => to_pair.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e.to_string()),
-        }
+    if take_plaintext(&mut conn, &mut buf, &mut to_pair)? {
+        return flush_to_pair(&mut pair, &to_pair);
     }
     loop {
         if crate::sys::SHUTDOWN.load(Ordering::SeqCst) {
@@ -352,16 +364,9 @@ fn pump(mut conn: Connection, mut sock: TcpStream, mut pair: UnixStream) -> Resu
             match conn.read_tls(&mut sock) {
                 Ok(0) => return flush_to_pair(&mut pair, &to_pair), // the peer closed
                 Ok(_) => {
-                    conn.process_new_packets()
-                        .map_err(|e| format!("TLS: {e}"))?;
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            // close_notify: what came before it still goes through.
-                            Ok(0) => return flush_to_pair(&mut pair, &to_pair),
-                            Ok(n) => to_pair.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e.to_string()),
-                        }
+                    if take_plaintext(&mut conn, &mut buf, &mut to_pair)? {
+                        // close_notify: what came before it still goes through.
+                        return flush_to_pair(&mut pair, &to_pair);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}

@@ -144,13 +144,6 @@ fn hello_of(c: &Core) -> Hello {
     }
 }
 
-/// Two glommio streams over one socket (a dup), so reading and writing can
-/// wait independently.
-fn split(stream: TcpStream) -> std::io::Result<(TcpStream, TcpStream)> {
-    let writer = sys::tcp_stream(sys::dup(stream.as_raw_fd())?);
-    Ok((stream, writer))
-}
-
 /// Reads one replication frame into `buf` (bounded); returns its length.
 async fn read_frame(
     stream: &mut TcpStream,
@@ -334,7 +327,7 @@ async fn serve_replica_inner(
     hello: &Hello,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = split(stream).map_err(|e| e.to_string())?;
+    let (mut reader, mut writer) = sys::split(stream).map_err(|e| e.to_string())?;
     let (plan, epoch, client_addr) = {
         let mut c = core.borrow_mut();
         let plan = plan(&mut c, hello);
@@ -808,7 +801,7 @@ async fn follow_session(core: &Rc<RefCell<Core>>, stream: TcpStream) -> Result<(
         )
     };
     let _ = stream.set_read_timeout(Some(loss));
-    let (mut reader, mut writer) = split(stream).map_err(|e| e.to_string())?;
+    let (mut reader, mut writer) = sys::split(stream).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     proto::encode(&Msg::Hello(hello_of(&core.borrow())), &mut out);
     writer.write_all(&out).await.map_err(|e| e.to_string())?;

@@ -170,3 +170,13 @@ pub fn unix_stream(fd: RawFd) -> std::os::unix::net::UnixStream {
     // SAFETY: `fd` is a fresh socketpair end that nothing else owns.
     unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }
 }
+
+/// Two glommio streams over one socket (a dup), so reading and writing can
+/// wait independently (replication and node links).
+pub fn split(
+    stream: glommio::net::TcpStream,
+) -> io::Result<(glommio::net::TcpStream, glommio::net::TcpStream)> {
+    use std::os::fd::AsRawFd;
+    let writer = tcp_stream(dup(stream.as_raw_fd())?);
+    Ok((stream, writer))
+}
