@@ -618,12 +618,26 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 );
                 return false;
             }
+            slot.acked = true;
             let user = slot.user.clone().expect("a Ready connection has a user");
             c.route_ack(&user, seq);
             true
         }
         (_, ClientFrame::Ping { nonce }) => {
-            c.edge.write_frame(index, &ServerFrame::Pong { nonce });
+            let slot = c.edge.slot(index);
+            match slot
+                .user
+                .clone()
+                .filter(|_| std::mem::take(&mut slot.acked))
+            {
+                Some(user) => {
+                    let conn = conn_ref(c, index);
+                    c.route_sync(conn, &user, nonce);
+                }
+                None => {
+                    c.edge.write_frame(index, &ServerFrame::Pong { nonce });
+                }
+            }
             true
         }
         (_, ClientFrame::Bye) => {

@@ -74,6 +74,16 @@ pub enum Mail {
         conn: ConnRef,
         pending: u64,
     },
+    /// A PING after an ACK, sent after it to the user's shard: answered
+    /// (`Pong`) once the ACK took effect.
+    Sync {
+        conn: ConnRef,
+        nonce: u64,
+    },
+    Pong {
+        conn: ConnRef,
+        nonce: u64,
+    },
     Deliver {
         conn: ConnRef,
         seq: u64,
@@ -133,6 +143,9 @@ pub struct Slot {
     /// `rbuf` is the connection's own exactly sized copy of an incomplete
     /// frame, not a pool buffer.
     pub parked: bool,
+    /// An ACK went to the user's shard since the last PING: the next PONG
+    /// waits until it took effect there (`Core::route_sync`).
+    pub acked: bool,
     pub sends_in_flight: u32,
     pub rstart: u32,
     pub rend: u32,
@@ -177,6 +190,7 @@ impl Slot {
             write_armed: false,
             waiting: false,
             parked: false,
+            acked: false,
             sends_in_flight: 0,
             rstart: 0,
             rend: 0,
@@ -622,6 +636,26 @@ impl Edge {
         self.write_frame(conn.slot, frame);
     }
 
+    /// Answers a PING that waited for the connection's ACKs to take effect
+    /// on the user's shard (this core): to the connection, wherever it is.
+    pub fn pong(&mut self, conn: ConnRef, nonce: u64) {
+        if conn.core != self.id {
+            self.post(conn.core, Mail::Pong { conn, nonce });
+            return;
+        }
+        if conn.link != 0 {
+            let msg = crate::link_proto::Msg::Synced {
+                conn: link_conn(conn),
+                nonce,
+            };
+            self.link_write(conn, &msg);
+            return;
+        }
+        if self.live_slot(conn).is_some() {
+            self.write_frame(conn.slot, &ServerFrame::Pong { nonce });
+        }
+    }
+
     /// Handles an answer that came from another core's shard.
     pub fn receive(&mut self, mail: Mail) {
         match mail {
@@ -638,6 +672,7 @@ impl Edge {
                 reason,
             } => self.not_primary(conn, msg_id, &reason),
             Mail::Welcome { conn, pending } => self.welcome(conn, pending),
+            Mail::Pong { conn, nonce } => self.pong(conn, nonce),
             Mail::Deliver {
                 conn,
                 seq,
@@ -1001,6 +1036,11 @@ impl Core {
                 shard.logout(conn, &user);
                 Ok(())
             }
+            Mail::Sync { conn, nonce } => {
+                // Mail from one core arrives in order: the ACKs before it are applied.
+                edge.pong(conn, nonce);
+                Ok(())
+            }
             Mail::LinkClosed { core, link } => {
                 let cleared = shard.forget_link(core, link);
                 tracing::debug!(core, link, cleared, "edge link closed: presence forgotten");
@@ -1126,6 +1166,29 @@ impl Core {
                     seq,
                 },
             );
+        }
+    }
+
+    /// A PING after an ACK: PONG once the ACK took effect on the user's
+    /// shard, so a client that ACKs, PINGs and reconnects is never sent the
+    /// acknowledged messages again (docs/PROTOCOL.md, PING). Mail between two
+    /// cores, and requests on one link, keep their order.
+    pub fn route_sync(&mut self, conn: ConnRef, user: &str, nonce: u64) {
+        if let Some((links, pair)) = self.remote_for(user) {
+            let lconn = link_conn(conn);
+            if !links.push_sync(pair, lconn, nonce, user) {
+                // At the bound of PINGs waiting: answered now, unordered.
+                self.edge
+                    .write_frame(conn.slot, &ServerFrame::Pong { nonce });
+            }
+            return;
+        }
+        let dest = self.edge.shard_of(user);
+        if dest == self.edge.id {
+            // ACKs to this core's shard are applied as they are read.
+            self.edge.pong(conn, nonce);
+        } else {
+            self.edge.post(dest, Mail::Sync { conn, nonce });
         }
     }
 

@@ -433,6 +433,13 @@ fn handle_request(c: &mut Core, link: u16, msg: Msg<'_>) -> Result<(), String> {
                 user: user.into(),
             },
         ),
+        Msg::Sync { conn, nonce, user } => (
+            user,
+            Mail::Sync {
+                conn: conn_ref(conn),
+                nonce,
+            },
+        ),
         Msg::Ping { now_ms } => {
             if let Some(l) = c.edge.links_in.get_mut(&link) {
                 proto::encode(&Msg::Pong { now_ms }, &mut l.out);
@@ -569,6 +576,19 @@ fn set_node(core: &Rc<RefCell<Core>>, pair: u16, node: usize, up: bool, primary:
 /// After the pair's primary changed: every connection of a user of that pair
 /// that logged in (or is logging in) does so again there, first.
 fn reregister(c: &mut Core, pair: u16) {
+    // PINGs waiting for their ACKs to take effect on the old primary are
+    // answered now: those ACKs may be lost with it (a redelivery, which the
+    // protocol allows after a failover).
+    let syncs = c.edge.remote.as_mut().expect("routes").take_syncs(pair);
+    for (conn, nonce) in syncs {
+        let conn = ConnRef {
+            core: c.edge.id,
+            link: 0,
+            slot: conn.slot,
+            generation: conn.generation,
+        };
+        c.edge.pong(conn, nonce);
+    }
     let mut frames = Vec::new();
     for index in 0..c.edge.slot_count() as u32 {
         let (state, generation, user) = {
@@ -742,6 +762,11 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
             // Kept: it goes to the next primary with the other unanswered SENDs.
         }
         Msg::WelcomeUser { conn, pending } => c.edge.welcome(local(conn), pending),
+        Msg::Synced { conn, nonce } => {
+            if links.synced(pair, conn, nonce) {
+                c.edge.pong(local(conn), nonce);
+            }
+        }
         Msg::Deliver {
             conn,
             seq,

@@ -23,11 +23,13 @@
 //! | 0x13 | LOGOUT | E→C | conn, str user |
 //! | 0x14 | REWIND | E→C | conn, u64 seq, str user |
 //! | 0x15 | RESUME | E→C | conn, str user |
+//! | 0x16 | SYNC | E→C | conn, u64 nonce, str user: answered SYNCED once every earlier request for `user` from this link took effect (a client's PING after an ACK) |
 //! | 0x20 | WELCOME_USER | C→E | conn, u64 pending |
 //! | 0x21 | STORED | C→E | conn, id16 msg_id |
 //! | 0x22 | REJECTED | C→E | conn, id16 msg_id, u16 code, str reason |
 //! | 0x23 | DELIVER | C→E | conn, u64 seq, id16 msg_id, u64 sent_ms, str from, body (the rest) |
 //! | 0x24 | RETRY | C→E | conn, id16 msg_id: this node does not take writes (a replica, fenced, stopping); the edge sends the SEND again to the pair's primary |
+//! | 0x25 | SYNCED | C→E | conn, u64 nonce |
 //!
 //! A HELLO whose topology hash differs from the core's is answered REFUSE on
 //! the core and the edge logs the mismatch too: two processes that disagree
@@ -54,11 +56,13 @@ mod t {
     pub const LOGOUT: u8 = 0x13;
     pub const REWIND: u8 = 0x14;
     pub const RESUME: u8 = 0x15;
+    pub const SYNC: u8 = 0x16;
     pub const WELCOME_USER: u8 = 0x20;
     pub const STORED: u8 = 0x21;
     pub const REJECTED: u8 = 0x22;
     pub const DELIVER: u8 = 0x23;
     pub const RETRY: u8 = 0x24;
+    pub const SYNCED: u8 = 0x25;
 }
 
 /// A connection on the edge: its slot and generation in the edge core's arena.
@@ -131,6 +135,11 @@ pub enum Msg<'a> {
         conn: Conn,
         user: &'a str,
     },
+    Sync {
+        conn: Conn,
+        nonce: u64,
+        user: &'a str,
+    },
     WelcomeUser {
         conn: Conn,
         pending: u64,
@@ -156,6 +165,10 @@ pub enum Msg<'a> {
     Retry {
         conn: Conn,
         msg_id: MsgId,
+    },
+    Synced {
+        conn: Conn,
+        nonce: u64,
     },
 }
 
@@ -262,6 +275,15 @@ pub fn encode(msg: &Msg<'_>, out: &mut Vec<u8>) {
         Msg::Resume { conn, user } => frame(out, t::RESUME, |o| {
             put_conn(o, conn);
             put_str(o, user);
+        }),
+        Msg::Sync { conn, nonce, user } => frame(out, t::SYNC, |o| {
+            put_conn(o, conn);
+            o.extend_from_slice(&nonce.to_le_bytes());
+            put_str(o, user);
+        }),
+        Msg::Synced { conn, nonce } => frame(out, t::SYNCED, |o| {
+            put_conn(o, conn);
+            o.extend_from_slice(&nonce.to_le_bytes());
         }),
         Msg::WelcomeUser { conn, pending } => frame(out, t::WELCOME_USER, |o| {
             put_conn(o, conn);
@@ -438,6 +460,15 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
             conn: c.conn()?,
             user: c.str()?,
         },
+        t::SYNC => Msg::Sync {
+            conn: c.conn()?,
+            nonce: c.u64()?,
+            user: c.str()?,
+        },
+        t::SYNCED => Msg::Synced {
+            conn: c.conn()?,
+            nonce: c.u64()?,
+        },
         t::WELCOME_USER => Msg::WelcomeUser {
             conn: c.conn()?,
             pending: c.u64()?,
@@ -586,6 +617,12 @@ mod tests {
                 conn: C,
                 msg_id: [5; 16],
             },
+            Msg::Sync {
+                conn: C,
+                nonce: 7,
+                user: "b",
+            },
+            Msg::Synced { conn: C, nonce: 7 },
         ]
     }
 
@@ -636,7 +673,7 @@ mod tests {
 
         #[test]
         fn plausible_frames_never_panic_the_decoder(
-            ty in prop_oneof![Just(0x01u8), 0x02u8..0x07, 0x10u8..0x16, 0x20u8..0x25, any::<u8>()],
+            ty in prop_oneof![Just(0x01u8), 0x02u8..0x07, 0x10u8..0x17, 0x20u8..0x26, any::<u8>()],
             body in proptest::collection::vec(any::<u8>(), 0..96),
         ) {
             let mut data = ((body.len() + 1) as u32).to_le_bytes().to_vec();

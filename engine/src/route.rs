@@ -15,6 +15,11 @@ use std::task::Waker;
 /// connections pause reading (as when the core mesh is full).
 pub const REQUEST_BYTES_PER_CORE_MAX: usize = 32 << 20;
 
+/// Client PINGs one core holds per pair while their SYNC is on its way (a
+/// PING after an ACK; engine::core::Core::route_sync). Beyond it a PING is
+/// answered at once, without waiting for the ACK.
+pub const SYNCS_PER_PAIR_MAX: usize = 4096;
+
 #[derive(Debug, Default)]
 pub struct NodeView {
     /// A link to the node is open and welcomed.
@@ -43,6 +48,8 @@ pub struct PairRoute {
     pub active: Option<usize>,
     /// Changes whenever `active` does.
     pub session: u64,
+    /// PINGs waiting for SYNCED, as (connection, nonce).
+    syncs: Vec<(Conn, u64)>,
 }
 
 impl PairRoute {
@@ -134,6 +141,34 @@ impl Links {
         self.bytes += frame.len();
         p.sends.insert(order, frame.into_boxed_slice());
         self.wake_active(pair);
+    }
+
+    /// Queues a SYNC (a PING after an ACK) behind the connection's ACK.
+    /// False at `SYNCS_PER_PAIR_MAX`: the caller answers the PING itself.
+    pub fn push_sync(&mut self, pair: u16, conn: Conn, nonce: u64, user: &str) -> bool {
+        if self.pairs[pair as usize].syncs.len() >= SYNCS_PER_PAIR_MAX {
+            return false;
+        }
+        self.pairs[pair as usize].syncs.push((conn, nonce));
+        self.push(pair, &Msg::Sync { conn, nonce, user });
+        true
+    }
+
+    /// SYNCED came back: true when that PING was waiting (its PONG is due).
+    pub fn synced(&mut self, pair: u16, conn: Conn, nonce: u64) -> bool {
+        let syncs = &mut self.pairs[pair as usize].syncs;
+        match syncs.iter().position(|&s| s == (conn, nonce)) {
+            Some(at) => {
+                syncs.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every PING waiting for SYNCED from `pair` (the primary changed).
+    pub fn take_syncs(&mut self, pair: u16) -> Vec<(Conn, u64)> {
+        std::mem::take(&mut self.pairs[pair as usize].syncs)
     }
 
     /// A SEND was answered (STORED or REJECTED): how many of the

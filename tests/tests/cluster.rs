@@ -242,6 +242,29 @@ fn multi_core_nodes_answer_edges_through_the_core_mesh() {
         .zip(receivers.into_iter().map(Receiver::finish))
         .collect();
     check(&stored, &received);
+
+    // PONG after an ACK through an edge means the ACK took effect on the
+    // user's shard (over the link, then the node's core mesh): a login on
+    // the other edge right after is not sent the acknowledged message again.
+    let users: Vec<String> = ["p0", "p1"]
+        .iter()
+        .flat_map(|p| users_in(&format!("mc-sync-{p}-"), &range(&c, p), 3))
+        .collect();
+    let (mut alice, _) = connect(c.edge(0), "mc-sync-sender");
+    for round in 0..60 {
+        let user = &users[round % users.len()];
+        let id = tests::send_stored(&mut alice, user, b"sync");
+        let (mut bob, _) = connect(c.edge(round % 2), user);
+        let d = tests::collect_deliveries(&mut bob, 1).remove(0);
+        assert_eq!(d.msg_id, id);
+        tests::ack_and_sync(&mut bob, d.seq);
+        bob.bye().expect("bye");
+        let (_again, welcome) = connect(c.edge((round + 1) % 2), user);
+        assert_eq!(
+            welcome.pending, 0,
+            "round {round}: a message ACKed through an edge before its PONG was pending again"
+        );
+    }
 }
 
 #[test]

@@ -122,6 +122,37 @@ fn ack_consumes_and_reconnect_resends_the_rest() {
     assert_eq!((delivered.seq, delivered.msg_id), (6, next));
 }
 
+/// PONG after an ACK means the ACK took effect on the user's shard, which
+/// may be another core than the connection's: the next login, on whichever
+/// core it lands, is not sent the acknowledged message again. Many rounds,
+/// several recipients (so owners and connections fall on both cores); red
+/// when PONG is answered before the ACK reached the shard.
+#[test]
+fn ack_then_pong_holds_for_the_next_login_on_any_core() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = connect(server.addr(), "alice");
+    for round in 0..150 {
+        let user = format!("syncer{}", round % 6);
+        let id = send_stored(&mut alice, &user, format!("round {round}").as_bytes());
+        let (mut bob, welcome) = connect(server.addr(), &user);
+        assert_eq!(
+            welcome.pending, 1,
+            "round {round}: only the new message pending"
+        );
+        let d = collect_deliveries(&mut bob, 1).remove(0);
+        assert_eq!(d.msg_id, id);
+        ack_and_sync(&mut bob, d.seq);
+        bob.bye().expect("bye");
+        drop(bob);
+        let (mut again, welcome) = connect(server.addr(), &user);
+        assert_eq!(
+            welcome.pending, 0,
+            "round {round}: a message ACKed before the PONG was pending again"
+        );
+        again.bye().expect("bye");
+    }
+}
+
 #[test]
 fn duplicate_msg_id_is_stored_every_time_but_delivered_once() {
     let server = Server::start(&[]);
