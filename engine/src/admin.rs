@@ -380,6 +380,8 @@ struct Health {
     tls: bool,
     /// Settings an operator should know about (e.g. --insecure-no-auth).
     warnings: Vec<String>,
+    /// This process (for `iris admin rolling-restart --stop 'kill -TERM {pid}'`).
+    pid: u32,
 }
 
 fn health(stats: &NodeStats, ctx: &Ctx) -> Response {
@@ -397,6 +399,7 @@ fn health(stats: &NodeStats, ctx: &Ctx) -> Response {
             },
             tls: security.tls.is_some(),
             warnings: security.warnings(),
+            pid: std::process::id(),
         },
     )
 }

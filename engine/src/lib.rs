@@ -7,6 +7,7 @@
 pub mod abuse;
 pub mod admin;
 pub mod admin_cmd;
+pub mod admin_http;
 pub mod auth;
 pub mod chunked;
 pub mod client_cmd;
@@ -26,6 +27,7 @@ pub mod ports;
 pub mod record;
 pub mod repl;
 pub mod repl_proto;
+pub mod rolling;
 pub mod route;
 pub mod runtime;
 pub mod security;

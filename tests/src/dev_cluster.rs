@@ -33,6 +33,8 @@ pub struct DevCluster {
     pub nodes: Vec<ClusterNode>,
     /// Pair name → its slot ranges as written in the cluster file.
     pub slots: HashMap<String, Vec<String>>,
+    /// Nodes started by a rolling restart (not our children): ours to stop.
+    started_elsewhere: Vec<u32>,
 }
 
 impl DevCluster {
@@ -123,6 +125,7 @@ impl DevCluster {
             edges,
             nodes,
             slots,
+            started_elsewhere: Vec::new(),
         }
     }
 
@@ -285,29 +288,55 @@ impl DevCluster {
         }
     }
 
-    /// Restarts every core node in turn, as an operator would (docs/CLUSTER.md,
-    /// "Rolling restart"): per pair, twice: wait until the replica caught up,
-    /// stop the primary cleanly (SIGTERM), promote the replica, start the
-    /// old primary again (it finds its peer primary and follows it).
-    pub fn rolling_restart(&mut self) {
-        let pairs: Vec<String> = self.slots.keys().cloned().collect();
-        for pair in pairs {
-            for _ in 0..2 {
-                let primary = self.primary_of(&pair);
-                let replica = self
-                    .nodes
-                    .iter()
-                    .find(|n| n.pair == pair && n.name != primary)
-                    .expect("a pair has two nodes")
-                    .name
-                    .clone();
-                self.wait_caught_up(&primary);
-                self.terminate(&primary);
-                self.promote(&replica);
-                self.restart(&primary);
-                self.wait_caught_up(&replica);
-            }
+    /// Restarts every core node in turn with `iris admin rolling-restart`
+    /// (docs/CLUSTER.md, "Rolling restart"): stop with `kill -TERM {pid}`,
+    /// start with the node's own `cmd` (through a script written here);
+    /// the restarted nodes are this harness's to stop. Returns the command's
+    /// output.
+    pub fn rolling_restart(&mut self) -> String {
+        let script = self.dir.join("start-node.sh");
+        let mut text = String::from("#!/bin/sh\ncase \"$1\" in\n");
+        for n in &self.nodes {
+            let quoted: Vec<String> = n
+                .cmd
+                .iter()
+                .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+                .collect();
+            text.push_str(&format!("  {}) exec {} ;;\n", n.name, quoted.join(" ")));
         }
+        text.push_str("esac\nexit 1\n");
+        std::fs::write(&script, text).expect("write start-node.sh");
+        let dir = self.dir.display().to_string();
+        let start = format!(
+            "sh {dir}/start-node.sh {{node}} >> {dir}/{{node}}.rolled.log 2>&1 < /dev/null &"
+        );
+        let out = Command::new(iris_bin())
+            .args(["admin", "rolling-restart", "--cluster"])
+            .arg(&self.cluster_file)
+            .args(["--stop", "kill -TERM {pid}", "--start", &start])
+            .args(["--step-timeout-secs", "60"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run iris admin rolling-restart");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "rolling-restart failed ({}):\n{stdout}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        for n in &mut self.nodes {
+            let (status, body) = engine::admin_cmd::http("GET", &n.admin, "/health")
+                .unwrap_or_else(|e| panic!("{}: health after the restart: {e}", n.name));
+            assert_eq!(status, 200, "{}: {body}", n.name);
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            let pid = v["pid"].as_u64().expect("pid") as u32;
+            assert_ne!(pid, n.pid, "{} was not restarted", n.name);
+            n.pid = pid;
+            self.started_elsewhere.push(pid);
+        }
+        stdout
     }
 
     /// The concatenated logs (for a failing test's message).
@@ -341,6 +370,9 @@ fn proc_is_zombie(pid: u32) -> bool {
 
 impl Drop for DevCluster {
     fn drop(&mut self) {
+        for pid in &self.started_elsewhere {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
         for n in &mut self.nodes {
             if let Some(child) = n.restarted.as_mut() {
                 let _ = child.kill();

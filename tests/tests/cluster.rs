@@ -547,7 +547,11 @@ fn rolling_restart_under_load_shows_clients_no_error() {
         .map(|i| Sender::start(c.edge(i % 2), &format!("rs{i}"), &recipients, 16))
         .collect();
     senders[0].wait_stored(200, "before the restarts");
-    c.rolling_restart();
+    let out = c.rolling_restart();
+    assert!(
+        out.contains("rolling restart done: 4 nodes restarted"),
+        "{out}"
+    );
     for s in &senders {
         s.wait_stored(200, "after the restarts");
     }

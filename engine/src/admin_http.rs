@@ -1,0 +1,139 @@
+//! A minimal blocking HTTP/1.1 client for a node's admin server, over
+//! `std::net`: one request per connection (`Connection: close`), every wait
+//! and every read bounded, so a wedged node makes a command fail instead of
+//! hang.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Per address tried when the admin address resolves to several.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Longer than the server's promotion wait (5 s), so a slow promotion is
+/// reported by the server (503), not by our timeout.
+pub const READ_TIMEOUT_MS: u64 = 10_000;
+pub const WRITE_TIMEOUT_MS: u64 = 5_000;
+/// Largest response accepted (head and body).
+pub const RESPONSE_BYTES_MAX: usize = 1024 * 1024;
+/// Header lines parsed in a response.
+pub const RESPONSE_HEADERS_MAX: usize = 32;
+
+/// Sends `METHOD path` with no body to `addr` (host:port); returns the status
+/// code and the body.
+pub fn http(method: &str, addr: &str, path: &str) -> Result<(u16, String), String> {
+    http_with_body(method, addr, path, &[])
+}
+
+/// Like [`http`], with a request body (sent with its Content-Length).
+pub fn http_with_body(
+    method: &str,
+    addr: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
+    let mut stream = connect(addr)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body))
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
+    let response = read_bounded(&mut stream).map_err(|e| format!("reading from {addr}: {e}"))?;
+    parse_response(&response).map_err(|e| format!("response from {addr}: {e}"))
+}
+
+fn connect(addr: &str) -> Result<TcpStream, String> {
+    let addrs = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("admin address {addr}: {e}"))?;
+    let mut last_error = format!("admin address {addr} resolves to nothing");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_millis(CONNECT_TIMEOUT_MS)) {
+            Ok(stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(READ_TIMEOUT_MS)))
+                    .and_then(|()| {
+                        stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)))
+                    })
+                    .map_err(|e| format!("{a}: {e}"))?;
+                return Ok(stream);
+            }
+            Err(e) => last_error = format!("connecting to {a}: {e}"),
+        }
+    }
+    Err(last_error)
+}
+
+/// Reads until the server closes, refusing more than RESPONSE_BYTES_MAX.
+fn read_bounded(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut response = Vec::new();
+    let limit = u64::try_from(RESPONSE_BYTES_MAX).unwrap_or(u64::MAX) + 1;
+    stream.take(limit).read_to_end(&mut response)?;
+    if response.len() > RESPONSE_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "response larger than {RESPONSE_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(response)
+}
+
+fn parse_response(bytes: &[u8]) -> Result<(u16, String), String> {
+    let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("connection closed mid-head".into()),
+        Err(e) => return Err(format!("malformed: {e}")),
+    };
+    let status = response.code.ok_or("no status code")?;
+    let mut body = &bytes[head_len..];
+    let content_length = response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    if let Some(n) = content_length {
+        if body.len() < n {
+            return Err(format!("body cut short: {} of {n} bytes", body.len()));
+        }
+        body = &body[..n];
+    }
+    Ok((status, String::from_utf8_lossy(body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_admin_address_is_an_error_not_a_hang() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = http("GET", &format!("127.0.0.1:{port}"), "/health").unwrap_err();
+        assert!(err.contains("connecting to"), "{err}");
+        assert!(http("GET", "not an address", "/health").is_err());
+    }
+
+    #[test]
+    fn parse_response_honours_content_length() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef";
+        assert_eq!(parse_response(raw).unwrap(), (200, "abc".to_owned()));
+        let raw = b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy";
+        assert_eq!(parse_response(raw).unwrap(), (503, "busy".to_owned()));
+        let cut = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
+        assert!(parse_response(cut).unwrap_err().contains("cut short"));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-").is_err());
+        assert!(parse_response(b"nonsense\r\n\r\n").is_err());
+    }
+}
