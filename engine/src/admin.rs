@@ -3,16 +3,17 @@
 //!
 //! It only reads the atomics the cores publish in [`NodeStats`] and sets
 //! `promote_requested`; it never touches shard state, so a slow or hostile
-//! admin client can at worst delay other admin clients, never a core.
+//! admin client can never delay a core.
 //!
-//! One thread, one request at a time, `Connection: close`. Every read is
-//! bounded: the request head and body by size, the whole request by a
-//! deadline. The server is hand-rolled over `std::net` with `httparse` for the
-//! head because `tiny_http` 0.12 cannot meet these bounds: it accepts on a
-//! thread of its own, hands each connection to a pool that grows by one thread
-//! per concurrent connection, and sets no read timeout on accepted sockets, so
-//! a client that opens connections and sends nothing pins one thread each,
-//! without limit.
+//! One thread (`iris-control`) running a current-thread tokio runtime; each
+//! connection is a task, so an idle or slow client never delays another
+//! (a promotion waiting for the cores included), and at most
+//! `CONNECTIONS_MAX` are served at once (more are answered 503 and closed).
+//! One request per connection, `Connection: close`. Every read is bounded:
+//! the request head and body by size, the whole request by a deadline, the
+//! connection's whole life by `CONNECTION_DEADLINE_MS`. The head is parsed
+//! with `httparse`; the routes answer fixed, small JSON or text bodies, so
+//! the status codes for bad requests (400, 408, 411, 413, 431) stay ours.
 
 use crate::auth::{AuthMode, AuthStats, Refusal};
 use crate::security::Security;
@@ -24,12 +25,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Request line plus headers; larger heads get 431.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
@@ -52,6 +55,11 @@ pub const PROMOTE_POLL_MS: u64 = 10;
 /// Pause after a failed accept (e.g. out of file descriptors) so the control
 /// thread does not spin.
 pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+/// Admin connections served at once; one more is answered 503 and closed.
+pub const CONNECTIONS_MAX: usize = 64;
+/// A connection's whole life (request, route, response): then it is dropped.
+pub const CONNECTION_DEADLINE_MS: u64 =
+    REQUEST_DEADLINE_MS + PROMOTE_TIMEOUT_MS + RESPONSE_WRITE_TIMEOUT_MS + DRAIN_TIMEOUT_MS;
 
 const CONTENT_TYPE_JSON: &str = "application/json";
 /// What prometheus-client's text encoder produces (it ends with `# EOF`).
@@ -65,32 +73,60 @@ pub fn start(
     stats: Arc<NodeStats>,
     security: Arc<Security>,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr)
+    let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("admin listener on {addr}: {e}")))?;
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
-    let ctx = Ctx {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let ctx = Arc::new(Ctx {
         metrics: metrics_registry(&stats, &security),
         security,
-    };
+        stats,
+    });
     let handle = thread::Builder::new()
         .name("iris-control".into())
-        .spawn(move || serve(listener, &stats, &ctx))?;
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, ctx).await,
+                    Err(e) => tracing::error!("admin: listener: {e}"),
+                }
+            });
+        })?;
     Ok((bound, handle))
 }
 
-/// What the routes need besides the stats.
+/// What the routes need.
 struct Ctx {
     metrics: Registry,
     security: Arc<Security>,
+    stats: Arc<NodeStats>,
 }
 
-fn serve(listener: TcpListener, stats: &NodeStats, ctx: &Ctx) {
+async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
-        match listener.accept() {
-            Ok((stream, _peer)) => handle_connection(stream, stats, ctx),
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    // Over the bound: a best-effort answer, never a wait.
+                    let busy = Response::error(503, "too many admin connections");
+                    let _ = stream.try_write(&busy.bytes());
+                    continue;
+                };
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    let deadline = Duration::from_millis(CONNECTION_DEADLINE_MS);
+                    let _ = tokio::time::timeout(deadline, handle_connection(stream, &ctx)).await;
+                    drop(permit);
+                });
+            }
             Err(e) => {
                 tracing::warn!("admin: accept failed: {e}");
-                thread::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS));
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
             }
         }
     }
@@ -98,22 +134,16 @@ fn serve(listener: TcpListener, stats: &NodeStats, ctx: &Ctx) {
 
 /// Reads one request, answers it and closes. I/O errors only end this
 /// connection: the peer is gone or too slow, and there is nobody to tell.
-fn handle_connection(mut stream: TcpStream, stats: &NodeStats, ctx: &Ctx) {
+async fn handle_connection(mut stream: TcpStream, ctx: &Ctx) {
     let deadline = Instant::now() + Duration::from_millis(REQUEST_DEADLINE_MS);
-    if stream
-        .set_write_timeout(Some(Duration::from_millis(RESPONSE_WRITE_TIMEOUT_MS)))
-        .is_err()
-    {
-        return;
-    }
-    match read_request(&mut stream, deadline) {
+    match read_request(&mut stream, deadline).await {
         Ok(request) => {
-            let response = route(&request, stats, ctx);
-            let _ = response.write_to(&mut stream);
+            let response = route(&request, ctx).await;
+            let _ = response.write_to(&mut stream).await;
         }
         Err(Rejection::Reply(response)) => {
-            if response.write_to(&mut stream).is_ok() {
-                drain_and_close(&mut stream);
+            if response.write_to(&mut stream).await.is_ok() {
+                drain_and_close(&mut stream).await;
             }
         }
         Err(Rejection::Drop) => {}
@@ -122,22 +152,19 @@ fn handle_connection(mut stream: TcpStream, stats: &NodeStats, ctx: &Ctx) {
 
 /// Lets the client see our answer: closing a socket with unread input sends a
 /// reset, which can destroy the response still in flight.
-fn drain_and_close(stream: &mut TcpStream) {
-    let _ = stream.shutdown(Shutdown::Write);
-    if stream
-        .set_read_timeout(Some(Duration::from_millis(DRAIN_TIMEOUT_MS)))
-        .is_err()
-    {
-        return;
-    }
-    let mut sink = [0u8; 4096];
-    let mut drained_bytes = 0;
-    while drained_bytes < DRAIN_BYTES_MAX {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => drained_bytes += n,
+async fn drain_and_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut drained_bytes = 0;
+        while drained_bytes < DRAIN_BYTES_MAX {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained_bytes += n,
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(DRAIN_TIMEOUT_MS), drain).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -166,7 +193,7 @@ enum Rejection {
     Drop,
 }
 
-fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Rejection> {
+async fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Rejection> {
     let mut buf = Vec::with_capacity(REQUEST_HEAD_BYTES_MAX);
     let head = loop {
         if let Some(head) = parse_head(&buf)? {
@@ -177,7 +204,7 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Re
         }
         let mut chunk = [0u8; 1024];
         let room = chunk.len().min(REQUEST_HEAD_BYTES_MAX - buf.len());
-        let n = read_before(stream, &mut chunk[..room], deadline, !buf.is_empty())?;
+        let n = read_before(stream, &mut chunk[..room], deadline, !buf.is_empty()).await?;
         buf.extend_from_slice(&chunk[..n]);
     };
     if head.content_length > REQUEST_BODY_BYTES_MAX {
@@ -187,12 +214,12 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Re
     // pipelined request we will not serve (we close after one).
     let mut body_len = buf.len() - head.head_len;
     if body_len < head.content_length && head.expect_continue {
-        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
     }
     let mut sink = [0u8; 1024];
     while body_len < head.content_length {
         let room = sink.len().min(head.content_length - body_len);
-        body_len += read_before(stream, &mut sink[..room], deadline, true)?;
+        body_len += read_before(stream, &mut sink[..room], deadline, true).await?;
     }
     // No route takes a body yet: it is read (bounded) and discarded.
     Ok(Request {
@@ -245,7 +272,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Rejection> {
 
 /// One read that must finish before `deadline`. `started`: the client has sent
 /// part of a request, so running out of time earns a 408 rather than a silent close.
-fn read_before(
+async fn read_before(
     stream: &mut TcpStream,
     buf: &mut [u8],
     deadline: Instant,
@@ -262,21 +289,10 @@ fn read_before(
     if remaining.is_zero() {
         return Err(timed_out());
     }
-    stream
-        .set_read_timeout(Some(remaining))
-        .map_err(|_| Rejection::Drop)?;
-    match stream.read(buf) {
-        Ok(0) => Err(Rejection::Drop),
-        Ok(n) => Ok(n),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err(timed_out())
-        }
-        Err(_) => Err(Rejection::Drop),
+    match tokio::time::timeout(remaining, stream.read(buf)).await {
+        Err(_elapsed) => Err(timed_out()),
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Rejection::Drop),
+        Ok(Ok(n)) => Ok(n),
     }
 }
 
@@ -312,7 +328,8 @@ impl Response {
         Response::json(status, &serde_json::json!({ "error": message }))
     }
 
-    fn write_to(&self, stream: &mut TcpStream) -> io::Result<()> {
+    /// The whole response: head and body.
+    fn bytes(&self) -> Vec<u8> {
         let mut head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
             self.status,
@@ -324,9 +341,20 @@ impl Response {
             head.push_str(&format!("Allow: {allow}\r\n"));
         }
         head.push_str("\r\n");
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(&self.body)?;
-        stream.flush()
+        let mut out = head.into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    async fn write_to(&self, stream: &mut TcpStream) -> io::Result<()> {
+        let write = async {
+            stream.write_all(&self.bytes()).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(Duration::from_millis(RESPONSE_WRITE_TIMEOUT_MS), write).await {
+            Ok(result) => result,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
     }
 }
 
@@ -349,15 +377,12 @@ fn reason(status: u16) -> &'static str {
 // ---------------------------------------------------------------------------
 // Routes
 
-type Handler = fn(&NodeStats, &Ctx) -> Response;
-
-fn route(request: &Request, stats: &NodeStats, ctx: &Ctx) -> Response {
-    let (method, handler): (&'static str, Handler) = match request.path.as_str() {
-        "/health" => ("GET", health),
-        "/replication/stats" => ("GET", |s, _| replication_stats(s)),
-        "/replication/promote" => ("POST", |s, _| promote(s)),
-        "/metrics" => ("GET", |_, c| metrics_text(&c.metrics)),
-        "/reload" => ("POST", |_, c| reload(&c.security)),
+async fn route(request: &Request, ctx: &Ctx) -> Response {
+    let stats = &ctx.stats;
+    let path = request.path.as_str();
+    let method = match path {
+        "/health" | "/replication/stats" | "/metrics" => "GET",
+        "/replication/promote" | "/reload" => "POST",
         _ => return Response::error(404, "no such path"),
     };
     if request.method != method {
@@ -365,7 +390,13 @@ fn route(request: &Request, stats: &NodeStats, ctx: &Ctx) -> Response {
         response.allow = Some(method);
         return response;
     }
-    handler(stats, ctx)
+    match path {
+        "/health" => health(stats, ctx),
+        "/replication/stats" => replication_stats(stats),
+        "/replication/promote" => promote(stats).await,
+        "/metrics" => metrics_text(&ctx.metrics),
+        _ => reload(&ctx.security),
+    }
 }
 
 #[derive(Serialize)]
@@ -526,7 +557,7 @@ fn unix_now_ms() -> u64 {
 /// Asks the cores to promote this node and waits until they report it done:
 /// role primary and an epoch above the one we started from. On timeout the
 /// request stays set (the cores may still be finishing); asking again is safe.
-fn promote(stats: &NodeStats) -> Response {
+async fn promote(stats: &NodeStats) -> Response {
     let epoch_before = stats.epoch.load(SeqCst);
     if stats.role() == Role::Primary {
         return Response::json(
@@ -550,7 +581,7 @@ fn promote(stats: &NodeStats) -> Response {
             tracing::warn!("admin: promotion did not complete in {PROMOTE_TIMEOUT_MS} ms");
             return Response::error(503, "promotion did not complete");
         }
-        thread::sleep(Duration::from_millis(PROMOTE_POLL_MS));
+        tokio::time::sleep(Duration::from_millis(PROMOTE_POLL_MS)).await;
     }
 }
 
@@ -851,6 +882,8 @@ mod tests {
     use super::*;
     use crate::admin_cmd::{http, http_with_body};
     use serde_json::Value;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
 
     fn start_node(shards: usize, role: Role) -> (Arc<NodeStats>, String) {
         let stats = Arc::new(NodeStats::new(shards, role, Mode::Replica, 7));
@@ -1056,6 +1089,62 @@ mod tests {
             (v["error"].clone(), v["epoch"].clone()),
             ("already primary".into(), 8.into())
         );
+    }
+
+    /// Connections are served concurrently: idle sockets up to the bound
+    /// delay nobody (today's single-request server made one idle socket
+    /// delay /health by its whole deadline), and a promotion waiting for the
+    /// cores does not hold up /health either.
+    #[test]
+    fn idle_connections_and_a_pending_promotion_delay_nobody() {
+        let (_stats, addr) = start_node(1, Role::Replica);
+        let idle: Vec<TcpStream> = (0..CONNECTIONS_MAX - 2)
+            .map(|_| TcpStream::connect(&addr).unwrap())
+            .collect();
+        let promoter = {
+            let addr = addr.clone();
+            thread::spawn(move || http("POST", &addr, "/replication/promote").unwrap())
+        };
+        thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        assert_eq!(http("GET", &addr, "/health").unwrap().0, 200);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1_000),
+            "/health took {took:?} behind {} idle sockets and a promotion",
+            idle.len()
+        );
+        // Nothing promotes this node: the promotion ends 503 on its own.
+        assert_eq!(promoter.join().unwrap().0, 503);
+        drop(idle);
+    }
+
+    /// Over `CONNECTIONS_MAX` at once, a connection is answered 503 at once
+    /// and closed; once connections end, requests are served again.
+    #[test]
+    fn connections_over_the_bound_get_503_and_close() {
+        let (_stats, addr) = start_node(1, Role::Replica);
+        let idle: Vec<TcpStream> = (0..CONNECTIONS_MAX)
+            .map(|_| TcpStream::connect(&addr).unwrap())
+            .collect();
+        // Let the server accept them all.
+        thread::sleep(Duration::from_millis(200));
+        let (status, body) = http("GET", &addr, "/health").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("too many admin connections"), "{body}");
+        drop(idle);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (status, _) = http("GET", &addr, "/health").unwrap();
+            if status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not served again after the idle sockets left"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
