@@ -1,0 +1,55 @@
+//! The Python client (`clients/python`, package `iris-client`): installed
+//! with pip as a user would (`pip install ./clients/python`, and pytest),
+//! then its pytest suite runs against real `iris serve` processes started
+//! from this build's binary: sending, offline delivery, dedup, reconnect
+//! across a server restart, TLS with JWT logins, the asyncio client.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn python_client_suite_passes_against_this_build() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root");
+    let package = root.join("clients/python");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let install = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg(&package)
+        .arg("pytest")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{python} not runnable (the Python client needs Python 3.9+): {e}")
+        });
+    assert!(
+        install.status.success(),
+        "pip install ./clients/python pytest failed:\n{}{}",
+        String::from_utf8_lossy(&install.stdout),
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .current_dir(&package)
+        .env("IRIS_BIN", tests::iris_bin())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pytest failed:\n{report}");
+    assert!(report.contains(" passed"), "{report}");
+    assert!(
+        !report.contains("skipped"),
+        "no test may be skipped:\n{report}"
+    );
+}
