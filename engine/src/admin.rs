@@ -17,7 +17,7 @@
 
 use crate::auth::{AuthMode, AuthStats, Refusal};
 use crate::security::Security;
-use crate::stats::{Mode, NodeStats, Role, FSYNC_BUCKETS_US};
+use crate::stats::{Mode, NodeStats, Role, FSYNC_BUCKETS_US, REJECT_CODE_MAX, STORED_BUCKETS_US};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -773,6 +773,21 @@ fn encode_traffic(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std
         None,
         load(&stats.rejected_total),
     )?;
+    let mut family = encoder.encode_descriptor(
+        "iris_rejected_by_code",
+        "SENDs answered REJECTED, by code (docs/PROTOCOL.md section 5; \"other\" for codes it does not name)",
+        None,
+        MetricType::Counter,
+    )?;
+    for (i, n) in stats.rejected_by_code.iter().enumerate().skip(1) {
+        let code = if i <= REJECT_CODE_MAX {
+            i.to_string()
+        } else {
+            "other".to_string()
+        };
+        let labels: Labels = vec![("code", code)];
+        ConstCounter::new(load(n)).encode(family.encode_family(&labels)?)?;
+    }
     counter(
         encoder,
         "iris_replication_sent",
@@ -790,10 +805,23 @@ fn encode_traffic(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std
 }
 
 fn encode_fsync(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
-    let histogram = FsyncHistogram::read(stats);
+    let histogram =
+        BucketHistogram::read(&FSYNC_BUCKETS_US, &stats.fsync_buckets, &stats.fsync_sum_us);
     let metric = encoder.encode_descriptor(
         "iris_fsync_latency",
         "WAL fsync latency",
+        Some(&Unit::Seconds),
+        histogram.metric_type(),
+    )?;
+    histogram.encode(metric)?;
+    let histogram = BucketHistogram::read(
+        &STORED_BUCKETS_US,
+        &stats.stored_latency_buckets,
+        &stats.stored_latency_sum_us,
+    );
+    let metric = encoder.encode_descriptor(
+        "iris_stored_latency",
+        "From a SEND reaching its shard to its STORED (durable, and replicated when that is the policy)",
         Some(&Unit::Seconds),
         histogram.metric_type(),
     )?;
@@ -836,29 +864,32 @@ fn counter(
     metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
-/// The cores' fsync histogram, read at scrape time. prometheus-client's own
-/// `Histogram` only counts what it observes itself, so the precomputed bucket
-/// counts are handed to its encoder through this custom metric.
+/// A histogram the cores count (fsync, STORED latency), read at scrape time.
+/// prometheus-client's own `Histogram` only counts what it observes itself,
+/// so the precomputed bucket counts are handed to its encoder through this
+/// custom metric.
 #[derive(Debug)]
-struct FsyncHistogram {
+struct BucketHistogram {
     sum_seconds: f64,
     count: u64,
     /// (upper bound in seconds, count in this bucket alone); the last bound is +Inf.
     buckets: Vec<(f64, u64)>,
 }
 
-impl FsyncHistogram {
-    fn read(stats: &NodeStats) -> FsyncHistogram {
-        let bounds = FSYNC_BUCKETS_US
+impl BucketHistogram {
+    fn read(
+        bounds_us: &[u64],
+        counts: &[std::sync::atomic::AtomicU64],
+        sum_us: &std::sync::atomic::AtomicU64,
+    ) -> BucketHistogram {
+        let bounds = bounds_us
             .iter()
             .map(|&us| us as f64 / 1e6)
             .chain(std::iter::once(f64::INFINITY));
-        let buckets: Vec<(f64, u64)> = bounds
-            .zip(stats.fsync_buckets.iter().map(|b| b.load(Relaxed)))
-            .collect();
-        assert_eq!(buckets.len(), FSYNC_BUCKETS_US.len() + 1);
-        FsyncHistogram {
-            sum_seconds: stats.fsync_sum_us.load(Relaxed) as f64 / 1e6,
+        let buckets: Vec<(f64, u64)> = bounds.zip(counts.iter().map(|b| b.load(Relaxed))).collect();
+        assert_eq!(buckets.len(), bounds_us.len() + 1);
+        BucketHistogram {
+            sum_seconds: sum_us.load(Relaxed) as f64 / 1e6,
             // Counted from the buckets we read, not from `fsync_count`, so that
             // the +Inf bucket equals the count even while a core is recording.
             count: buckets.iter().map(|&(_, n)| n).sum(),
@@ -867,7 +898,7 @@ impl FsyncHistogram {
     }
 }
 
-impl EncodeMetric for FsyncHistogram {
+impl EncodeMetric for BucketHistogram {
     fn encode(&self, mut encoder: MetricEncoder<'_>) -> std::fmt::Result {
         encoder.encode_histogram::<NoLabelSet>(self.sum_seconds, self.count, &self.buckets, None)
     }
@@ -1158,13 +1189,46 @@ mod tests {
         assert_eq!(stats.epoch.load(SeqCst), 7);
     }
 
+    /// The STORED latency histogram and REJECTED by code, as the cores
+    /// publish them (deltas from their own counts).
+    #[test]
+    fn stored_latency_and_rejections_by_code_are_exposed() {
+        let (stats, addr) = start_node(1, Role::Primary);
+        let mut local = crate::stats::LocalHistogram::default();
+        let mut published = crate::stats::LocalHistogram::default();
+        local.record(80); // 100 µs bucket
+        local.record(3_000); // 5 ms bucket
+        stats.publish_stored_latency(&local, &mut published);
+        local.record(40_000_000); // +Inf
+        stats.publish_stored_latency(&local, &mut published);
+        stats.publish_stored_latency(&local, &mut published); // nothing new
+        let mut codes = [0u64; REJECT_CODE_MAX + 2];
+        let mut codes_published = codes;
+        codes[crate::stats::reject_code_index(5)] += 2;
+        codes[crate::stats::reject_code_index(99)] += 1;
+        stats.publish_rejected(&codes, &mut codes_published);
+        let (status, text) = http("GET", &addr, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        for line in [
+            "iris_stored_latency_seconds_count 3",
+            "iris_stored_latency_seconds_bucket{le=\"0.0001\"} 1",
+            "iris_stored_latency_seconds_bucket{le=\"0.005\"} 2",
+            "iris_stored_latency_seconds_bucket{le=\"+Inf\"} 3",
+            "iris_rejected_by_code_total{code=\"5\"} 2",
+            "iris_rejected_by_code_total{code=\"other\"} 1",
+            "iris_rejected_by_code_total{code=\"1\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+
     #[test]
     fn histogram_count_is_taken_from_the_buckets() {
         let stats = NodeStats::new(1, Role::Primary, Mode::Local, 1);
         stats.record_fsync(100);
         // A core mid-record: count bumped, bucket not yet (or the reverse).
         stats.fsync_count.fetch_add(1, Relaxed);
-        let h = FsyncHistogram::read(&stats);
+        let h = BucketHistogram::read(&FSYNC_BUCKETS_US, &stats.fsync_buckets, &stats.fsync_sum_us);
         assert_eq!(h.count, 1);
         assert_eq!(h.buckets.last().unwrap().0, f64::INFINITY);
     }

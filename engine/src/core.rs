@@ -252,6 +252,8 @@ pub struct Edge {
     /// STORED / REJECTED answers written (published to the stats each tick).
     pub stored_count: u64,
     pub rejected_count: u64,
+    /// REJECTED answers by code (crate::stats::reject_code_index).
+    pub rejected_codes: [u64; crate::stats::REJECT_CODE_MAX + 2],
     pub shutting_down: bool,
     pub clock_ms: u64,
     /// Node links from edges accepted on this core (engine::link), by id.
@@ -316,6 +318,7 @@ impl Edge {
             connections: 0,
             stored_count: 0,
             rejected_count: 0,
+            rejected_codes: Default::default(),
             shutting_down: false,
             clock_ms: now_ms(),
             links_in: Default::default(),
@@ -622,11 +625,16 @@ impl Edge {
             || self.remote.as_ref().is_some_and(|r| r.full())
     }
 
+    /// Counts a REJECTED answer with its code.
+    pub fn count_rejected(&mut self, code: u16) {
+        self.rejected_count += 1;
+        self.rejected_codes[crate::stats::reject_code_index(code)] += 1;
+    }
+
     fn answered(&mut self, conn: ConnRef, frame: &ServerFrame<'_>) {
-        if matches!(frame, ServerFrame::Stored { .. }) {
-            self.stored_count += 1;
-        } else {
-            self.rejected_count += 1;
+        match frame {
+            ServerFrame::Rejected { code, .. } => self.count_rejected(*code),
+            _ => self.stored_count += 1,
         }
         let Some(slot) = self.live_slot(conn) else {
             return;
@@ -817,7 +825,7 @@ impl Sink for Edge {
 
     fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &str) {
         if conn.core == self.id && conn.link != 0 {
-            self.rejected_count += 1;
+            self.count_rejected(code);
             let msg = crate::link_proto::Msg::Rejected {
                 conn: link_conn(conn),
                 msg_id,
@@ -1262,7 +1270,7 @@ impl Core {
 
     /// A REJECTED the edge gives itself (bad recipient, too large) without a shard.
     pub fn reject_here(&mut self, index: u32, msg_id: MsgId, code: u16, reason: &str) {
-        self.edge.rejected_count += 1;
+        self.edge.count_rejected(code);
         self.edge.write_frame(
             index,
             &ServerFrame::Rejected {

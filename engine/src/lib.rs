@@ -87,6 +87,10 @@ enum Command {
 /// Flags override the TOML file, which overrides the defaults.
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// Log lines on stderr: `text` (for people) or `json` (one JSON object per
+    /// line, for log shippers). The level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// What this process is: `all` (one process), `core` (a node of a core pair, with
     /// --cluster and --node) or `edge` (client connections only, with --cluster). [default: all]
     #[arg(long, value_enum)]
@@ -323,15 +327,29 @@ impl ServeArgs {
     }
 }
 
-fn init_logging() {
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal()) // no colour codes in log files
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = match format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal()) // no colour codes in log files
+            .with_writer(std::io::stderr)
+            .try_init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
     // glommio reports through `log` (e.g. io_uring buffer registration failures): show it.
     let _ = tracing_log::LogTracer::init();
 }
@@ -341,7 +359,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            init_logging();
+            init_logging(args.log_format);
             let result = (*args).into_config().and_then(runtime::serve);
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -65,8 +65,8 @@ pub struct ReplState {
     pub primary_last_position: u64,
     /// When this shard last heard its peer (ms since the Unix epoch).
     pub last_heard_ms: u64,
-    /// Counter values already added to the node stats: (stored, rejected).
-    published: (u64, u64),
+    /// Counter values already added to the node stats.
+    pub published: Published,
     /// Primary side: this shard's log may lack acknowledged records from this
     /// position on (it was not sealed by a clean stop: a crash, maybe a cut at
     /// recovery). Until a replica has handed back its records from here (FETCH),
@@ -106,7 +106,7 @@ impl ReplState {
             acker_waker: None,
             primary_last_position: 0,
             last_heard_ms: 0,
-            published: (0, 0),
+            published: Published::default(),
             repair_from: None,
             node_tls: None,
             links: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -1188,13 +1188,35 @@ fn update_mode(c: &mut Core) {
     }
 }
 
+/// What a core already added to the node's counters (they only grow).
+#[derive(Debug, Default)]
+pub struct Published {
+    stored: u64,
+    rejected: u64,
+    rejected_codes: [u64; crate::stats::REJECT_CODE_MAX + 2],
+    stored_latency: crate::stats::LocalHistogram,
+}
+
+/// Adds this core's STORED / REJECTED counts and STORED latencies since the
+/// last call to the node's stats (edge cores too: they answer for remote pairs).
+pub fn publish_counts(c: &mut Core, stats: &NodeStats) {
+    let p = &mut c.repl.published;
+    stats
+        .stored_total
+        .fetch_add(c.edge.stored_count - p.stored, Relaxed);
+    stats
+        .rejected_total
+        .fetch_add(c.edge.rejected_count - p.rejected, Relaxed);
+    (p.stored, p.rejected) = (c.edge.stored_count, c.edge.rejected_count);
+    stats.publish_rejected(&c.edge.rejected_codes, &mut p.rejected_codes);
+    if c.shard.exists() {
+        stats.publish_stored_latency(&c.shard.stored_latency, &mut p.stored_latency);
+    }
+}
+
 fn publish(c: &mut Core, stats: &NodeStats) {
     stats.set_shard_mode(c.shard.id, c.shard.mode);
-    let (stored, rejected) = (c.edge.stored_count, c.edge.rejected_count);
-    let (s0, r0) = c.repl.published;
-    stats.stored_total.fetch_add(stored - s0, Relaxed);
-    stats.rejected_total.fetch_add(rejected - r0, Relaxed);
-    c.repl.published = (stored, rejected);
+    publish_counts(c, stats);
     let Some(s) = stats.shards.get(c.shard.id) else {
         return;
     };

@@ -746,6 +746,8 @@ async fn edge_maintenance(core: Rc<RefCell<Core>>) {
         c.edge.expire_lingering();
         c.route_edge_mail();
         publish_connections(&c);
+        let stats = Arc::clone(&c.repl.stats);
+        crate::repl::publish_counts(&mut c, &stats);
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             c.edge.expire_idle();

@@ -133,6 +133,17 @@ struct Waiting {
     position: u64,
     reply: ConnRef,
     msg_id: MsgId,
+    /// When the SEND reached the shard (`mono_us`), for the STORED latency.
+    since_us: u64,
+}
+
+/// Microseconds on the monotonic clock since the first call in this process.
+pub fn mono_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
 }
 
 /// A message of a dropped tail, to send again to the new primary.
@@ -195,6 +206,8 @@ pub struct Shard {
     stalled: Vec<Rc<str>>,
     live: Live,
     waiting: VecDeque<Waiting>,
+    /// SEND-to-STORED latency of the answers given here (published by the core).
+    pub stored_latency: crate::stats::LocalHistogram,
     limits: Limits,
     scratch: Vec<u8>,
     checkpoint: CheckpointState,
@@ -239,6 +252,7 @@ impl Shard {
             stalled: Vec::new(),
             live: Live::new(limits),
             waiting: VecDeque::new(),
+            stored_latency: Default::default(),
             limits: limits.clone(),
             scratch: Vec::with_capacity(limits.frame_len_max as usize + 256),
             checkpoint: CheckpointState {
@@ -423,6 +437,7 @@ impl Shard {
             position,
             reply: req.reply,
             msg_id: req.msg_id,
+            since_us: mono_us(),
         });
         Ok(())
     }
@@ -470,6 +485,7 @@ impl Shard {
                     position,
                     reply,
                     msg_id,
+                    since_us: mono_us(),
                 },
             );
         }
@@ -478,8 +494,11 @@ impl Shard {
     /// Called by the committer when a sync completed: answers STORED and delivers.
     pub fn on_durable(&mut self, sink: &mut impl Sink) {
         let durable = self.commit_position();
+        let now_us = mono_us();
         while self.waiting.front().is_some_and(|w| w.position <= durable) {
             let w = self.waiting.pop_front().expect("front checked");
+            self.stored_latency
+                .record(now_us.saturating_sub(w.since_us));
             sink.stored(w.reply, w.msg_id);
         }
         // Online recipients whose next message waited for the commit position

@@ -52,6 +52,37 @@ pub const FSYNC_BUCKETS_US: [u64; 12] = [
     25, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000, 50000,
 ];
 
+/// Upper bounds (µs) of the STORED latency histogram buckets (a SEND reaching
+/// its shard to its STORED: durable, and replicated when that is the
+/// policy); the last is +Inf.
+pub const STORED_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 250_000, 1_000_000,
+    5_000_000, 30_000_000,
+];
+
+/// REJECTED codes counted one by one (docs/PROTOCOL.md section 5); a code
+/// above the last is counted as the last + 1 ("other").
+pub const REJECT_CODE_MAX: usize = 6;
+
+/// A histogram one core fills without atomics (plain counts), published to
+/// [`NodeStats`] as deltas on the core's maintenance tick.
+#[derive(Debug, Clone, Default)]
+pub struct LocalHistogram {
+    pub buckets: [u64; STORED_BUCKETS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl LocalHistogram {
+    pub fn record(&mut self, latency_us: u64) {
+        let bucket = STORED_BUCKETS_US
+            .iter()
+            .position(|&b| latency_us <= b)
+            .unwrap_or(STORED_BUCKETS_US.len());
+        self.buckets[bucket] += 1;
+        self.sum_us += latency_us;
+    }
+}
+
 #[derive(Default)]
 pub struct ShardStats {
     /// This shard's Mode (as u8); the node's mode is the worst of its shards'.
@@ -96,6 +127,12 @@ pub struct NodeStats {
     pub fsync_buckets: [AtomicU64; FSYNC_BUCKETS_US.len() + 1],
     pub fsync_sum_us: AtomicU64,
     pub fsync_count: AtomicU64,
+    /// STORED latency: counts per STORED_BUCKETS_US bucket, plus +Inf.
+    pub stored_latency_buckets: [AtomicU64; STORED_BUCKETS_US.len() + 1],
+    pub stored_latency_sum_us: AtomicU64,
+    /// REJECTED answers by code: index c for code c (1..=REJECT_CODE_MAX),
+    /// REJECT_CODE_MAX + 1 for any other.
+    pub rejected_by_code: [AtomicU64; REJECT_CODE_MAX + 2],
     /// Set by the control thread (admin promote); each core acts on it once.
     pub promote_requested: AtomicBool,
     /// During a promotion: the new epoch the first core chose (0 otherwise).
@@ -133,6 +170,9 @@ impl NodeStats {
             fsync_buckets: Default::default(),
             fsync_sum_us: AtomicU64::new(0),
             fsync_count: AtomicU64::new(0),
+            stored_latency_buckets: Default::default(),
+            stored_latency_sum_us: AtomicU64::new(0),
+            rejected_by_code: Default::default(),
             promote_requested: AtomicBool::new(false),
             promotion_epoch: AtomicU64::new(0),
             promoted_cores: AtomicUsize::new(0),
@@ -179,6 +219,39 @@ impl NodeStats {
         self.fsync_buckets[bucket].fetch_add(1, Relaxed);
         self.fsync_sum_us.fetch_add(latency_us, Relaxed);
         self.fsync_count.fetch_add(1, Relaxed);
+    }
+
+    /// Adds what a core's histogram counted since `published`, and
+    /// remembers it as published.
+    pub fn publish_stored_latency(&self, now: &LocalHistogram, published: &mut LocalHistogram) {
+        for (i, (n, p)) in now.buckets.iter().zip(published.buckets.iter()).enumerate() {
+            if n > p {
+                self.stored_latency_buckets[i].fetch_add(n - p, Relaxed);
+            }
+        }
+        self.stored_latency_sum_us
+            .fetch_add(now.sum_us.saturating_sub(published.sum_us), Relaxed);
+        *published = now.clone();
+    }
+
+    /// Adds a core's REJECTED counts by code since `published`.
+    pub fn publish_rejected(
+        &self,
+        now: &[u64; REJECT_CODE_MAX + 2],
+        published: &mut [u64; REJECT_CODE_MAX + 2],
+    ) {
+        for (i, (n, p)) in now.iter().zip(published.iter()).enumerate() {
+            self.rejected_by_code[i].fetch_add(n.saturating_sub(*p), Relaxed);
+        }
+        *published = *now;
+    }
+}
+
+/// The `rejected_by_code` index of REJECTED `code`.
+pub fn reject_code_index(code: u16) -> usize {
+    match code as usize {
+        c @ 1..=REJECT_CODE_MAX => c,
+        _ => REJECT_CODE_MAX + 1,
     }
 }
 
