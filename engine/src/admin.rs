@@ -762,14 +762,14 @@ fn encode_traffic(stats: &NodeStats, encoder: &mut DescriptorEncoder<'_>) -> std
     counter(
         encoder,
         "iris_stored",
-        "SENDs answered STORED",
+        "SENDs this process answered STORED to its clients (an edge's are counted on the edge, not again on the core)",
         None,
         load(&stats.stored_total),
     )?;
     counter(
         encoder,
         "iris_rejected",
-        "SENDs answered REJECTED",
+        "SENDs this process answered REJECTED to its clients",
         None,
         load(&stats.rejected_total),
     )?;

@@ -618,18 +618,17 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 );
                 return false;
             }
-            slot.acked = true;
+            slot.note_ack();
             let user = slot.user.clone().expect("a Ready connection has a user");
             c.route_ack(&user, seq);
             true
         }
         (_, ClientFrame::Ping { nonce }) => {
             let slot = c.edge.slot(index);
-            match slot
-                .user
-                .clone()
-                .filter(|_| std::mem::take(&mut slot.acked))
-            {
+            // Behind an ACK, or behind a PING still waiting for the shard
+            // (PONGs keep the PINGs' order), up to the per-connection bound.
+            let routed = slot.route_ping();
+            match slot.user.clone().filter(|_| routed) {
                 Some(user) => {
                     let conn = conn_ref(c, index);
                     c.route_sync(conn, &user, nonce);

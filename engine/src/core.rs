@@ -143,9 +143,13 @@ pub struct Slot {
     /// `rbuf` is the connection's own exactly sized copy of an incomplete
     /// frame, not a pool buffer.
     pub parked: bool,
-    /// An ACK went to the user's shard since the last PING: the next PONG
-    /// waits until it took effect there (`Core::route_sync`).
-    pub acked: bool,
+    /// PING ordering behind ACKs, in one byte (the slot has no room for
+    /// two): bit 7 set when an ACK went to the user's shard since the last
+    /// PING (the next PONG waits until it took effect there,
+    /// `Core::route_sync`); bits 0-6 count PINGs routed to the shard whose
+    /// PONG has not come back (a PING behind them goes the same way, so
+    /// PONGs keep the PINGs' order; at most `SYNCS_PER_CONN_MAX`).
+    pub sync: u8,
     pub sends_in_flight: u32,
     pub rstart: u32,
     pub rend: u32,
@@ -173,12 +177,42 @@ pub struct Slot {
     pub deliver_expected_seq: u64,
 }
 
+/// PINGs of one connection waiting for their PONG from the shard; a PING
+/// beyond is answered at once (docs/PROTOCOL.md, rule 5).
+pub const SYNCS_PER_CONN_MAX: u8 = 64;
+const _: () = assert!(SYNCS_PER_CONN_MAX < 0x80);
+
 /// What an idle connection costs in its core's arena: all of its user-space
 /// state (issue 9: an idle connection is its slot). Keep it small.
 pub const SLOT_BYTES_MAX: usize = 136;
 const _: () = assert!(std::mem::size_of::<Slot>() <= SLOT_BYTES_MAX);
 
 impl Slot {
+    const SYNC_ACKED: u8 = 0x80;
+
+    /// An ACK of this connection went to its user's shard.
+    pub fn note_ack(&mut self) {
+        self.sync |= Self::SYNC_ACKED;
+    }
+
+    /// Whether this PING must go to the shard (behind an ACK or behind a
+    /// PING still there); if so, it is counted as in flight.
+    pub fn route_ping(&mut self) -> bool {
+        let in_flight = self.sync & !Self::SYNC_ACKED;
+        let routed =
+            (self.sync & Self::SYNC_ACKED != 0 || in_flight > 0) && in_flight < SYNCS_PER_CONN_MAX;
+        if routed {
+            self.sync = in_flight + 1;
+        }
+        routed
+    }
+
+    /// The PONG of a routed PING is being written.
+    fn sync_answered(&mut self) {
+        let in_flight = self.sync & !Self::SYNC_ACKED;
+        self.sync = (self.sync & Self::SYNC_ACKED) | in_flight.saturating_sub(1);
+    }
+
     fn free() -> Slot {
         Slot {
             generation: 0,
@@ -190,7 +224,7 @@ impl Slot {
             write_armed: false,
             waiting: false,
             parked: false,
-            acked: false,
+            sync: 0,
             sends_in_flight: 0,
             rstart: 0,
             rend: 0,
@@ -659,7 +693,8 @@ impl Edge {
             self.link_write(conn, &msg);
             return;
         }
-        if self.live_slot(conn).is_some() {
+        if let Some(slot) = self.live_slot(conn) {
+            slot.sync_answered();
             self.write_frame(conn.slot, &ServerFrame::Pong { nonce });
         }
     }
@@ -813,7 +848,8 @@ fn link_conn(conn: ConnRef) -> crate::link_proto::Conn {
 impl Sink for Edge {
     fn stored(&mut self, conn: ConnRef, msg_id: MsgId) {
         if conn.core == self.id && conn.link != 0 {
-            self.stored_count += 1;
+            // Counted by the edge that answers its client (one count per
+            // client-visible answer across a cluster).
             let c = link_conn(conn);
             self.link_write(conn, &crate::link_proto::Msg::Stored { conn: c, msg_id });
         } else if conn.core == self.id {
@@ -825,7 +861,6 @@ impl Sink for Edge {
 
     fn rejected(&mut self, conn: ConnRef, msg_id: MsgId, code: u16, reason: &str) {
         if conn.core == self.id && conn.link != 0 {
-            self.count_rejected(code);
             let msg = crate::link_proto::Msg::Rejected {
                 conn: link_conn(conn),
                 msg_id,

@@ -660,7 +660,12 @@ fn fault_rounds_lose_no_acknowledged_message() {
     };
     // Two senders flat out for minutes: over the default per-user rate.
     let mut args = FAST.to_vec();
-    args.extend(["--sends-per-user-per-sec", "1000000", "--send-burst-per-user", "1000000"]);
+    args.extend([
+        "--sends-per-user-per-sec",
+        "1000000",
+        "--send-burst-per-user",
+        "1000000",
+    ]);
     let mut c = DevCluster::start(1, 1, &args);
     let recipients = users_in("fr-", &range(&c, "p0"), 3);
     let receivers: Vec<_> = recipients
@@ -704,7 +709,10 @@ fn fault_rounds_lose_no_acknowledged_message() {
             c.kill9(&primary);
         }
         for s in &senders {
-            s.wait_stored(20, &format!("round {round} ({fault:?}) after the promotion"));
+            s.wait_stored(
+                20,
+                &format!("round {round} ({fault:?}) after the promotion"),
+            );
         }
         c.restart(&primary);
         c.wait_caught_up(&replica);

@@ -153,6 +153,33 @@ fn ack_then_pong_holds_for_the_next_login_on_any_core() {
     }
 }
 
+/// PONGs come in PING order even when the first PING waits for an ACK on
+/// another core's shard and the second has no ACK of its own before it.
+#[test]
+fn pongs_keep_ping_order_behind_an_ack() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = connect(server.addr(), "alice");
+    for round in 0..60u64 {
+        let user = format!("orderer{}", round % 6);
+        send_stored(&mut alice, &user, b"x");
+        let (mut bob, _) = connect(server.addr(), &user);
+        let d = collect_deliveries(&mut bob, 1).remove(0);
+        bob.ack(d.seq).expect("ack");
+        bob.ping(2 * round).expect("ping");
+        bob.ping(2 * round + 1).expect("ping");
+        bob.flush().expect("flush");
+        for want in [2 * round, 2 * round + 1] {
+            match next_event(&mut bob) {
+                Event::Pong { nonce } => {
+                    assert_eq!(nonce, want, "round {round}: PONGs out of order")
+                }
+                other => panic!("expected PONG, got {other:?}"),
+            }
+        }
+        bob.bye().expect("bye");
+    }
+}
+
 #[test]
 fn duplicate_msg_id_is_stored_every_time_but_delivered_once() {
     let server = Server::start(&[]);
