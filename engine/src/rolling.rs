@@ -47,8 +47,14 @@ pub struct RollingRestartArgs {
 /// What one node's admin says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum NodeState {
+    /// Nothing accepts connections on its admin address.
     Down,
-    Up { primary: bool, pid: u64 },
+    Up {
+        primary: bool,
+        pid: u64,
+    },
+    /// Something answered, but not a usable /health (busy: 503, a timeout).
+    Unknown,
 }
 
 struct Node {
@@ -150,30 +156,34 @@ fn restart_primary(
     let pid = match state(&primary.admin) {
         NodeState::Up { pid, .. } => pid,
         NodeState::Down => return Err(format!("{} went down by itself", primary.name)),
+        NodeState::Unknown => return Err(format!("{} does not answer /health", primary.name)),
     };
+    if args.stop.contains("{pid}") && pid == 0 {
+        return Err(format!(
+            "{}'s /health reports no pid, so `{{pid}}` cannot be filled in: \
+             use a --stop command without it for this node's version",
+            primary.name
+        ));
+    }
     say("stopping");
     let stop = fill(&args.stop, primary, pid);
-    let status = Command::new("sh")
-        .args(["-c", &stop])
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| format!("running {stop:?}: {e}"))?;
-    if !status.success() {
-        return Err(format!("stop command {stop:?} failed: {status}"));
-    }
+    run_bounded(&stop, timeout)?;
     wait_for(timeout, &format!("{} to stop", primary.name), || {
         state(&primary.admin) == NodeState::Down
     })?;
     say(&format!("promoting {}", replica.name));
-    promote(replica, timeout)?;
-    say("starting");
     let start = fill(&args.start, primary, pid);
-    // Not waited for: a node started in the foreground keeps running.
-    Command::new("sh")
-        .args(["-c", &start])
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("running {start:?}: {e}"))?;
+    if let Err(e) = promote(replica, timeout) {
+        // Leave the pair with a primary: the stopped node starts again (its
+        // peer is not primary, so it serves as before).
+        let _ = spawn_start(&start);
+        return Err(format!(
+            "{e}; started {} again with the --start command",
+            primary.name
+        ));
+    }
+    say("starting");
+    spawn_start(&start)?;
     wait_for(
         timeout,
         &format!("{} to rejoin as replica", primary.name),
@@ -187,6 +197,40 @@ fn restart_primary(
     Ok(())
 }
 
+/// Runs a shell command to completion within `timeout` (killed after it).
+fn run_bounded(cmd: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("command {cmd:?} failed: {status}")),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("command {cmd:?} did not finish in {timeout:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
+        }
+    }
+}
+
+/// Starts a node with the start command, not waiting for it (a node started
+/// in the foreground keeps running).
+fn spawn_start(cmd: &str) -> Result<(), String> {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .spawn()
+        .map(drop)
+        .map_err(|e| format!("running {cmd:?}: {e}"))
+}
+
 fn fill(template: &str, node: &Node, pid: u64) -> String {
     template
         .replace("{node}", &node.name)
@@ -196,36 +240,53 @@ fn fill(template: &str, node: &Node, pid: u64) -> String {
 }
 
 fn state(admin: &str) -> NodeState {
-    let Ok((200, body)) = http("GET", admin, "/health") else {
-        return NodeState::Down;
+    let body = match http("GET", admin, "/health") {
+        Ok((200, body)) => body,
+        Ok(_) => return NodeState::Unknown,
+        // admin_http: a connection that could not be made.
+        Err(e) if e.contains("connecting to") => return NodeState::Down,
+        Err(_) => return NodeState::Unknown,
     };
-    let Ok(v) = serde_json::from_str::<Value>(&body) else {
-        return NodeState::Down;
-    };
-    NodeState::Up {
-        primary: v["role"] == "primary",
-        pid: v["pid"].as_u64().unwrap_or(0),
+    match serde_json::from_str::<Value>(&body) {
+        Ok(v) => NodeState::Up {
+            primary: v["role"] == "primary",
+            pid: v["pid"].as_u64().unwrap_or(0),
+        },
+        Err(_) => NodeState::Unknown,
     }
 }
 
-/// Every shard of `primary` has a connected replica with no lag.
+/// Every shard of `primary` has a connected replica that acknowledged
+/// everything the shard had when this was called (a busy primary's lag is
+/// rarely 0 at any one moment).
 fn wait_caught_up(primary: &Node, timeout: Duration) -> Result<(), String> {
+    let stats = || -> Option<Vec<Value>> {
+        let (200, body) = http("GET", &primary.admin, "/replication/stats").ok()? else {
+            return None;
+        };
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["role"] == "primary").then(|| v["shards"].as_array().cloned())?
+    };
+    let mut targets: Option<Vec<u64>> = None;
     wait_for(
         timeout,
         &format!("{}'s replica to catch up", primary.name),
         || {
-            let Ok((200, body)) = http("GET", &primary.admin, "/replication/stats") else {
+            let Some(shards) = stats() else {
                 return false;
             };
-            let Ok(v) = serde_json::from_str::<Value>(&body) else {
-                return false;
-            };
-            v["role"] == "primary"
-                && v["shards"].as_array().is_some_and(|shards| {
-                    shards.iter().all(|s| {
-                        s["replicas"].as_array().is_some_and(|r| {
-                            r.iter()
-                                .any(|r| r["connected"] == true && r["lag_ops"] == 0)
+            let want = targets.get_or_insert_with(|| {
+                shards
+                    .iter()
+                    .map(|s| s["last_position"].as_u64().unwrap_or(u64::MAX))
+                    .collect()
+            });
+            shards.len() == want.len()
+                && shards.iter().zip(want.iter()).all(|(s, &want)| {
+                    s["replicas"].as_array().is_some_and(|r| {
+                        r.iter().any(|r| {
+                            r["connected"] == true
+                                && r["acked_position"].as_u64().is_some_and(|a| a >= want)
                         })
                     })
                 })
@@ -239,7 +300,8 @@ fn promote(replica: &Node, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         match http("POST", &replica.admin, "/replication/promote") {
-            Ok((200, _)) => return Ok(()),
+            // 409: already primary (an earlier attempt finished after its 503).
+            Ok((200 | 409, _)) => return Ok(()),
             Ok((503, _)) | Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
             Ok((status, body)) => {
                 return Err(format!(
