@@ -686,7 +686,7 @@ fn fault_rounds_lose_no_acknowledged_message() {
             .expect("two nodes")
             .name
             .clone();
-        senders[(round % 2)].wait_stored(20 + next(60) as usize, "before the fault");
+        senders[round % 2].wait_stored(20 + next(60) as usize, "before the fault");
         let fault = [Fault::Kill9, Fault::Pause, Fault::Term][next(3) as usize];
         counts[fault as usize] += 1;
         match fault {
