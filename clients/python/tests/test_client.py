@@ -93,3 +93,22 @@ def test_without_reconnect_a_lost_server_is_connection_lost(server):
     server.kill9()
     with pytest.raises(ConnectionLost):
         alice.send("bob", b"nobody there", timeout=5)
+
+
+def test_close_after_a_server_restart_still_makes_the_acks_count(server):
+    with Client(server.addr, user="alice") as alice:
+        ids = [alice.send("ken", f"k{i}".encode()) for i in range(5)]
+    ken = Client(server.addr, user="ken", backoff_max=0.5)
+    got = []
+    for m in ken.messages(timeout=1.0):
+        got.append(m)
+        if len(got) == 4:
+            break  # the 4th is handed out, not processed: 3 consumed
+    server.stop()
+    server.start()
+    # close() reconnects, lets the server resend up to what was consumed,
+    # ACKs 3 there and waits for the PONG.
+    ken.close()
+    with Client(server.addr, user="ken") as again:
+        assert again.pending_at_login == 2
+        assert [m.msg_id for m in again.messages(timeout=1.0)] == ids[3:]

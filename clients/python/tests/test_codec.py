@@ -95,3 +95,38 @@ def test_unanswered_sends_go_again_after_a_reconnect_in_order():
     s.on_frames([codec.Welcome(1, 0, 65536, 0), codec.Stored(b"2" * 16)])
     assert s.resend() == b""
     assert f1 != f2
+
+
+def test_a_seq_numbered_again_after_a_failover_is_not_dropped_nor_acked_early():
+    s = Session("bob", None)
+    s.hello()
+    s.on_frames([codec.Welcome(1, 0, 65536, 3)])
+    old = [codec.Message(i, bytes([i]) * 16, "alice", 0, b"") for i in (1, 2, 3)]
+    s.on_frames(old)
+    for m in old:
+        assert s.next_message() == m
+        s.consume(m.seq)
+    # A new primary that lacked seq 3 numbers a new message 3.
+    s.hello()
+    s.on_frames([codec.Welcome(1, 0, 65536, 1)])
+    new3 = codec.Message(3, b"n" * 16, "carol", 0, b"new")
+    s.on_frames([new3])
+    assert s.next_message() == new3
+    # Not consumed yet: nothing past 2 may be ACKed.
+    assert s.ack_frame(force=True) in (b"", codec.encode_ack(2))
+    s.consume(3)
+    assert s.ack_frame(force=True) == codec.encode_ack(3)
+
+
+def test_a_ping_of_a_replaced_connection_is_lost_not_answered():
+    s = Session("bob", None)
+    s.hello()
+    s.on_frames([codec.Welcome(1, 0, 65536, 0)])
+    nonce, _ = s.ping_frame()
+    assert s.pong_state(nonce) == "pending"
+    s.hello()
+    assert s.pong_state(nonce) == "lost"
+    s.on_frames([codec.Welcome(1, 0, 65536, 0)])
+    nonce2, _ = s.ping_frame()
+    s.on_frames([codec.Pong(nonce2)])
+    assert s.pong_state(nonce2) == "answered"

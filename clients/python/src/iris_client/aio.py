@@ -139,15 +139,28 @@ class Client:
             await self._write(self._session.ack_frame())
 
     async def sync(self, timeout: Optional[float] = None) -> None:
-        """ACKs what was consumed and waits until the server applied it."""
+        """ACKs what was consumed and waits until the server applied it
+        (after a reconnect, once the server resent up to it)."""
         await self.connect()
-        nonce, ping = self._session.ping_frame()
-        await self._write(self._session.ack_frame(force=True) + ping)
-        await self._wait(
-            lambda: self._session.pongs.get(nonce, True),
-            timeout if timeout is not None else self.send_timeout,
-            "PONG",
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else self.send_timeout)
+        s = self._session
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        while True:
+            while not s.ack_caught_up():
+                seen = s.conn_seq_max
+                await self._write(s.ack_frame(force=True))
+                await self._wait(lambda: s.ack_caught_up() or s.conn_seq_max > seen, left(), "resends")
+            nonce, ping = s.ping_frame()
+            await self._write(s.ack_frame(force=True) + ping)
+            await self._wait(lambda: s.pong_state(nonce) != "pending", left(), "PONG")
+            answered = s.pong_state(nonce) == "answered"
+            s.forget_pong(nonce)
+            if answered:
+                return
 
     async def close(self) -> None:
         if self._closed:
@@ -208,17 +221,21 @@ class Client:
                     raise Timeout(f"timed out waiting for {what}") from None
 
     async def _write(self, data: bytes) -> None:
-        if not data or self._writer is None:
+        writer = self._writer
+        if not data or writer is None:
             return
         assert self._drain_lock is not None
         try:
-            self._writer.write(data)
+            writer.write(data)
             async with self._drain_lock:
-                await asyncio.wait_for(self._writer.drain(), self.send_timeout)
-        except (OSError, asyncio.TimeoutError):
-            # The connection task notices and connects again; unanswered
-            # SENDs go out again then.
-            self._close_writer()
+                await asyncio.wait_for(writer.drain(), self.send_timeout)
+        except (OSError, RuntimeError, asyncio.TimeoutError):
+            # This connection is done; the connection task connects again
+            # and sends every unanswered SEND then. Only this writer is
+            # closed: a newer connection may be in place already.
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
 
     def _close_writer(self) -> None:
         if self._writer is not None:
@@ -278,6 +295,10 @@ class Client:
                 return
             except (OSError, asyncio.TimeoutError):
                 self._close_writer()
+            except Exception as e:  # a bug of ours: fail every waiter, loudly
+                self._close_writer()
+                await self._fail(e)
+                return
             if not self.reconnect and self.connections > 0:
                 await self._fail(ConnectionLost(f"connection to {self.addr} lost"))
                 return
@@ -290,11 +311,12 @@ class Client:
             await asyncio.sleep(delay)
 
     async def _drain_safely(self) -> None:
-        if self._writer is None:
+        writer = self._writer
+        if writer is None:
             return
         assert self._drain_lock is not None
         async with self._drain_lock:
-            await asyncio.wait_for(self._writer.drain(), self.send_timeout)
+            await asyncio.wait_for(writer.drain(), self.send_timeout)
 
     async def _fail(self, err: BaseException) -> None:
         self._fatal = err

@@ -150,12 +150,25 @@ class Client:
 
     def sync(self, timeout: Optional[float] = None) -> None:
         """ACKs what was consumed and waits until the server applied it (a
-        PING after the ACK; docs/PROTOCOL.md rule 5)."""
+        PING after the ACK; docs/PROTOCOL.md rule 5). After a reconnect it
+        first lets the server resend up to what was consumed, so the ACK can
+        be given on the new connection."""
         self._check_open()
         deadline = time.monotonic() + (timeout if timeout is not None else self.send_timeout)
-        nonce, ping = self._session.ping_frame()
-        self._write(self._session.ack_frame(force=True) + ping, deadline)
-        self._pump(deadline, lambda: self._session.pongs.get(nonce, True))
+        s = self._session
+        while True:
+            while not s.ack_caught_up():
+                seen = s.conn_seq_max
+                self._write(s.ack_frame(force=True), deadline)
+                self._pump(deadline, lambda: s.ack_caught_up() or s.conn_seq_max > seen)
+            nonce, ping = s.ping_frame()
+            self._write(s.ack_frame(force=True) + ping, deadline)
+            self._pump(deadline, lambda: s.pong_state(nonce) != "pending")
+            answered = s.pong_state(nonce) == "answered"
+            s.forget_pong(nonce)
+            if answered:
+                return
+            # The connection was replaced before the PONG: again on the new one.
 
     def close(self) -> None:
         """ACKs what was consumed (waiting until it counts), says BYE and
@@ -290,6 +303,9 @@ class Client:
                 self._sock.sendall(data)
                 return
             except socket.timeout:
+                # Part of a frame may be out: this connection cannot carry
+                # another frame. Unanswered SENDs go again on the next one.
+                self._drop()
                 raise Timeout("timed out writing to the server") from None
             except OSError:
                 self._reconnect(deadline)

@@ -64,22 +64,28 @@ class Session:
         self.answers: Dict[bytes, Answer] = {}
         self.inbox: Deque[Message] = deque()
         self.recent_ids: "OrderedDict[bytes, None]" = OrderedDict()
-        self.last_seq_seen = 0
         self.consumed = 0
         # Per connection: the highest seq delivered on it (an ACK above it
         # is a protocol violation) and the last ACK sent on it.
         self.conn_seq_max = 0
+        self.conn_first_seq = 0
         self.conn_acked = 0
-        self.pongs: Dict[int, bool] = {}
+        # Connections made so far; a PING belongs to the one it went out on.
+        self.conn_id = 0
+        # nonce -> (connection id, answered)
+        self.pongs: Dict[int, Tuple[int, bool]] = {}
         self._nonce = 0
 
     # -- connecting --------------------------------------------------------
 
     def hello(self) -> bytes:
         self.welcomed = False
+        self.conn_id += 1
         self.conn_seq_max = 0
+        self.conn_first_seq = 0
         self.conn_acked = 0
-        self.pongs.clear()
+        # PINGs of the old connection stay unanswered: pong_state says "lost".
+        self.pongs = {n: p for n, p in self.pongs.items() if p[1]}
         return codec.encode_hello(self.user, self.token)
 
     def resend(self) -> bytes:
@@ -108,8 +114,32 @@ class Session:
 
     def ping_frame(self) -> Tuple[int, bytes]:
         self._nonce += 1
-        self.pongs[self._nonce] = False
+        self.pongs[self._nonce] = (self.conn_id, False)
         return self._nonce, codec.encode_ping(self._nonce)
+
+    def pong_state(self, nonce: int) -> str:
+        """"answered", "pending", or "lost" (its connection is gone)."""
+        conn, answered = self.pongs.get(nonce, (0, False))
+        if answered:
+            return "answered"
+        return "pending" if conn == self.conn_id else "lost"
+
+    def forget_pong(self, nonce: int) -> None:
+        self.pongs.pop(nonce, None)
+
+    def ack_caught_up(self) -> bool:
+        """Whether this connection can acknowledge everything consumed: the
+        server delivered up to it here, or already had it acknowledged (it
+        has nothing pending, or its first delivery here is past it)."""
+        if not self.welcomed:
+            return False
+        c = self.consumed
+        return (
+            c <= self.conn_acked
+            or self.conn_seq_max >= c
+            or (self.pending_at_login == 0 and self.conn_seq_max == 0)
+            or self.conn_first_seq > c
+        )
 
     # -- receiving ---------------------------------------------------------
 
@@ -133,17 +163,24 @@ class Session:
                 self._deliver(f)
             elif isinstance(f, codec.Pong):
                 if f.nonce in self.pongs:
-                    self.pongs[f.nonce] = True
+                    self.pongs[f.nonce] = (self.conn_id, True)
             elif isinstance(f, codec.ErrorFrame):
                 raise server_error(f.code, f.reason)
 
     def _deliver(self, m: Message) -> None:
         self.conn_seq_max = max(self.conn_seq_max, m.seq)
-        # A resend after a reconnect (seq already seen), or a repeat after a
-        # failover (msg_id already seen): dropped.
-        if m.seq <= self.last_seq_seen or m.msg_id in self.recent_ids:
+        if not self.conn_first_seq:
+            self.conn_first_seq = m.seq
+        # A resend after a reconnect, or a repeat after a failover: dropped
+        # by msg_id (not by seq: a new primary that lacked the old one's
+        # last messages numbers new ones with the same seqs).
+        if m.msg_id in self.recent_ids:
             return
-        self.last_seq_seen = m.seq
+        if m.seq <= self.consumed:
+            # The server's numbering went back (that failover): what it
+            # numbers from here on has not been consumed.
+            self.consumed = m.seq - 1
+            self.conn_acked = min(self.conn_acked, self.consumed)
         self.recent_ids[m.msg_id] = None
         if len(self.recent_ids) > RECENT_IDS_MAX:
             self.recent_ids.popitem(last=False)
