@@ -658,13 +658,18 @@ fn fault_rounds_lose_no_acknowledged_message() {
         state ^= state >> 27;
         state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
     };
-    // Two senders flat out for minutes: over the default per-user rate.
+    // Two senders for minutes, beside the other cluster tests: over the
+    // default per-user rate, and receivers starved for seconds could let an
+    // inbox pass the default 100,000 (REJECTED 5 would be right then, but
+    // it is not what these rounds test).
     let mut args = FAST.to_vec();
     args.extend([
         "--sends-per-user-per-sec",
         "1000000",
         "--send-burst-per-user",
         "1000000",
+        "--inbox-len-max",
+        "2000000",
     ]);
     let mut c = DevCluster::start(1, 1, &args);
     let recipients = users_in("fr-", &range(&c, "p0"), 3);
@@ -673,7 +678,7 @@ fn fault_rounds_lose_no_acknowledged_message() {
         .map(|r| Receiver::start(c.edge(0), r))
         .collect();
     let senders: Vec<_> = (0..2)
-        .map(|i| Sender::start(c.edge(0), &format!("frs{i}"), &recipients, 16))
+        .map(|i| Sender::start(c.edge(0), &format!("frs{i}"), &recipients, 4))
         .collect();
     let mut counts = [0usize; 3];
     let started = Instant::now();
