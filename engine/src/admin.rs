@@ -57,6 +57,9 @@ pub const PROMOTE_POLL_MS: u64 = 10;
 pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 /// Admin connections served at once; one more is answered 503 and closed.
 pub const CONNECTIONS_MAX: usize = 64;
+/// Connections over `CONNECTIONS_MAX` being answered 503 at once; more are
+/// closed without an answer.
+pub const REFUSALS_MAX: usize = 16;
 /// A connection's whole life (request, route, response): then it is dropped.
 pub const CONNECTION_DEADLINE_MS: u64 =
     REQUEST_DEADLINE_MS + PROMOTE_TIMEOUT_MS + RESPONSE_WRITE_TIMEOUT_MS + DRAIN_TIMEOUT_MS;
@@ -108,13 +111,24 @@ struct Ctx {
 
 async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_MAX));
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                    // Over the bound: a best-effort answer, never a wait.
-                    let busy = Response::error(503, "too many admin connections");
-                    let _ = stream.try_write(&busy.bytes());
+                    // Over the bound: 503, then the request drained so that
+                    // closing does not reset the answer away; a few of
+                    // these at once, beyond that just closed.
+                    if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
+                        tokio::spawn(async move {
+                            let mut stream = stream;
+                            let busy = Response::error(503, "too many admin connections");
+                            if busy.write_to(&mut stream).await.is_ok() {
+                                drain_and_close(&mut stream).await;
+                            }
+                            drop(refusal);
+                        });
+                    }
                     continue;
                 };
                 let ctx = Arc::clone(&ctx);
