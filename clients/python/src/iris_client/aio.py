@@ -11,10 +11,10 @@ once (at most ``IN_FLIGHT_MAX`` unanswered; more wait for room).
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from . import codec
-from .client import parse_addr, tls_context
+from ._base import ClientBase
 from .codec import Message, RejectedFrame, Stored
 from .errors import (
     ClientClosed,
@@ -26,62 +26,28 @@ from .errors import (
     Timeout,
     reconnectable,
 )
-from .session import IN_FLIGHT_MAX, Session, backoff_delays, new_msg_id
+from .session import IN_FLIGHT_MAX, backoff_delays, new_msg_id
 
 READ_CHUNK = 65536
 
 __all__ = ["Client"]
 
 
-class Client:
+class Client(ClientBase):
     """``c = Client("127.0.0.1:7070", user="alice")``; ``await c.send("bob",
     b"hi")``; ``async for m in c.messages(timeout=5.0)``; ``await
     c.close()``. Connects on first use (or ``await c.connect()``); also an
     ``async with`` context manager."""
 
-    def __init__(
-        self,
-        addr: str,
-        user: str,
-        token: Optional[str] = None,
-        tls_ca: Optional[str] = None,
-        *,
-        tls: Optional[bool] = None,
-        server_name: Optional[str] = None,
-        connect_timeout: float = 10.0,
-        send_timeout: float = 30.0,
-        reconnect: bool = True,
-        backoff_initial: float = 0.05,
-        backoff_max: float = 5.0,
-    ) -> None:
-        self.addr = addr
-        self._host, self._port = parse_addr(addr)
-        self._session = Session(user, token)
-        use_tls = tls if tls is not None else tls_ca is not None
-        self._tls = tls_context(tls_ca) if use_tls else None
-        self._server_name = server_name or self._host
-        self.connect_timeout = connect_timeout
-        self.send_timeout = send_timeout
-        self.reconnect = reconnect
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.connections = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._writer: Optional[asyncio.StreamWriter] = None
         self._task: Optional["asyncio.Task[None]"] = None
         self._changed: Optional[asyncio.Condition] = None
         self._drain_lock: Optional[asyncio.Lock] = None
         self._fatal: Optional[BaseException] = None
-        self._closed = False
 
     # -- public ------------------------------------------------------------
-
-    @property
-    def user(self) -> str:
-        return self._session.user
-
-    @property
-    def pending_at_login(self) -> int:
-        return self._session.pending_at_login
 
     async def connect(self) -> None:
         """Connects now (else the first operation does); raises
@@ -189,10 +155,6 @@ class Client:
         await self.close()
 
     # -- internals -----------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
 
     async def _notify(self) -> None:
         assert self._changed is not None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import time
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional
 
 from . import codec
+from ._base import ClientBase
 from .codec import Message, RejectedFrame, Stored
 from .errors import (
-    ClientClosed,
     ConnectionLost,
     IrisError,
     ProtocolError,
@@ -19,31 +18,13 @@ from .errors import (
     Timeout,
     reconnectable,
 )
-from .session import Session, backoff_delays, new_msg_id
+from .session import backoff_delays, new_msg_id
 
 #: Bytes read from the socket at once.
 READ_CHUNK = 65536
 
 
-def parse_addr(addr: str) -> Tuple[str, int]:
-    """``host:port`` or ``[v6]:port``."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be HOST:PORT, got {addr!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def tls_context(tls_ca: Optional[str]) -> ssl.SSLContext:
-    """A client TLS context trusting ``tls_ca`` (a PEM file; the system's
-    roots when None), hostname checked, TLS 1.2 at least."""
-    ctx = ssl.create_default_context(cafile=tls_ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-class Client:
+class Client(ClientBase):
     """A connection to Iris as one user, made again whenever it fails.
 
     ``Client("127.0.0.1:7070", user="alice", token=None, tls_ca=None)``
@@ -62,49 +43,13 @@ class Client:
     Every wait is bounded by a timeout.
     """
 
-    def __init__(
-        self,
-        addr: str,
-        user: str,
-        token: Optional[str] = None,
-        tls_ca: Optional[str] = None,
-        *,
-        tls: Optional[bool] = None,
-        server_name: Optional[str] = None,
-        connect_timeout: float = 10.0,
-        send_timeout: float = 30.0,
-        reconnect: bool = True,
-        backoff_initial: float = 0.05,
-        backoff_max: float = 5.0,
-    ) -> None:
-        self.addr = addr
-        self._host, self._port = parse_addr(addr)
-        self._session = Session(user, token)
-        use_tls = tls if tls is not None else tls_ca is not None
-        self._tls = tls_context(tls_ca) if use_tls else None
-        self._server_name = server_name or self._host
-        self.connect_timeout = connect_timeout
-        self.send_timeout = send_timeout
-        self.reconnect = reconnect
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._sock: Optional[socket.socket] = None
         self._decoder = codec.Decoder()
-        self._closed = False
-        #: How many times a connection was made (1 after the first).
-        self.connections = 0
-        self._connect(time.monotonic() + connect_timeout)
+        self._connect(time.monotonic() + self.connect_timeout)
 
     # -- public ------------------------------------------------------------
-
-    @property
-    def user(self) -> str:
-        return self._session.user
-
-    @property
-    def pending_at_login(self) -> int:
-        """WELCOME's ``pending`` on the latest connection."""
-        return self._session.pending_at_login
 
     def send(self, to: str, body: bytes, msg_id: Optional[bytes] = None, timeout: Optional[float] = None) -> bytes:
         """Sends ``body`` to ``to``; returns the msg_id once STORED (durable
@@ -192,10 +137,6 @@ class Client:
         self.close()
 
     # -- connection ----------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
 
     def _drop(self) -> None:
         if self._sock is not None:
