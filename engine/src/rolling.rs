@@ -152,7 +152,7 @@ fn restart_primary(
 ) -> Result<(), String> {
     let say = |what: &str| println!("{}: {}: {what}", primary.pair, primary.name);
     say("waiting for the replica to catch up");
-    wait_caught_up(primary, timeout)?;
+    wait_caught_up(&primary.admin, &primary.name, timeout)?;
     let pid = match state(&primary.admin) {
         NodeState::Up { pid, .. } => pid,
         NodeState::Down => return Err(format!("{} went down by itself", primary.name)),
@@ -189,7 +189,7 @@ fn restart_primary(
         &format!("{} to rejoin as replica", primary.name),
         || matches!(state(&primary.admin), NodeState::Up { primary: false, .. }),
     )?;
-    wait_caught_up(replica, timeout)?;
+    wait_caught_up(&replica.admin, &replica.name, timeout)?;
     say(&format!(
         "rejoined as {}'s replica, caught up",
         replica.name
@@ -258,40 +258,37 @@ fn state(admin: &str) -> NodeState {
 
 /// Every shard of `primary` has a connected replica that acknowledged
 /// everything the shard had when this was called (a busy primary's lag is
-/// rarely 0 at any one moment).
-fn wait_caught_up(primary: &Node, timeout: Duration) -> Result<(), String> {
+/// rarely 0 at any one moment). `admin` is the primary's admin address,
+/// `name` its name in messages.
+pub fn wait_caught_up(admin: &str, name: &str, timeout: Duration) -> Result<(), String> {
     let stats = || -> Option<Vec<Value>> {
-        let (200, body) = http("GET", &primary.admin, "/replication/stats").ok()? else {
+        let (200, body) = http("GET", admin, "/replication/stats").ok()? else {
             return None;
         };
         let v: Value = serde_json::from_str(&body).ok()?;
         (v["role"] == "primary").then(|| v["shards"].as_array().cloned())?
     };
     let mut targets: Option<Vec<u64>> = None;
-    wait_for(
-        timeout,
-        &format!("{}'s replica to catch up", primary.name),
-        || {
-            let Some(shards) = stats() else {
-                return false;
-            };
-            let want = targets.get_or_insert_with(|| {
-                shards
-                    .iter()
-                    .map(|s| s["last_position"].as_u64().unwrap_or(u64::MAX))
-                    .collect()
-            });
-            shards.len() == want.len()
-                && shards.iter().zip(want.iter()).all(|(s, &want)| {
-                    s["replicas"].as_array().is_some_and(|r| {
-                        r.iter().any(|r| {
-                            r["connected"] == true
-                                && r["acked_position"].as_u64().is_some_and(|a| a >= want)
-                        })
+    wait_for(timeout, &format!("{name}'s replica to catch up"), || {
+        let Some(shards) = stats() else {
+            return false;
+        };
+        let want = targets.get_or_insert_with(|| {
+            shards
+                .iter()
+                .map(|s| s["last_position"].as_u64().unwrap_or(u64::MAX))
+                .collect()
+        });
+        shards.len() == want.len()
+            && shards.iter().zip(want.iter()).all(|(s, &want)| {
+                s["replicas"].as_array().is_some_and(|r| {
+                    r.iter().any(|r| {
+                        r["connected"] == true
+                            && r["acked_position"].as_u64().is_some_and(|a| a >= want)
                     })
                 })
-        },
-    )
+            })
+    })
 }
 
 /// POST /replication/promote, again while the node answers 503 (its stream

@@ -244,29 +244,12 @@ impl DevCluster {
         serde_json::from_str(&body).expect("JSON")
     }
 
-    /// Waits until `primary` reports every shard's replica connected and
-    /// caught up (lag 0).
+    /// Waits until `primary`'s replica caught up on every shard, as
+    /// `iris admin rolling-restart` waits (engine::rolling::wait_caught_up).
     pub fn wait_caught_up(&self, primary: &str) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let stats = self.stats(primary);
-            let caught_up = stats["role"] == "primary"
-                && stats["shards"].as_array().is_some_and(|shards| {
-                    shards.iter().all(|s| {
-                        s["replicas"].as_array().is_some_and(|r| {
-                            r.iter()
-                                .any(|r| r["connected"] == true && r["lag_ops"] == 0)
-                        })
-                    })
-                });
-            if caught_up {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{primary}'s replica did not catch up: {stats}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let admin = &self.node(primary).admin;
+        if let Err(e) = engine::rolling::wait_caught_up(admin, primary, READY_TIMEOUT) {
+            panic!("{e}: {}", self.stats(primary));
         }
     }
 
