@@ -182,10 +182,23 @@ pub enum ShardError {
 }
 
 struct CheckpointState {
-    /// Bytes appended since the last checkpoint began.
+    /// Bytes in the log since its last CKPT record: counted by replay and by
+    /// the replica's stream as well as by appends, so a restarted or promoted
+    /// node does not start from 0 and a short tenure still reaches a checkpoint.
     appended_bytes: u64,
     /// A checkpoint written but not yet durable: (start, end) positions.
     in_progress: Option<(u64, u64)>,
+}
+
+impl CheckpointState {
+    /// One record in the log, in position order (a CKPT starts the count again).
+    fn count(&mut self, record_type: u8, payload_len: usize) {
+        if record_type == record::CKPT {
+            self.appended_bytes = 0;
+        } else {
+            self.appended_bytes += payload_len as u64 + 32;
+        }
+    }
 }
 
 pub struct Shard {
@@ -279,8 +292,10 @@ impl Shard {
             .wal
             .iter_from(start)
             .map_err(|source| ShardError::Wal { shard, source })?;
+        self.checkpoint.appended_bytes = 0;
         for item in iter {
             let rec = item.map_err(|source| ShardError::Wal { shard, source })?;
+            self.checkpoint.count(rec.record_type, rec.payload.len());
             let position = rec.position;
             let decoded =
                 record::decode(rec.record_type, rec.payload).map_err(|e| ShardError::Replay {
@@ -782,6 +797,7 @@ impl Shard {
         self.wal
             .append_at(rec.position, rec.epoch, rec.record_type, rec.payload)
             .map_err(|source| ShardError::Wal { shard, source })?;
+        self.checkpoint.count(rec.record_type, rec.payload.len());
         if let Decoded::Checkpoint { start } = decoded {
             // The primary's checkpoint frees our old segments too, once durable here.
             self.checkpoint.in_progress = Some((start, rec.position));
@@ -807,6 +823,7 @@ impl Shard {
         self.live = Live::new(&self.limits);
         self.waiting.clear();
         self.checkpoint.in_progress = None;
+        self.checkpoint.appended_bytes = 0;
         Ok(())
     }
 
@@ -1362,6 +1379,43 @@ mod tests {
         send(&mut shard, &mut sink, "alice", "bob", 5, &body); // dedup survived the checkpoint
         commit(&mut shard, &mut sink);
         assert_eq!(sink.delivered.len(), 10);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Tenures too short to reach a checkpoint on their own still add up: a
+    /// reopened shard counts the log written since the last CKPT, so retention
+    /// can trim a log that many restarts (or failovers) wrote.
+    #[test]
+    fn short_tenures_add_up_to_a_checkpoint() {
+        let dir = temp_dir("tenures");
+        let body = vec![7u8; 1000];
+        let (mut checkpoints, mut n) = (0, 0u64);
+        for _tenure in 0..8 {
+            let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+            let mut sink = Recorder::default();
+            shard.login(CONN, "bob", &mut sink);
+            // About 150 KB a tenure: under the 256 KiB threshold.
+            for _ in 0..150 {
+                n += 1;
+                send(&mut shard, &mut sink, "alice", "bob", n, &body);
+            }
+            commit(&mut shard, &mut sink);
+            shard.ack("bob", n, &mut sink).unwrap();
+            commit(&mut shard, &mut sink);
+            if shard.maybe_checkpoint().unwrap() {
+                checkpoints += 1;
+                commit(&mut shard, &mut sink);
+            }
+        }
+        let (shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        assert!(
+            checkpoints >= 2,
+            "{checkpoints} checkpoints in 1.2 MB of log"
+        );
+        assert!(
+            shard.wal().first_position() > 1,
+            "retention never trimmed the log"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
