@@ -18,7 +18,18 @@ pub type DedupKey = (u64, [u8; 16]);
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     position: u64,
-    stored_ms: u64,
+    /// stored_ms << 16 | the recipient's slot: 16 bytes an entry, as before
+    /// slots were kept (48 bits of milliseconds last 8,900 years).
+    stored_ms_slot: u64,
+}
+
+impl Entry {
+    fn stored_ms(self) -> u64 {
+        self.stored_ms_slot >> 16
+    }
+    fn slot(self) -> u16 {
+        self.stored_ms_slot as u16
+    }
 }
 
 pub struct Dedup {
@@ -73,13 +84,14 @@ impl Dedup {
     /// turns out to be known). A known key is left as it is.
     /// (One probe of the table for a new key, the common case: a caller asks
     /// `get` first.)
-    pub fn insert(&mut self, key: DedupKey, position: u64, stored_ms: u64) {
+    /// `slot`: the recipient's (what a slot move takes along).
+    pub fn insert(&mut self, key: DedupKey, position: u64, stored_ms: u64, slot: u16) {
         if self.map.len() >= self.entries_max {
             self.evict_oldest();
         }
         let entry = Entry {
             position,
-            stored_ms,
+            stored_ms_slot: (stored_ms.min((1 << 48) - 1) << 16) | u64::from(slot),
         };
         if let Some(earlier) = self.map.insert(key, entry) {
             self.map.insert(key, earlier); // known: left as it is (and not queued twice)
@@ -102,7 +114,7 @@ impl Dedup {
         while expired < budget {
             let Some(key) = self.order.front() else { break };
             let entry = self.map[key];
-            if entry.stored_ms + self.window_ms > now_ms {
+            if entry.stored_ms() + self.window_ms > now_ms {
                 break;
             }
             self.evict_oldest();
@@ -126,9 +138,33 @@ impl Dedup {
             DedupEntry {
                 sender_hash: k.0,
                 msg_id: k.1,
-                stored_ms: e.stored_ms,
+                stored_ms: e.stored_ms(),
+                slot: e.slot(),
             }
         })
+    }
+
+    /// Whether an entry of `slot` belongs to the range first..=last: an entry
+    /// whose slot is unknown (an old log) belongs to every range.
+    pub fn slot_in(slot: u16, first: u16, last: u16) -> bool {
+        slot == crate::record::SLOT_UNKNOWN || (first..=last).contains(&slot)
+    }
+
+    /// Forgets the entries of slots first..=last (they moved to another pair;
+    /// unknown-slot entries stay too, harmlessly). One pass over the table:
+    /// slot moves are rare operator actions.
+    pub fn remove_slots(&mut self, first: u16, last: u16) -> usize {
+        let before = self.map.len();
+        let map = &mut self.map;
+        self.order.retain(|k| {
+            let slot = map[k].slot();
+            let gone = slot != crate::record::SLOT_UNKNOWN && (first..=last).contains(&slot);
+            if gone {
+                map.remove(k);
+            }
+            !gone
+        });
+        before - self.map.len()
     }
 }
 
@@ -150,22 +186,39 @@ mod tests {
     #[test]
     fn remembers_evicts_oldest_and_expires() {
         let mut d = Dedup::new(2, 1000);
-        d.insert((1, [1; 16]), 10, 0);
-        d.insert((1, [2; 16]), 11, 500);
+        d.insert((1, [1; 16]), 10, 0, 7);
+        d.insert((1, [2; 16]), 11, 500, 7);
         assert_eq!(d.get(&(1, [1; 16])), Some(10));
-        d.insert((1, [3; 16]), 12, 600);
+        d.insert((1, [3; 16]), 12, 600, 8);
         assert_eq!(d.get(&(1, [1; 16])), None, "oldest evicted at capacity");
         assert_eq!(d.len(), 2);
         assert_eq!(d.expire(1550, 10), 1);
         assert_eq!(d.get(&(1, [2; 16])), None);
         assert_eq!(d.get(&(1, [3; 16])), Some(12));
-        d.insert((1, [3; 16]), 99, 700);
+        d.insert((1, [3; 16]), 99, 700, 9);
         assert_eq!(
             d.get(&(1, [3; 16])),
             Some(12),
             "a known key is left as it is"
         );
         assert_eq!(d.entries().count(), 1, "and not queued twice");
+        assert_eq!(d.entries().next().unwrap().slot, 8);
+        assert_eq!(d.entries().next().unwrap().stored_ms, 600);
+    }
+
+    #[test]
+    fn a_slot_range_is_forgotten_and_unknown_slots_stay() {
+        let mut d = Dedup::new(10, 1000);
+        d.insert((1, [1; 16]), 1, 5, 3);
+        d.insert((1, [2; 16]), 2, 5, 4);
+        d.insert((1, [3; 16]), 3, 5, crate::record::SLOT_UNKNOWN);
+        d.insert((1, [4; 16]), 4, 5, 5);
+        assert_eq!(d.remove_slots(4, 5), 2);
+        let slots: Vec<u16> = d.entries().map(|e| e.slot).collect();
+        assert_eq!(slots, vec![3, crate::record::SLOT_UNKNOWN]);
+        assert!(Dedup::slot_in(crate::record::SLOT_UNKNOWN, 4, 5));
+        assert!(!Dedup::slot_in(3, 4, 5));
+        assert_eq!(d.expire(2000, 10), 2);
     }
 
     #[test]

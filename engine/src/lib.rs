@@ -32,6 +32,7 @@ pub mod route;
 pub mod runtime;
 pub mod security;
 pub mod shard;
+pub mod slots;
 pub mod sockets;
 pub mod stats;
 pub(crate) mod sys;

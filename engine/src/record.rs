@@ -7,8 +7,11 @@
 //! |------|--------|---------|
 //! | 1    | MSG    | str8 recipient, u64 seq, str8 sender, [16] msg_id, u64 sent_ms, u32 body_len, body |
 //! | 2    | ACK    | str8 recipient, u64 acked_seq: every seq <= acked_seq is consumed |
-//! | 3    | DEDUP  | u32 count, then count x (u64 sender_hash, [16] msg_id, u64 stored_ms) |
+//! | 3    | DEDUP  | u32 count, then count x (u64 sender_hash, [16] msg_id, u64 stored_ms): read only (logs before slot moves; the slot is unknown) |
 //! | 4    | CKPT   | u64 checkpoint_start_position: the live state restated since it is complete |
+//! | 5    | SLOTS  | u32 version, u16 first, u16 last, u16 owner, u16 handoff_to (0xFFFF: none): who serves slots first..=last from this version on (shard 0's log only) |
+//! | 6    | DEDUP2 | u32 count, then count x (u64 sender_hash, [16] msg_id, u64 stored_ms, u16 recipient_slot) |
+//! | 7    | DROP   | u16 first, u16 last: the users of slots first..=last (inboxes, dedup entries) are forgotten |
 //!
 //! Replay is idempotent and a checkpoint only restates state (ACK first, then the
 //! pending MSGs of each recipient, then DEDUP batches), so a crash in the middle
@@ -18,6 +21,15 @@ pub const MSG: u8 = 1;
 pub const ACK: u8 = 2;
 pub const DEDUP: u8 = 3;
 pub const CKPT: u8 = 4;
+pub const SLOTS: u8 = 5;
+pub const DEDUP2: u8 = 6;
+pub const DROP: u8 = 7;
+
+/// A dedup entry's recipient slot when its record (type 3, written before
+/// slot moves existed) did not say: such an entry goes with every move.
+pub const SLOT_UNKNOWN: u16 = u16::MAX;
+/// `SlotsRecord::handoff_to` on the wire when there is none.
+const NO_HANDOFF: u16 = u16::MAX;
 
 /// Entries per DEDUP record (32 bytes each), so a record stays far below the WAL's record limit.
 pub const DEDUP_ENTRIES_PER_RECORD: usize = 2048;
@@ -37,6 +49,22 @@ pub struct DedupEntry {
     pub sender_hash: u64,
     pub msg_id: [u8; 16],
     pub stored_ms: u64,
+    /// The recipient's slot (SLOT_UNKNOWN from a type 3 record).
+    pub slot: u16,
+}
+
+/// Who serves a slot range, from `version` on (docs/CLUSTER.md, moving slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotsRecord {
+    /// Orders the decisions about a slot: a higher version wins; the cluster
+    /// file is version 0.
+    pub version: u32,
+    pub first: u16,
+    pub last: u16,
+    /// The pair serving the range.
+    pub owner: u16,
+    /// The owner is handing the range to this pair: its users' SENDs wait.
+    pub handoff_to: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +73,8 @@ pub enum Decoded<'a> {
     Ack { recipient: &'a str, acked_seq: u64 },
     Dedup(Vec<DedupEntry>),
     Checkpoint { start: u64 },
+    Slots(SlotsRecord),
+    Drop { first: u16, last: u16 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,7 +108,19 @@ pub fn encode_ack(recipient: &str, acked_seq: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&acked_seq.to_le_bytes());
 }
 
+/// A DEDUP2 record (type 6).
 pub fn encode_dedup(entries: &[DedupEntry], out: &mut Vec<u8>) {
+    encode_dedup_entries(entries, true, out);
+}
+
+/// A DEDUP record of the old format (type 3, no slots): what logs written
+/// before slot moves hold; for the tests and the fuzzer's round trip.
+#[doc(hidden)]
+pub fn encode_dedup_unslotted(entries: &[DedupEntry], out: &mut Vec<u8>) {
+    encode_dedup_entries(entries, false, out);
+}
+
+fn encode_dedup_entries(entries: &[DedupEntry], slotted: bool, out: &mut Vec<u8>) {
     assert!(entries.len() <= DEDUP_ENTRIES_PER_RECORD);
     out.clear();
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -86,7 +128,24 @@ pub fn encode_dedup(entries: &[DedupEntry], out: &mut Vec<u8>) {
         out.extend_from_slice(&e.sender_hash.to_le_bytes());
         out.extend_from_slice(&e.msg_id);
         out.extend_from_slice(&e.stored_ms.to_le_bytes());
+        if slotted {
+            out.extend_from_slice(&e.slot.to_le_bytes());
+        }
     }
+}
+
+pub fn encode_slots(r: &SlotsRecord, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&r.version.to_le_bytes());
+    for v in [r.first, r.last, r.owner, r.handoff_to.unwrap_or(NO_HANDOFF)] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub fn encode_drop(first: u16, last: u16, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&last.to_le_bytes());
 }
 
 pub fn encode_checkpoint(start: u64, out: &mut Vec<u8>) {
@@ -118,6 +177,26 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, RecordError> {
         let b = self.take(8)?;
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes(b.try_into().expect("2 bytes")))
+    }
+    /// A slot number (below net::SLOT_COUNT).
+    fn slot(&mut self) -> Result<u16, RecordError> {
+        let slot = self.u16()?;
+        if slot >= net::SLOT_COUNT {
+            return Err(self.err("slot out of range"));
+        }
+        Ok(slot)
+    }
+    /// `first..=last`, both slots, first <= last.
+    fn slot_range(&mut self) -> Result<(u16, u16), RecordError> {
+        let (first, last) = (self.slot()?, self.slot()?);
+        if first > last {
+            return Err(self.err("slot range reversed"));
+        }
+        Ok((first, last))
     }
     fn u32(&mut self) -> Result<u32, RecordError> {
         let b = self.take(4)?;
@@ -169,7 +248,7 @@ pub fn decode(record_type: u8, payload: &[u8]) -> Result<Decoded<'_>, RecordErro
                 acked_seq: r.u64()?,
             }
         }
-        DEDUP => {
+        DEDUP | DEDUP2 => {
             let count = r.u32()? as usize;
             if count > DEDUP_ENTRIES_PER_RECORD {
                 return Err(r.err("too many dedup entries"));
@@ -179,15 +258,44 @@ pub fn decode(record_type: u8, payload: &[u8]) -> Result<Decoded<'_>, RecordErro
                 let sender_hash = r.u64()?;
                 let msg_id = r.id16()?;
                 let stored_ms = r.u64()?;
+                let slot = if record_type == DEDUP2 {
+                    r.slot()?
+                } else {
+                    SLOT_UNKNOWN
+                };
                 entries.push(DedupEntry {
                     sender_hash,
                     msg_id,
                     stored_ms,
+                    slot,
                 });
             }
             Decoded::Dedup(entries)
         }
         CKPT => Decoded::Checkpoint { start: r.u64()? },
+        SLOTS => {
+            let version = r.u32()?;
+            let (first, last) = r.slot_range()?;
+            let owner = r.u16()?;
+            let handoff_to = match r.u16()? {
+                NO_HANDOFF => None,
+                to => Some(to),
+            };
+            if handoff_to == Some(owner) {
+                return Err(r.err("a pair hands slots off to itself"));
+            }
+            Decoded::Slots(SlotsRecord {
+                version,
+                first,
+                last,
+                owner,
+                handoff_to,
+            })
+        }
+        DROP => {
+            let (first, last) = r.slot_range()?;
+            Decoded::Drop { first, last }
+        }
         _ => return Err(r.err("unknown record type")),
     };
     r.finish()?;
@@ -223,9 +331,37 @@ mod tests {
             sender_hash: 1,
             msg_id: [2; 16],
             stored_ms: 3,
+            slot: 4,
         };
         encode_dedup(&[e, e], &mut buf);
-        assert_eq!(decode(DEDUP, &buf).unwrap(), Decoded::Dedup(vec![e, e]));
+        assert_eq!(decode(DEDUP2, &buf).unwrap(), Decoded::Dedup(vec![e, e]));
+        encode_dedup_unslotted(&[e], &mut buf);
+        let old = DedupEntry {
+            slot: SLOT_UNKNOWN,
+            ..e
+        };
+        assert_eq!(decode(DEDUP, &buf).unwrap(), Decoded::Dedup(vec![old]));
+        let slots = SlotsRecord {
+            version: 3,
+            first: 10,
+            last: 20,
+            owner: 1,
+            handoff_to: Some(2),
+        };
+        encode_slots(&slots, &mut buf);
+        assert_eq!(decode(SLOTS, &buf).unwrap(), Decoded::Slots(slots));
+        encode_drop(5, 16383, &mut buf);
+        assert_eq!(
+            decode(DROP, &buf).unwrap(),
+            Decoded::Drop {
+                first: 5,
+                last: 16383
+            }
+        );
+        encode_drop(5, 16384, &mut buf);
+        assert!(decode(DROP, &buf).is_err(), "slot 16384 does not exist");
+        encode_drop(6, 5, &mut buf);
+        assert!(decode(DROP, &buf).is_err(), "a reversed range");
         encode_checkpoint(42, &mut buf);
         assert_eq!(
             decode(CKPT, &buf).unwrap(),
@@ -251,7 +387,10 @@ mod tests {
 /// cannot rot.
 #[doc(hidden)]
 pub mod fuzzing {
-    use super::{decode, encode_ack, encode_checkpoint, encode_dedup, encode_msg, Decoded};
+    use super::{
+        decode, encode_ack, encode_checkpoint, encode_dedup, encode_dedup_unslotted, encode_drop,
+        encode_msg, encode_slots, Decoded, DEDUP,
+    };
 
     /// The first byte is the record type, the rest the payload. Asserts what
     /// must hold for any input: a decoded record re-encodes to exactly the
@@ -269,8 +408,13 @@ pub mod fuzzing {
                         recipient,
                         acked_seq,
                     } => encode_ack(recipient, *acked_seq, &mut out),
+                    Decoded::Dedup(entries) if record_type == DEDUP => {
+                        encode_dedup_unslotted(entries, &mut out)
+                    }
                     Decoded::Dedup(entries) => encode_dedup(entries, &mut out),
                     Decoded::Checkpoint { start } => encode_checkpoint(*start, &mut out),
+                    Decoded::Slots(r) => encode_slots(r, &mut out),
+                    Decoded::Drop { first, last } => encode_drop(*first, *last, &mut out),
                 }
                 assert_eq!(out, payload, "type {record_type}: {decoded:?}");
             }
@@ -291,18 +435,32 @@ mod fuzz_props {
     }
 
     fn dedup_entry() -> impl Strategy<Value = DedupEntry> {
-        (any::<u64>(), any::<[u8; 16]>(), any::<u64>()).prop_map(
-            |(sender_hash, msg_id, stored_ms)| DedupEntry {
+        (
+            any::<u64>(),
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            0..net::SLOT_COUNT,
+        )
+            .prop_map(|(sender_hash, msg_id, stored_ms, slot)| DedupEntry {
                 sender_hash,
                 msg_id,
                 stored_ms,
-            },
-        )
+                slot,
+            })
     }
 
     /// A record type byte: mostly the known ones, sometimes anything.
     fn record_type() -> impl Strategy<Value = u8> {
-        prop_oneof![Just(MSG), Just(ACK), Just(DEDUP), Just(CKPT), any::<u8>()]
+        prop_oneof![
+            Just(MSG),
+            Just(ACK),
+            Just(DEDUP),
+            Just(CKPT),
+            Just(SLOTS),
+            Just(DEDUP2),
+            Just(DROP),
+            any::<u8>()
+        ]
     }
 
     proptest! {
@@ -326,7 +484,7 @@ mod fuzz_props {
             bits in 1u8..,
         ) {
             let mut buf = Vec::new();
-            for record_type in [MSG, ACK, DEDUP, CKPT] {
+            for record_type in [MSG, ACK, DEDUP, CKPT, SLOTS, DEDUP2, DROP] {
                 match record_type {
                     MSG => encode_msg(
                         &MsgRecord {
@@ -340,7 +498,13 @@ mod fuzz_props {
                         &mut buf,
                     ),
                     ACK => encode_ack(&recipient, 3, &mut buf),
-                    DEDUP => encode_dedup(&entries, &mut buf),
+                    DEDUP => encode_dedup_unslotted(&entries, &mut buf),
+                    DEDUP2 => encode_dedup(&entries, &mut buf),
+                    SLOTS => encode_slots(
+                        &SlotsRecord { version: 1, first: 2, last: 3, owner: 0, handoff_to: Some(1) },
+                        &mut buf,
+                    ),
+                    DROP => encode_drop(2, 3, &mut buf),
                     _ => encode_checkpoint(4, &mut buf),
                 }
                 // One byte changed (often a length), then cut short.
@@ -386,7 +550,22 @@ mod fuzz_props {
         ) {
             let mut buf = Vec::new();
             encode_dedup(&entries, &mut buf);
-            prop_assert_eq!(decode(DEDUP, &buf), Ok(Decoded::Dedup(entries)));
+            prop_assert_eq!(decode(DEDUP2, &buf), Ok(Decoded::Dedup(entries)));
+        }
+
+        #[test]
+        fn slots_records_round_trip(
+            version in any::<u32>(),
+            a in 0..net::SLOT_COUNT,
+            b in 0..net::SLOT_COUNT,
+            owner in 0u16..1024,
+            to in proptest::option::of(0u16..1024),
+        ) {
+            let handoff_to = to.filter(|&t| t != owner);
+            let r = SlotsRecord { version, first: a.min(b), last: a.max(b), owner, handoff_to };
+            let mut buf = Vec::new();
+            encode_slots(&r, &mut buf);
+            prop_assert_eq!(decode(SLOTS, &buf), Ok(Decoded::Slots(r)));
         }
 
         #[test]

@@ -64,6 +64,8 @@ impl PairRoute {
 
 pub struct Links {
     pub cluster: Cluster,
+    /// Who serves each slot now (the cluster file's map changed by moves).
+    pub slots: std::sync::Arc<crate::slots::SlotTable>,
     /// A core node's own pair: its users are served by the local shards.
     pub own_pair: Option<u16>,
     /// This process's name in link HELLOs (the node or edge name).
@@ -73,7 +75,12 @@ pub struct Links {
 }
 
 impl Links {
-    pub fn new(cluster: Cluster, own_pair: Option<u16>, name: &str) -> Links {
+    pub fn new(
+        cluster: Cluster,
+        slots: std::sync::Arc<crate::slots::SlotTable>,
+        own_pair: Option<u16>,
+        name: &str,
+    ) -> Links {
         let pairs = cluster
             .pairs
             .iter()
@@ -84,6 +91,7 @@ impl Links {
             .collect();
         Links {
             cluster,
+            slots,
             own_pair,
             name: name.into(),
             pairs,
@@ -93,7 +101,7 @@ impl Links {
 
     /// The remote pair owning `user`, or None when it is served here.
     pub fn remote_pair(&self, user: &str) -> Option<u16> {
-        let pair = self.cluster.pair_of(user);
+        let pair = self.slots.owner_of(user);
         (Some(pair) != self.own_pair).then_some(pair)
     }
 
@@ -280,7 +288,9 @@ mod tests {
             port += 1;
             port
         });
-        Links::new(ClusterSpec::parse(&text).unwrap().instance(), Some(0), "e")
+        let spec = ClusterSpec::parse(&text).unwrap();
+        let slots = std::sync::Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
+        Links::new(spec.instance(), slots, Some(0), "e")
     }
 
     fn send(n: u8) -> (Conn, MsgId, Vec<u8>) {

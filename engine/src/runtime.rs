@@ -110,6 +110,9 @@ pub struct ClusterSetup {
     /// The node or edge name.
     pub name: String,
     pub link: Option<SocketAddr>,
+    /// Who serves each slot now (the file's map changed by slot moves),
+    /// shared by the process's cores.
+    pub slots: Arc<crate::slots::SlotTable>,
 }
 
 impl ClusterSetup {
@@ -132,11 +135,13 @@ impl ClusterSetup {
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("edge-{}", std::process::id()));
+                let slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
                 Ok(Some(ClusterSetup {
                     spec,
                     own_pair: None,
                     name,
                     link: None,
+                    slots,
                 }))
             }
             NodeRole::Core => {
@@ -167,18 +172,25 @@ impl ClusterSetup {
                         crate::cluster::replica_of(&spec, pair, index, role);
                     tracing::info!(node = %name, peer = %peer.name, ?role, replica_of = ?config.replication.replica_of, "cluster role");
                 }
+                let slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
                 Ok(Some(ClusterSetup {
                     spec,
                     own_pair: Some(pair as u16),
                     name,
                     link: Some(me.link),
+                    slots,
                 }))
             }
         }
     }
 
     fn links(&self) -> crate::route::Links {
-        crate::route::Links::new(self.spec.instance(), self.own_pair, &self.name)
+        crate::route::Links::new(
+            self.spec.instance(),
+            self.slots.clone(),
+            self.own_pair,
+            &self.name,
+        )
     }
 }
 
@@ -552,11 +564,21 @@ async fn core_main(
         }
         None => (None, Vec::new(), 0),
     };
-    let (mut shard, report) =
-        match Shard::open(id, &shard_dir(&spec.config.data, id), &spec.config.limits) {
-            Ok(x) => x,
-            Err(e) => return fail(format!("cannot open shard {id}: {e}")),
-        };
+    let ownership = spec.cluster.as_ref().and_then(|c| {
+        Some(crate::slots::Ownership {
+            table: c.slots.clone(),
+            own_pair: c.own_pair?,
+        })
+    });
+    let (mut shard, report) = match Shard::open(
+        id,
+        &shard_dir(&spec.config.data, id),
+        &spec.config.limits,
+        ownership,
+    ) {
+        Ok(x) => x,
+        Err(e) => return fail(format!("cannot open shard {id}: {e}")),
+    };
     tracing::info!(shard = id, cpu = spec.cpu, users = shard.users(), recovery = %report, "shard open");
     report_dropped(id, &report, &spec.stats);
     shard.set_epoch(spec.stats.epoch.load(Ordering::SeqCst));

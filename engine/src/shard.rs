@@ -12,6 +12,7 @@ use crate::dedup::{sender_hash, Dedup};
 use crate::lograte::{LogEvery, REPEATED_ERROR_LOG_INTERVAL};
 use crate::memory;
 use crate::record::{self, Decoded, MsgRecord};
+use crate::slots::Ownership;
 use crate::stats::{Mode, Role};
 use net::{reject_code, MsgId};
 use std::collections::{HashMap, VecDeque};
@@ -181,6 +182,49 @@ pub enum ShardError {
     },
 }
 
+/// Bytes of one shard's part of a slot move (`export_slots`): the range's
+/// inboxes and dedup entries travel through the admin API in one body. A
+/// larger range is refused; move it in smaller ranges.
+pub const MOVE_BYTES_MAX: usize = 256 << 20;
+
+/// Why a slot move step failed on a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// The request does not fit this node's state (an operator's mistake).
+    #[error("{0}")]
+    Refused(&'static str),
+    /// The exported records are not a range's state (bad bytes from a peer).
+    #[error("malformed slot move records: {0}")]
+    Malformed(String),
+    #[error("the range's state is over {MOVE_BYTES_MAX} bytes; move a smaller range")]
+    TooLarge,
+    /// The log failed (the environment).
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}
+
+/// Iterates `[u8 type][u32 len][payload]` records (export_slots's format);
+/// stops at the first incomplete one (`rest_len` tells).
+struct MoveRecords<'a>(&'a [u8]);
+
+impl MoveRecords<'_> {
+    fn rest_len(mut self) -> usize {
+        while self.next().is_some() {}
+        self.0.len()
+    }
+}
+
+impl<'a> Iterator for MoveRecords<'a> {
+    type Item = (u8, &'a [u8]);
+    fn next(&mut self) -> Option<(u8, &'a [u8])> {
+        let (&record_type, rest) = self.0.split_first()?;
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let payload = rest.get(4..4 + len)?;
+        self.0 = &rest[4 + len..];
+        Some((record_type, payload))
+    }
+}
+
 struct CheckpointState {
     /// Bytes in the log since its last CKPT record: counted by replay and by
     /// the replica's stream as well as by appends, so a restarted or promoted
@@ -228,6 +272,9 @@ pub struct Shard {
     append_errors: LogEvery,
     /// Rate limit of the "checkpoint failed" line (retried every maintenance tick).
     pub checkpoint_errors: LogEvery,
+    /// A cluster node's slot ownership (None: a single node serves every slot).
+    /// Shard 0's log holds the node's SLOTS decisions.
+    ownership: Option<Ownership>,
 }
 
 pub fn now_ms() -> u64 {
@@ -243,12 +290,13 @@ impl Shard {
         id: usize,
         dir: &Path,
         limits: &Limits,
+        ownership: Option<Ownership>,
     ) -> Result<(Shard, wal::RecoveryReport), ShardError> {
         let mut config = WalConfig::new(dir);
         config.segment_size_bytes = limits.wal_segment_bytes;
         // The largest record: a MSG (a body within a frame, plus two ids and fixed
         // fields) or a full DEDUP batch.
-        let dedup_record_len = 4 + 32 * record::DEDUP_ENTRIES_PER_RECORD;
+        let dedup_record_len = 4 + 34 * record::DEDUP_ENTRIES_PER_RECORD;
         config.record_payload_len_max =
             (limits.frame_len_max as usize).max(dedup_record_len) as u32 + 512;
         let (wal, report) =
@@ -274,6 +322,7 @@ impl Shard {
             },
             append_errors: LogEvery::default(),
             checkpoint_errors: LogEvery::default(),
+            ownership,
         };
         shard.replay()?;
         Ok((shard, report))
@@ -303,15 +352,32 @@ impl Shard {
                     position,
                     why: e.to_string(),
                 })?;
-            self.live
-                .apply(position, decoded)
-                .map_err(|why| ShardError::Replay {
-                    shard,
-                    position,
-                    why,
-                })?;
+            apply_record(
+                shard,
+                &mut self.live,
+                self.ownership.as_ref(),
+                position,
+                decoded,
+            )
+            .map_err(|why| ShardError::Replay {
+                shard,
+                position,
+                why,
+            })?;
         }
         Ok(())
+    }
+
+    /// One record of the log (replayed, replicated or just appended) applied
+    /// to the live state, or to the node's slot table.
+    fn apply(&mut self, position: u64, decoded: Decoded<'_>) -> Result<(), String> {
+        apply_record(
+            self.id,
+            &mut self.live,
+            self.ownership.as_ref(),
+            position,
+            decoded,
+        )
     }
 
     fn replay_start(&self) -> Result<u64, ShardError> {
@@ -384,6 +450,17 @@ impl Shard {
             sink.rejected(req.reply, req.msg_id, reject_code::UNAVAILABLE, reason);
             return Ok(());
         }
+        let slot = net::slot_of(req.to);
+        if self
+            .ownership
+            .as_ref()
+            .is_some_and(|o| !o.takes_sends(slot))
+        {
+            // Moving (or moved) to another pair: an edge keeps the SEND and
+            // sends it to the new owner once it hears MOVED.
+            sink.not_primary(req.reply, req.msg_id, "the recipient's slot is moving");
+            return Ok(());
+        }
         let key = (sender_hash(req.sender), req.msg_id);
         if let Some(position) = self.live.dedup.get(&key) {
             self.answer_when_durable(position, req.reply, req.msg_id, sink);
@@ -430,7 +507,7 @@ impl Shard {
             }
         };
         // The turn's clock (sent_ms) is the store time the dedup window counts from.
-        self.live.dedup.insert(key, position, req.sent_ms);
+        self.live.dedup.insert(key, position, req.sent_ms, slot);
         let msg = PendingMsg::new(
             seq,
             req.msg_id,
@@ -571,6 +648,11 @@ impl Shard {
 
     /// A connection of `user` logged in: it becomes the one that receives.
     pub fn login(&mut self, conn: ConnRef, user: &str, sink: &mut impl Sink) {
+        if !self.holds(user) {
+            // Moved away (or not yet here): the login is registered again
+            // with the owner when the connection's process hears of the move.
+            return;
+        }
         if !self.live.inboxes.contains_key(user)
             && self.live.inboxes.len() >= self.limits.inbox_users_max
         {
@@ -675,6 +757,9 @@ impl Shard {
 
     /// Cumulative ACK (already checked by the edge against what it delivered).
     pub fn ack(&mut self, user: &str, seq: u64, sink: &mut impl Sink) -> Result<(), ShardError> {
+        if !self.holds(user) {
+            return Ok(()); // moved away: the owner delivers from its last ACK (a redelivery)
+        }
         let Some(inbox) = self.live.inboxes.get_mut(user) else {
             return Ok(());
         };
@@ -693,6 +778,13 @@ impl Shard {
 
     /// The position STORED and delivery wait for: the local fsync, and the
     /// replica's ack while replication is synchronous (or blocked).
+    /// Whether this node holds `user`'s inbox (always, outside a cluster).
+    fn holds(&self, user: &str) -> bool {
+        self.ownership
+            .as_ref()
+            .is_none_or(|o| o.holds(net::slot_of(user)))
+    }
+
     pub fn commit_position(&self) -> u64 {
         let local = self.wal.durable_position();
         match self.mode {
@@ -802,8 +894,7 @@ impl Shard {
             // The primary's checkpoint frees our old segments too, once durable here.
             self.checkpoint.in_progress = Some((start, rec.position));
         }
-        self.live
-            .apply(rec.position, decoded)
+        self.apply(rec.position, decoded)
             .map_err(|why| ShardError::Replay {
                 shard,
                 position: rec.position,
@@ -866,7 +957,7 @@ impl Shard {
     /// snapshot's positions (then the whole log is streamed instead).
     pub fn snapshot_frames(&self) -> Option<(u64, u64, u64, Vec<u8>)> {
         let mut records: Vec<(u8, Vec<u8>)> = Vec::new();
-        let restated = self.live.restate(&mut Vec::new(), |record_type, payload| {
+        let restated = self.restate(&mut Vec::new(), |record_type, payload| {
             records.push((record_type, payload.to_vec()));
             Ok::<(), std::convert::Infallible>(())
         });
@@ -893,6 +984,121 @@ impl Shard {
             wal::format::encode_record(&mut frames[start..], &rec);
         }
         Some((first, last, count, frames))
+    }
+
+    /// Slot move, source side: the users of slots first..=last (per user its
+    /// ACK, then its pending MSGs, seqs kept) and the dedup entries of the
+    /// range, as `[u8 type][u32 len][payload]` records for `import_slots`.
+    /// Only between the handoff (no SENDs for the range) and the release.
+    pub fn export_slots(&self, first: u16, last: u16) -> Result<Vec<u8>, MoveError> {
+        let mut out = Vec::new();
+        self.live.restate(
+            &mut Vec::new(),
+            Some((first, last)),
+            |record_type, payload| {
+                if out.len() + 5 + payload.len() > MOVE_BYTES_MAX {
+                    return Err(MoveError::TooLarge);
+                }
+                out.push(record_type);
+                out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                out.extend_from_slice(payload);
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Slot move, target side: forgets what an earlier, unfinished import of
+    /// the range left (a DROP record), then logs and applies the exported
+    /// records. Everything is checked before the first append: records that
+    /// would not replay never reach the log. Returns the last position (the
+    /// import is done when the commit position reaches it).
+    pub fn import_slots(
+        &mut self,
+        first: u16,
+        last: u16,
+        records: &[u8],
+    ) -> Result<u64, MoveError> {
+        self.check_writable()?;
+        if let Some(o) = &self.ownership {
+            if (first..=last).any(|slot| o.holds(slot)) {
+                return Err(MoveError::Refused(
+                    "this pair already holds slots of the range",
+                ));
+            }
+        }
+        // A dry run on a scratch state: every record decodes, belongs to the
+        // range and replays (seqs follow each other).
+        let mut scratch = Live::new(&self.limits);
+        for (record_type, payload) in MoveRecords(records) {
+            let decoded = record::decode(record_type, payload)
+                .map_err(|e| MoveError::Malformed(e.to_string()))?;
+            let in_range = |user: &str| (first..=last).contains(&net::slot_of(user));
+            let fits = match &decoded {
+                Decoded::Msg(m) => in_range(m.recipient),
+                Decoded::Ack { recipient, .. } => in_range(recipient),
+                Decoded::Dedup(entries) => {
+                    record_type == record::DEDUP2
+                        && entries.iter().all(|e| Dedup::slot_in(e.slot, first, last))
+                }
+                _ => false,
+            };
+            if !fits {
+                return Err(MoveError::Malformed(format!(
+                    "a record of type {record_type} that is not the range's"
+                )));
+            }
+            scratch.apply(0, decoded).map_err(MoveError::Malformed)?;
+        }
+        if MoveRecords(records).rest_len() != 0 {
+            return Err(MoveError::Malformed("a record cut short".into()));
+        }
+        if self.live.memory_bytes() + scratch.memory_bytes() > self.limits.shard_pending_bytes_max {
+            return Err(MoveError::Refused("the shard's pending memory is full"));
+        }
+        drop(scratch);
+        let mut position = self.drop_slots(first, last)?;
+        for (record_type, payload) in MoveRecords(records) {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(payload);
+            position = self.append(record_type)?;
+            let decoded = record::decode(record_type, payload).expect("checked above");
+            self.apply(position, decoded)
+                .map_err(MoveError::Malformed)?;
+        }
+        Ok(position)
+    }
+
+    /// Logs and applies a DROP of slots first..=last: their users and dedup
+    /// entries are forgotten (a finished move's source; an import's start).
+    pub fn drop_slots(&mut self, first: u16, last: u16) -> Result<u64, MoveError> {
+        self.check_writable()?;
+        record::encode_drop(first, last, &mut self.scratch);
+        let position = self.append(record::DROP)?;
+        self.live.drop_slots(first, last);
+        Ok(position)
+    }
+
+    /// Logs and applies a slot decision (shard 0 of a cluster node only).
+    pub fn write_slots(&mut self, r: &record::SlotsRecord) -> Result<u64, MoveError> {
+        self.check_writable()?;
+        if self.id != 0 || self.ownership.is_none() {
+            return Err(MoveError::Refused(
+                "slot decisions live in shard 0 of a cluster node",
+            ));
+        }
+        record::encode_slots(r, &mut self.scratch);
+        let position = self.append(record::SLOTS)?;
+        self.apply(position, Decoded::Slots(*r))
+            .map_err(MoveError::Malformed)?;
+        Ok(position)
+    }
+
+    fn check_writable(&self) -> Result<(), MoveError> {
+        if self.role != Role::Primary {
+            return Err(MoveError::Refused("not the pair's primary"));
+        }
+        Ok(())
     }
 
     /// Forgets expired dedup entries; bounded work per call.
@@ -933,14 +1139,35 @@ impl Shard {
     /// Restates the live state at the tail: per recipient its ACK, then its
     /// pending MSGs; then the dedup table. Not counted as new traffic.
     fn write_checkpoint(&mut self) -> Result<(), ShardError> {
-        let (shard, epoch) = (self.id, self.epoch);
-        let wal = &mut self.wal;
-        self.live
-            .restate(&mut self.scratch, |record_type, payload| {
+        let Shard {
+            id,
+            epoch,
+            wal,
+            live,
+            ownership,
+            scratch,
+            ..
+        } = self;
+        let (shard, epoch) = (*id, *epoch);
+        restate(
+            shard,
+            ownership.as_ref(),
+            live,
+            scratch,
+            |record_type, payload| {
                 wal.append(epoch, record_type, payload)
                     .map(|_| ())
                     .map_err(|source| ShardError::Wal { shard, source })
-            })
+            },
+        )
+    }
+
+    fn restate<E>(
+        &self,
+        buf: &mut Vec<u8>,
+        emit: impl FnMut(u8, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        restate(self.id, self.ownership.as_ref(), &self.live, buf, emit)
     }
 
     fn finish_checkpoint(&mut self) {
@@ -958,6 +1185,44 @@ impl Shard {
             Err(e) => tracing::error!(shard = self.id, error = %e, "WAL retention failed"),
         }
     }
+}
+
+/// One record applied to the live state, or (SLOTS) to the node's slot table.
+fn apply_record(
+    shard: usize,
+    live: &mut Live,
+    ownership: Option<&Ownership>,
+    position: u64,
+    decoded: Decoded<'_>,
+) -> Result<(), String> {
+    match decoded {
+        Decoded::Slots(r) => {
+            if let Some(o) = ownership {
+                let changed = o.table.apply(&r);
+                tracing::info!(shard, ?r, changed, "slot ownership");
+            }
+            Ok(())
+        }
+        decoded => live.apply(position, decoded),
+    }
+}
+
+/// A shard's whole state as records: shard 0's slot decisions, then the
+/// live state (Live::restate).
+fn restate<E>(
+    shard: usize,
+    ownership: Option<&Ownership>,
+    live: &Live,
+    buf: &mut Vec<u8>,
+    mut emit: impl FnMut(u8, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    if let Some(o) = ownership.filter(|_| shard == 0) {
+        for r in o.table.decisions() {
+            record::encode_slots(&r, buf);
+            emit(record::SLOTS, buf)?;
+        }
+    }
+    live.restate(buf, None, emit)
 }
 
 impl Inbox {
@@ -1044,13 +1309,19 @@ impl Live {
     /// The live state as records, in replay order: per recipient its ACK, then
     /// its pending MSGs; then the dedup table in DEDUP batches. A checkpoint
     /// appends them to the WAL; a full sync ships them to a replica.
+    /// `range`: only the users and dedup entries of slots first..=last (a
+    /// slot move's export).
     fn restate<E>(
         &self,
         buf: &mut Vec<u8>,
+        range: Option<(u16, u16)>,
         mut emit: impl FnMut(u8, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         for (user, inbox) in &self.inboxes {
             if inbox.last_seq == 0 {
+                continue;
+            }
+            if range.is_some_and(|(a, b)| !(a..=b).contains(&net::slot_of(user))) {
                 continue;
             }
             record::encode_ack(user, inbox.acked, buf);
@@ -1069,17 +1340,21 @@ impl Live {
             }
         }
         let mut chunk = Vec::with_capacity(record::DEDUP_ENTRIES_PER_RECORD);
-        for entry in self.dedup.entries() {
+        let entries = self
+            .dedup
+            .entries()
+            .filter(|e| range.is_none_or(|(a, b)| Dedup::slot_in(e.slot, a, b)));
+        for entry in entries {
             chunk.push(entry);
             if chunk.len() == record::DEDUP_ENTRIES_PER_RECORD {
                 record::encode_dedup(&chunk, buf);
-                emit(record::DEDUP, buf)?;
+                emit(record::DEDUP2, buf)?;
                 chunk.clear();
             }
         }
         if !chunk.is_empty() {
             record::encode_dedup(&chunk, buf);
-            emit(record::DEDUP, buf)?;
+            emit(record::DEDUP2, buf)?;
         }
         Ok(())
     }
@@ -1097,8 +1372,9 @@ impl Live {
     fn apply(&mut self, position: u64, rec: Decoded<'_>) -> Result<(), String> {
         match rec {
             Decoded::Msg(m) => {
+                let slot = net::slot_of(m.recipient);
                 self.dedup
-                    .insert((sender_hash(m.sender), m.msg_id), position, m.sent_ms);
+                    .insert((sender_hash(m.sender), m.msg_id), position, m.sent_ms, slot);
                 let inbox = self.inbox_entry(m.recipient);
                 if m.seq <= inbox.last_seq {
                     return Ok(()); // consumed or already known
@@ -1124,12 +1400,27 @@ impl Live {
             Decoded::Dedup(entries) => {
                 for e in entries {
                     self.dedup
-                        .insert((e.sender_hash, e.msg_id), position, e.stored_ms);
+                        .insert((e.sender_hash, e.msg_id), position, e.stored_ms, e.slot);
                 }
             }
-            Decoded::Checkpoint { .. } => {}
+            Decoded::Drop { first, last } => self.drop_slots(first, last),
+            Decoded::Checkpoint { .. } | Decoded::Slots(_) => {}
         }
         Ok(())
+    }
+
+    /// Forgets the users of slots first..=last and their dedup entries.
+    fn drop_slots(&mut self, first: u16, last: u16) {
+        let gone: Vec<Rc<str>> = self
+            .inboxes
+            .keys()
+            .filter(|u| (first..=last).contains(&net::slot_of(u)))
+            .cloned()
+            .collect();
+        for user in &gone {
+            self.remove_user(user);
+        }
+        self.dedup.remove_slots(first, last);
     }
 
     fn inbox_entry(&mut self, user: &str) -> &mut Inbox {
@@ -1218,7 +1509,7 @@ mod tests {
     #[test]
     fn a_closed_links_presence_is_forgotten() {
         let dir = temp_dir("forget-link");
-        let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
         let mut sink = Recorder::default();
         let remote = ConnRef {
             core: 1,
@@ -1246,7 +1537,7 @@ mod tests {
     #[test]
     fn stored_only_after_sync_then_delivered_in_order() {
         let dir = temp_dir("order");
-        let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
         let mut sink = Recorder::default();
         shard.login(CONN, "bob", &mut sink);
         for n in 1..=3 {
@@ -1266,7 +1557,7 @@ mod tests {
     #[test]
     fn duplicate_is_stored_again_but_not_delivered_again() {
         let dir = temp_dir("dedup");
-        let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
         let mut sink = Recorder::default();
         shard.login(CONN, "bob", &mut sink);
         send(&mut shard, &mut sink, "alice", "bob", 7, b"x");
@@ -1286,7 +1577,7 @@ mod tests {
     fn reopen_recovers_inboxes_seq_acks_and_dedup() {
         let dir = temp_dir("reopen");
         {
-            let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+            let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
             let mut sink = Recorder::default();
             for n in 1..=5 {
                 send(&mut shard, &mut sink, "alice", "bob", n, b"body");
@@ -1295,7 +1586,7 @@ mod tests {
             shard.ack("bob", 2, &mut sink).unwrap();
             commit(&mut shard, &mut sink);
         }
-        let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
         let mut sink = Recorder::default();
         shard.login(CONN, "bob", &mut sink);
         assert_eq!(sink.welcomes, vec![3]);
@@ -1315,7 +1606,7 @@ mod tests {
             deliver_window: 2,
             ..limits()
         };
-        let (mut shard, _) = Shard::open(0, &dir, &l).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &l, None).unwrap();
         let mut sink = Recorder::default();
         shard.login(CONN, "bob", &mut sink);
         for n in 1..=5 {
@@ -1335,7 +1626,7 @@ mod tests {
             inbox_len_max: 2,
             ..limits()
         };
-        let (mut shard, _) = Shard::open(0, &dir, &l).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &l, None).unwrap();
         let mut sink = Recorder::default();
         for n in 1..=3 {
             send(&mut shard, &mut sink, "alice", "bob", n, b"b");
@@ -1352,7 +1643,7 @@ mod tests {
         let body = vec![7u8; 1000];
         let mut max_segments = 0;
         {
-            let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+            let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
             let mut sink = Recorder::default();
             shard.login(CONN, "bob", &mut sink);
             for n in 1..=3000u64 {
@@ -1370,7 +1661,7 @@ mod tests {
         }
         // 3 MB written through 256 KiB segments; a checkpoint at 3 segments keeps it near that.
         assert!(max_segments <= 5, "segments grew to {max_segments}");
-        let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
         let mut sink = Recorder::default();
         shard.login(CONN, "bob", &mut sink);
         assert_eq!(sink.welcomes, vec![10]);
@@ -1391,7 +1682,7 @@ mod tests {
         let body = vec![7u8; 1000];
         let (mut checkpoints, mut n) = (0, 0u64);
         for _tenure in 0..8 {
-            let (mut shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+            let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
             let mut sink = Recorder::default();
             shard.login(CONN, "bob", &mut sink);
             // About 150 KB a tenure: under the 256 KiB threshold.
@@ -1407,7 +1698,7 @@ mod tests {
                 commit(&mut shard, &mut sink);
             }
         }
-        let (shard, _) = Shard::open(0, &dir, &limits()).unwrap();
+        let (shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
         assert!(
             checkpoints >= 2,
             "{checkpoints} checkpoints in 1.2 MB of log"
@@ -1416,6 +1707,176 @@ mod tests {
             shard.wal().first_position() > 1,
             "retention never trimmed the log"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn ownership(own_pair: u16) -> Ownership {
+        // Pair 0 serves every slot in the file; the tests move some to pair 1.
+        let map = vec![0u16; usize::from(net::SLOT_COUNT)];
+        Ownership {
+            table: std::sync::Arc::new(crate::slots::SlotTable::new(&map)),
+            own_pair,
+        }
+    }
+
+    fn users_of_slot_range(first: u16, last: u16, n: usize) -> Vec<String> {
+        (0..)
+            .map(|i| format!("user-{i}"))
+            .filter(|u| (first..=last).contains(&net::slot_of(u)))
+            .take(n)
+            .collect()
+    }
+
+    /// A slot range moves from one node's shard to another's: inboxes with
+    /// their seqs, ACKs and dedup entries arrive; ownership is logged and
+    /// survives a reopen on both sides; the source forgets the users.
+    #[test]
+    fn a_slot_range_moves_with_its_inboxes_seqs_and_dedup() {
+        let (src_dir, dst_dir) = (temp_dir("move-src"), temp_dir("move-dst"));
+        let (first, last) = (0u16, 8191u16);
+        let users = users_of_slot_range(first, last, 3);
+        let stay = users_of_slot_range(8192, 16383, 1).remove(0);
+        let (src_own, dst_own) = (ownership(0), ownership(1));
+        let (mut src, _) = Shard::open(0, &src_dir, &limits(), Some(src_own.clone())).unwrap();
+        let (mut dst, _) = Shard::open(0, &dst_dir, &limits(), Some(dst_own.clone())).unwrap();
+        let mut sink = Recorder::default();
+        let mut n = 0;
+        for user in users.iter().chain([&stay]) {
+            for _ in 0..4 {
+                n += 1;
+                send(&mut src, &mut sink, "alice", user, n, b"hi");
+            }
+        }
+        commit(&mut src, &mut sink);
+        src.ack(&users[0], 3, &mut sink).unwrap();
+        // Handoff: the source keeps the data and takes no SENDs for the range.
+        let handoff = record::SlotsRecord {
+            version: 1,
+            first,
+            last,
+            owner: 0,
+            handoff_to: Some(1),
+        };
+        src.write_slots(&handoff).unwrap();
+        dst_own.table.apply(&handoff); // as the target's node would hear it
+        send(&mut src, &mut sink, "alice", &users[1], 100, b"late");
+        assert_eq!(sink.rejected, vec![(id(100), reject_code::UNAVAILABLE)]);
+        send(&mut src, &mut sink, "alice", &stay, 101, b"other slot");
+        commit(&mut src, &mut sink);
+        assert!(
+            sink.stored.contains(&id(101)),
+            "slots outside the range are served"
+        );
+
+        let exported = src.export_slots(first, last).unwrap();
+        assert!(
+            dst.import_slots(first, last, &exported[..exported.len() - 1])
+                .is_err(),
+            "a cut record is refused"
+        );
+        dst.import_slots(first, last, &exported).unwrap();
+        dst.import_slots(first, last, &exported).unwrap(); // again: the DROP makes it idempotent
+        let moved = record::SlotsRecord {
+            owner: 1,
+            handoff_to: None,
+            ..handoff
+        };
+        dst.write_slots(&moved).unwrap();
+        commit(&mut dst, &mut sink);
+        assert!(
+            dst.import_slots(first, last, &exported).is_err(),
+            "never over a range the pair holds"
+        );
+        src.write_slots(&moved).unwrap();
+        src.drop_slots(first, last).unwrap();
+        commit(&mut src, &mut sink);
+        assert_eq!(
+            src.users(),
+            1,
+            "the source keeps only the other slot's user"
+        );
+
+        // The target: seqs go on, ACKs kept, a resent msg_id is a duplicate.
+        let mut sink = Recorder::default();
+        dst.login(CONN, &users[0], &mut sink);
+        assert_eq!(sink.welcomes, vec![1], "3 of 4 were ACKed at the source");
+        assert_eq!(sink.delivered, vec![(4, id(4))]);
+        send(&mut dst, &mut sink, "alice", &users[0], 2, b"resent");
+        send(&mut dst, &mut sink, "alice", &users[0], 200, b"new");
+        commit(&mut dst, &mut sink);
+        assert_eq!(sink.stored, vec![id(2), id(200)]);
+        dst.ack(&users[0], 4, &mut sink).unwrap();
+        assert_eq!(
+            sink.delivered,
+            vec![(4, id(4)), (5, id(200))],
+            "no seq gap, no duplicate"
+        );
+        let frames = dst.snapshot_frames().expect("long enough").3;
+        let (mut at, mut restated) = (0, Vec::new());
+        while let wal::format::Decoded::Record(r, len) =
+            wal::format::decode_record(&frames[at..], u32::MAX)
+        {
+            restated.push(r.record_type);
+            at += len;
+        }
+        assert_eq!(at, frames.len());
+        assert_eq!(
+            restated[0],
+            record::SLOTS,
+            "a snapshot or checkpoint restates the decision"
+        );
+        drop((src, dst));
+
+        // Both reopen with fresh tables: the logs hold the decisions.
+        let (src_own, dst_own) = (ownership(0), ownership(1));
+        let (src, _) = Shard::open(0, &src_dir, &limits(), Some(src_own.clone())).unwrap();
+        let (dst, _) = Shard::open(0, &dst_dir, &limits(), Some(dst_own.clone())).unwrap();
+        assert_eq!(src_own.table.get(first).owner, 1);
+        assert!(dst_own.takes_sends(last) && !dst_own.takes_sends(last + 1));
+        assert_eq!((src.users(), dst.users()), (1, 3));
+        std::fs::remove_dir_all(&src_dir).unwrap();
+        std::fs::remove_dir_all(&dst_dir).unwrap();
+    }
+
+    #[test]
+    fn an_import_that_would_not_replay_is_refused_before_any_append() {
+        let dir = temp_dir("import-bad");
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), Some(ownership(1))).unwrap();
+        let user = users_of_slot_range(0, 8191, 1).remove(0);
+        let other = users_of_slot_range(8192, 16383, 1).remove(0);
+        let record = |to: &str, seq: u64| {
+            let mut payload = Vec::new();
+            let m = MsgRecord {
+                recipient: to,
+                seq,
+                sender: "alice",
+                msg_id: id(seq),
+                sent_ms: 1,
+                body: b"x",
+            };
+            record::encode_msg(&m, &mut payload);
+            let mut out = vec![record::MSG];
+            out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(&payload);
+            out
+        };
+        let before = shard.wal().last_position();
+        let gap = [record(&user, 1), record(&user, 3)].concat();
+        assert!(matches!(
+            shard.import_slots(0, 8191, &gap),
+            Err(MoveError::Malformed(_))
+        ));
+        let outside = record(&other, 1);
+        assert!(matches!(
+            shard.import_slots(0, 8191, &outside),
+            Err(MoveError::Malformed(_))
+        ));
+        assert!(matches!(
+            shard.import_slots(0, 8191, &[record::CKPT, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(MoveError::Malformed(_))
+        ));
+        assert_eq!(shard.wal().last_position(), before, "nothing was logged");
+        shard.import_slots(0, 8191, &record(&user, 1)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
