@@ -991,6 +991,14 @@ impl Shard {
     /// range, as `[u8 type][u32 len][payload]` records for `import_slots`.
     /// Only between the handoff (no SENDs for the range) and the release.
     pub fn export_slots(&self, first: u16, last: u16) -> Result<Vec<u8>, MoveError> {
+        let Some(o) = &self.ownership else {
+            return Err(MoveError::Refused("slot moves are for cluster nodes"));
+        };
+        if !(first..=last).all(|slot| o.holds(slot) && !o.takes_sends(slot)) {
+            return Err(MoveError::Refused(
+                "the range is not being handed off by this pair",
+            ));
+        }
         let mut out = Vec::new();
         self.live.restate(
             &mut Vec::new(),
@@ -1020,12 +1028,13 @@ impl Shard {
         records: &[u8],
     ) -> Result<u64, MoveError> {
         self.check_writable()?;
-        if let Some(o) = &self.ownership {
-            if (first..=last).any(|slot| o.holds(slot)) {
-                return Err(MoveError::Refused(
-                    "this pair already holds slots of the range",
-                ));
-            }
+        let Some(o) = &self.ownership else {
+            return Err(MoveError::Refused("slot moves are for cluster nodes"));
+        };
+        if (first..=last).any(|slot| o.holds(slot)) {
+            return Err(MoveError::Refused(
+                "this pair already holds slots of the range",
+            ));
         }
         // A dry run on a scratch state: every record decodes, belongs to the
         // range and replays (seqs follow each other).
@@ -1073,6 +1082,13 @@ impl Shard {
     /// entries are forgotten (a finished move's source; an import's start).
     pub fn drop_slots(&mut self, first: u16, last: u16) -> Result<u64, MoveError> {
         self.check_writable()?;
+        if let Some(o) = &self.ownership {
+            if (first..=last).any(|slot| o.holds(slot)) {
+                return Err(MoveError::Refused(
+                    "this pair still holds slots of the range",
+                ));
+            }
+        }
         record::encode_drop(first, last, &mut self.scratch);
         let position = self.append(record::DROP)?;
         self.live.drop_slots(first, last);
@@ -1759,6 +1775,14 @@ mod tests {
         };
         src.write_slots(&handoff).unwrap();
         dst_own.table.apply(&handoff); // as the target's node would hear it
+        assert!(
+            src.drop_slots(first, last).is_err(),
+            "never drops a range it holds"
+        );
+        assert!(
+            src.export_slots(first, last + 1).is_err(),
+            "exports only what it hands off"
+        );
         send(&mut src, &mut sink, "alice", &users[1], 100, b"late");
         assert_eq!(sink.rejected, vec![(id(100), reject_code::UNAVAILABLE)]);
         send(&mut src, &mut sink, "alice", &stay, 101, b"other slot");
