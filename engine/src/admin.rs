@@ -60,11 +60,23 @@ pub const CONNECTIONS_MAX: usize = 64;
 /// Connections over `CONNECTIONS_MAX` being answered 503 at once; more are
 /// closed without an answer.
 pub const REFUSALS_MAX: usize = 16;
+/// A slot move's import body (`POST /slots/import`): the whole range's
+/// state, so it may take longer than other requests to arrive.
+pub const MOVE_BODY_DEADLINE_MS: u64 = 60_000;
+/// A slot move's export answer is written within this.
+pub const MOVE_RESPONSE_WRITE_TIMEOUT_MS: u64 = 60_000;
 /// A connection's whole life (request, route, response): then it is dropped.
-pub const CONNECTION_DEADLINE_MS: u64 =
-    REQUEST_DEADLINE_MS + PROMOTE_TIMEOUT_MS + RESPONSE_WRITE_TIMEOUT_MS + DRAIN_TIMEOUT_MS;
+/// Each part is bounded on its own too (a slot move's the longest).
+pub const CONNECTION_DEADLINE_MS: u64 = REQUEST_DEADLINE_MS
+    + MOVE_BODY_DEADLINE_MS
+    + crate::moves::STEP_TIMEOUT.as_millis() as u64
+    + MOVE_RESPONSE_WRITE_TIMEOUT_MS
+    + DRAIN_TIMEOUT_MS;
 
 const CONTENT_TYPE_JSON: &str = "application/json";
+const CONTENT_TYPE_BYTES: &str = "application/octet-stream";
+/// The one path that takes a large body.
+const IMPORT_PATH: &str = "/slots/import";
 /// What prometheus-client's text encoder produces (it ends with `# EOF`).
 const CONTENT_TYPE_OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -189,12 +201,28 @@ struct Request {
     method: String,
     /// Without the query string.
     path: String,
+    /// After the `?`, as sent.
+    query: String,
+    /// Kept for `IMPORT_PATH` only (read and dropped for the others).
+    body: Vec<u8>,
+}
+
+impl Request {
+    /// The value of query parameter `name`.
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
 }
 
 /// The parts of a request head we act on, owned so the buffer can be reused.
 struct Head {
     method: String,
     path: String,
+    query: String,
     head_len: usize,
     content_length: usize,
     expect_continue: bool,
@@ -221,24 +249,46 @@ async fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Reque
         let n = read_before(stream, &mut chunk[..room], deadline, !buf.is_empty()).await?;
         buf.extend_from_slice(&chunk[..n]);
     };
-    if head.content_length > REQUEST_BODY_BYTES_MAX {
+    let keep_body = head.path == IMPORT_PATH;
+    let body_max = if keep_body {
+        crate::shard::MOVE_BYTES_MAX
+    } else {
+        REQUEST_BODY_BYTES_MAX
+    };
+    if head.content_length > body_max {
         return Err(reject(413, "request body too large"));
     }
+    let deadline = if keep_body {
+        deadline + Duration::from_millis(MOVE_BODY_DEADLINE_MS)
+    } else {
+        deadline
+    };
     // Bytes past the head are the body's start; anything past the body is a
     // pipelined request we will not serve (we close after one).
     let mut body_len = buf.len() - head.head_len;
     if body_len < head.content_length && head.expect_continue {
         let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
     }
-    let mut sink = [0u8; 1024];
+    let mut body = Vec::new();
+    if keep_body {
+        let start = head.head_len.min(buf.len());
+        let end = (head.head_len + head.content_length).min(buf.len());
+        body.extend_from_slice(&buf[start..end]);
+    }
+    let mut sink = vec![0u8; if keep_body { 64 << 10 } else { 1024 }];
     while body_len < head.content_length {
         let room = sink.len().min(head.content_length - body_len);
-        body_len += read_before(stream, &mut sink[..room], deadline, true).await?;
+        let n = read_before(stream, &mut sink[..room], deadline, true).await?;
+        if keep_body {
+            body.extend_from_slice(&sink[..n]);
+        }
+        body_len += n;
     }
-    // No route takes a body yet: it is read (bounded) and discarded.
     Ok(Request {
         method: head.method,
         path: head.path,
+        query: head.query,
+        body,
     })
 }
 
@@ -274,10 +324,11 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Rejection> {
         }
     }
     let target = request.path.unwrap_or("/");
-    let path = target.split('?').next().unwrap_or(target);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     Ok(Some(Head {
         method: request.method.unwrap_or("").to_owned(),
         path: path.to_owned(),
+        query: query.to_owned(),
         head_len,
         content_length: content_length.unwrap_or(0),
         expect_continue,
@@ -365,7 +416,12 @@ impl Response {
             stream.write_all(&self.bytes()).await?;
             stream.flush().await
         };
-        match tokio::time::timeout(Duration::from_millis(RESPONSE_WRITE_TIMEOUT_MS), write).await {
+        let timeout_ms = if self.content_type == CONTENT_TYPE_BYTES {
+            MOVE_RESPONSE_WRITE_TIMEOUT_MS
+        } else {
+            RESPONSE_WRITE_TIMEOUT_MS
+        };
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), write).await {
             Ok(result) => result,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
         }
@@ -395,8 +451,13 @@ async fn route(request: &Request, ctx: &Ctx) -> Response {
     let stats = &ctx.stats;
     let path = request.path.as_str();
     let method = match path {
-        "/health" | "/replication/stats" | "/metrics" => "GET",
-        "/replication/promote" | "/reload" => "POST",
+        "/health" | "/replication/stats" | "/metrics" | "/slots" | "/slots/export" => "GET",
+        "/replication/promote"
+        | "/reload"
+        | "/slots/handoff"
+        | IMPORT_PATH
+        | "/slots/own"
+        | "/slots/release" => "POST",
         _ => return Response::error(404, "no such path"),
     };
     if request.method != method {
@@ -409,8 +470,157 @@ async fn route(request: &Request, ctx: &Ctx) -> Response {
         "/replication/stats" => replication_stats(stats),
         "/replication/promote" => promote(stats).await,
         "/metrics" => metrics_text(&ctx.metrics),
-        _ => reload(&ctx.security),
+        "/reload" => reload(&ctx.security),
+        _ => slots(request, stats).await,
     }
+}
+
+/// The slot move API of a core node (engine::moves; docs/CLUSTER.md).
+async fn slots(request: &Request, stats: &NodeStats) -> Response {
+    let Some((table, own)) = stats.moves.node.get() else {
+        return Response::error(404, "slot moves are for the core nodes of a cluster");
+    };
+    if request.path == "/slots" {
+        let decisions: Vec<_> = table.decisions().iter().map(decision_json).collect();
+        return Response::json(
+            200,
+            &serde_json::json!({
+                "pair": own,
+                "role": stats.role().name(),
+                "version_max": table.max_version(),
+                "decisions": decisions,
+            }),
+        );
+    }
+    match slot_step(request, stats, table, *own).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+/// One step of a slot move on this node (the primary of its pair).
+async fn slot_step(
+    request: &Request,
+    stats: &NodeStats,
+    table: &crate::slots::SlotTable,
+    own: u16,
+) -> Result<Response, Response> {
+    use crate::moves::{Step, StepError};
+    use crate::record::SlotsRecord;
+    let number = |name: &str| -> Result<u32, Response> {
+        request
+            .param(name)
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| {
+                Response::error(
+                    400,
+                    &format!("query parameter {name} (a number) is missing"),
+                )
+            })
+    };
+    let (first, last) = (number("first")?, number("last")?);
+    if first > last || last >= u32::from(net::SLOT_COUNT) {
+        return Err(Response::error(
+            400,
+            "first..=last must be slots, first <= last",
+        ));
+    }
+    let (first, last) = (first as u16, last as u16);
+    let other_pair = || -> Result<u16, Response> {
+        match number("to")? {
+            p if p as usize >= crate::cluster::PAIRS_MAX || p == u32::from(own) => {
+                Err(Response::error(400, "to: another pair's index"))
+            }
+            p => Ok(p as u16),
+        }
+    };
+    let version = || -> Result<u32, Response> {
+        match number("version")? {
+            0 => Err(Response::error(400, "version 0 is the cluster file's")),
+            v => Ok(v),
+        }
+    };
+    if stats.role() != Role::Primary {
+        return Err(Response::error(409, "not the pair's primary"));
+    }
+    let range = first..=last;
+    let steps = match request.path.as_str() {
+        "/slots/handoff" => {
+            let (to, version) = (other_pair()?, version()?);
+            if !range.clone().all(|s| table.get(s).owner == own) {
+                return Err(Response::error(
+                    409,
+                    "this pair does not own the whole range",
+                ));
+            }
+            let handoff_to = Some(to);
+            vec![Step::Decide(SlotsRecord {
+                version,
+                first,
+                last,
+                owner: own,
+                handoff_to,
+            })]
+        }
+        "/slots/export" => vec![Step::Export { first, last }],
+        IMPORT_PATH => {
+            let records = std::sync::Arc::new(request.body.clone());
+            vec![Step::Import {
+                first,
+                last,
+                records,
+            }]
+        }
+        "/slots/own" => {
+            let version = version()?;
+            vec![Step::Decide(SlotsRecord {
+                version,
+                first,
+                last,
+                owner: own,
+                handoff_to: None,
+            })]
+        }
+        "/slots/release" => {
+            let (to, version) = (other_pair()?, version()?);
+            let r = SlotsRecord {
+                version,
+                first,
+                last,
+                owner: to,
+                handoff_to: None,
+            };
+            vec![Step::Decide(r), Step::Drop { first, last }]
+        }
+        _ => return Err(Response::error(404, "no such path")),
+    };
+    let mut answers = Vec::new();
+    for step in steps {
+        tracing::info!(?step, "admin: slot move step");
+        answers = match stats.moves.run(step, stats.shards.len()).await {
+            Ok(answers) => answers,
+            Err(e @ StepError::Timeout) => return Err(Response::error(503, &e.to_string())),
+            Err(e) => return Err(Response::error(409, &e.to_string())),
+        };
+    }
+    if request.path == "/slots/export" {
+        return Ok(Response {
+            status: 200,
+            content_type: CONTENT_TYPE_BYTES,
+            allow: None,
+            body: answers.concat(),
+        });
+    }
+    Ok(Response::json(200, &serde_json::json!({ "done": true })))
+}
+
+fn decision_json(r: &crate::record::SlotsRecord) -> serde_json::Value {
+    serde_json::json!({
+        "version": r.version,
+        "first": r.first,
+        "last": r.last,
+        "owner": r.owner,
+        "handoff_to": r.handoff_to,
+    })
 }
 
 #[derive(Serialize)]

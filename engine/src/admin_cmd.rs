@@ -1,5 +1,6 @@
 //! `iris admin ...`: talks to a node's admin HTTP server (`--admin ADDR`)
-//! through engine::admin_http; `rolling-restart` is engine::rolling.
+//! through engine::admin_http; `rolling-restart` is engine::rolling,
+//! `move-slots` engine::move_cmd.
 
 pub use crate::admin_http::{http, http_with_body};
 use crate::rolling::RollingRestartArgs;
@@ -29,6 +30,10 @@ pub enum AdminCommand {
     /// sending: per pair, stop the primary, promote its replica, start the
     /// old primary again as the replica, wait for it to catch up; twice
     RollingRestart(RollingRestartArgs),
+    /// Move a slot range to another pair under load: the target takes the
+    /// range's inboxes, seqs and dedup entries, then serves it; edges follow.
+    /// Running it again resumes a move that stopped part way
+    MoveSlots(crate::move_cmd::MoveSlotsArgs),
 }
 
 /// Runs one admin command: prints the response body, exit 0 on 2xx; otherwise
@@ -36,6 +41,7 @@ pub enum AdminCommand {
 pub fn run(cmd: &AdminCommand) -> ExitCode {
     let (method, addr, path) = match cmd {
         AdminCommand::RollingRestart(args) => return crate::rolling::run(args),
+        AdminCommand::MoveSlots(args) => return crate::move_cmd::run(args),
         AdminCommand::Promote { admin } => ("POST", admin, "/replication/promote"),
         AdminCommand::Stats { admin } => ("GET", admin, "/replication/stats"),
         AdminCommand::Health { admin } => ("GET", admin, "/health"),

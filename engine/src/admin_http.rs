@@ -31,7 +31,31 @@ pub fn http_with_body(
     path: &str,
     body: &[u8],
 ) -> Result<(u16, String), String> {
+    let (status, body) = http_bytes(
+        method,
+        addr,
+        path,
+        body,
+        RESPONSE_BYTES_MAX,
+        READ_TIMEOUT_MS,
+    )?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Like [`http_with_body`], for a binary response of up to `response_max`
+/// bytes, waiting up to `read_timeout_ms` for each read.
+pub fn http_bytes(
+    method: &str,
+    addr: &str,
+    path: &str,
+    body: &[u8],
+    response_max: usize,
+    read_timeout_ms: u64,
+) -> Result<(u16, Vec<u8>), String> {
     let mut stream = connect(addr)?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(read_timeout_ms)))
+        .map_err(|e| format!("{addr}: {e}"))?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -40,7 +64,8 @@ pub fn http_with_body(
         .write_all(head.as_bytes())
         .and_then(|()| stream.write_all(body))
         .map_err(|e| format!("sending to {addr}: {e}"))?;
-    let response = read_bounded(&mut stream).map_err(|e| format!("reading from {addr}: {e}"))?;
+    let response =
+        read_bounded(&mut stream, response_max).map_err(|e| format!("reading from {addr}: {e}"))?;
     parse_response(&response).map_err(|e| format!("response from {addr}: {e}"))
 }
 
@@ -66,20 +91,20 @@ fn connect(addr: &str) -> Result<TcpStream, String> {
     Err(last_error)
 }
 
-/// Reads until the server closes, refusing more than RESPONSE_BYTES_MAX.
-fn read_bounded(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+/// Reads until the server closes, refusing more than `max` bytes.
+fn read_bounded(stream: &mut TcpStream, max: usize) -> std::io::Result<Vec<u8>> {
     let mut response = Vec::new();
-    let limit = u64::try_from(RESPONSE_BYTES_MAX).unwrap_or(u64::MAX) + 1;
+    let limit = u64::try_from(max).unwrap_or(u64::MAX) + 1;
     stream.take(limit).read_to_end(&mut response)?;
-    if response.len() > RESPONSE_BYTES_MAX {
+    if response.len() > max {
         return Err(std::io::Error::other(format!(
-            "response larger than {RESPONSE_BYTES_MAX} bytes"
+            "response larger than {max} bytes"
         )));
     }
     Ok(response)
 }
 
-fn parse_response(bytes: &[u8]) -> Result<(u16, String), String> {
+fn parse_response(bytes: &[u8]) -> Result<(u16, Vec<u8>), String> {
     let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS_MAX];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(bytes) {
@@ -106,7 +131,7 @@ fn parse_response(bytes: &[u8]) -> Result<(u16, String), String> {
         }
         body = &body[..n];
     }
-    Ok((status, String::from_utf8_lossy(body).into_owned()))
+    Ok((status, body.to_vec()))
 }
 
 #[cfg(test)]
@@ -128,9 +153,9 @@ mod tests {
     #[test]
     fn parse_response_honours_content_length() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef";
-        assert_eq!(parse_response(raw).unwrap(), (200, "abc".to_owned()));
+        assert_eq!(parse_response(raw).unwrap(), (200, b"abc".to_vec()));
         let raw = b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy";
-        assert_eq!(parse_response(raw).unwrap(), (503, "busy".to_owned()));
+        assert_eq!(parse_response(raw).unwrap(), (503, b"busy".to_vec()));
         let cut = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
         assert!(parse_response(cut).unwrap_err().contains("cut short"));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-").is_err());

@@ -1126,7 +1126,11 @@ impl Core {
         body: &[u8],
     ) {
         let sent_ms = crate::shard::now_ms();
-        if let Some((links, pair)) = self.remote_for(to) {
+        let remote = self.edge.remote.as_mut().and_then(|links| {
+            let pair = links.send_pair(to)?;
+            Some((links, pair))
+        });
+        if let Some((links, pair)) = remote {
             let msg = crate::link_proto::Msg::Send {
                 conn: link_conn(reply),
                 msg_id,

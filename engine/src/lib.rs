@@ -22,6 +22,8 @@ pub mod link;
 pub mod link_proto;
 pub mod lograte;
 pub mod memory;
+pub mod move_cmd;
+pub mod moves;
 pub mod node_tls;
 pub mod ports;
 pub mod record;

@@ -53,6 +53,18 @@ pub struct CoreIdentity {
     pub stats: Arc<NodeStats>,
     /// Largest link frame read: the node's frame_len_max plus the ids around it.
     pub frame_max: usize,
+    /// The node's own log's slot decisions (engine::slots::Ownership),
+    /// told to every edge (MOVED) while the node is primary: what its log
+    /// holds in force, never what it heard from other nodes, so an edge
+    /// sends a range's requests to a pair only once that pair serves it.
+    pub own_slots: Arc<crate::slots::SlotTable>,
+}
+
+/// Every slot decision the node knows, as MOVED frames.
+fn encode_decisions(slots: &crate::slots::SlotTable, out: &mut Vec<u8>) {
+    for r in slots.decisions() {
+        proto::encode(&Msg::Moved(r), out);
+    }
 }
 
 impl CoreIdentity {
@@ -206,6 +218,7 @@ pub async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdent
         &mut welcome,
     );
     if kind == HelloKind::Probe {
+        // A probe reads the WELCOME alone.
         let _ = stream.write_all(&welcome).await;
         return;
     }
@@ -215,6 +228,10 @@ pub async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdent
         let _ = stream.write_all(&out).await;
         return;
     };
+    let decisions = me.own_slots.changes();
+    if primary {
+        encode_decisions(&me.own_slots, &mut welcome);
+    }
     core.borrow_mut()
         .edge
         .links_in
@@ -230,7 +247,8 @@ pub async fn serve(core: Rc<RefCell<Core>>, mut stream: TcpStream, me: CoreIdent
             return;
         }
     };
-    let writing = write_answers(core.clone(), writer, link, me.clone(), (primary, epoch));
+    let known = (primary, epoch, decisions);
+    let writing = write_answers(core.clone(), writer, link, me.clone(), known);
     let reading = read_requests(core.clone(), reader, link, buf, pending, me.frame_max);
     let why = futures_lite::future::or(writing, reading).await;
     tracing::info!(peer, edge = %name, link, reason = %why, "edge link closed");
@@ -242,7 +260,7 @@ async fn write_answers(
     mut writer: TcpStream,
     link: u16,
     me: CoreIdentity,
-    mut role: (bool, u64),
+    mut told: (bool, u64, u64),
 ) -> String {
     loop {
         let batch = {
@@ -253,15 +271,21 @@ async fn write_answers(
             if l.broken {
                 return "over its bound".into();
             }
-            let now = me.role();
-            if now != role {
-                role = now;
+            let role = me.role();
+            let decisions = me.own_slots.changes();
+            if (role.0, role.1) != (told.0, told.1) {
                 let msg = Msg::Role {
-                    primary: now.0,
-                    epoch: now.1,
+                    primary: role.0,
+                    epoch: role.1,
                 };
                 proto::encode(&msg, &mut l.out);
             }
+            if role.0 && (role.0, role.1, decisions) != told {
+                // With a role change too: a promoted replica learned its
+                // primary's decisions from the stream, never told.
+                encode_decisions(&me.own_slots, &mut l.out);
+            }
+            told = (role.0, role.1, decisions);
             std::mem::take(&mut l.out)
         };
         if batch.is_empty() {
@@ -590,27 +614,145 @@ fn reregister(c: &mut Core, pair: u16) {
         c.edge.pong(conn, nonce);
     }
     let mut frames = Vec::new();
-    for index in 0..c.edge.slot_count() as u32 {
-        let (state, generation, user) = {
-            let slot = c.edge.slot(index);
-            (slot.state, slot.generation, slot.user.clone())
-        };
-        let Some(user) = user else { continue };
-        let open = matches!(
-            state,
-            crate::core::SlotState::Ready | crate::core::SlotState::AwaitWelcome
-        );
+    for (index, generation, user) in logged_in(c) {
         let links = c.edge.remote.as_ref().expect("routes");
-        if !open || links.remote_pair(&user) != Some(pair) {
+        if links.remote_pair(&user) != Some(pair) {
             continue;
         }
-        let conn = Conn {
+        login_frames(c, index, generation, &user, &mut frames);
+    }
+    c.edge
+        .remote
+        .as_mut()
+        .expect("routes")
+        .prepend(pair, frames);
+}
+
+/// This core's connections that logged in (or are logging in): slot,
+/// generation, user.
+fn logged_in(c: &mut Core) -> Vec<(u32, u32, Box<str>)> {
+    let mut out = Vec::new();
+    for index in 0..c.edge.slot_count() as u32 {
+        let slot = c.edge.slot(index);
+        let open = matches!(
+            slot.state,
+            crate::core::SlotState::Ready | crate::core::SlotState::AwaitWelcome
+        );
+        if let (true, Some(user)) = (open, &slot.user) {
+            out.push((index, slot.generation, Box::from(&**user)));
+        }
+    }
+    out
+}
+
+/// A connection's login, for a node that has not seen it: LOGIN, and if its
+/// deliveries were rewound, where to start again and whether its outbox
+/// drained meanwhile.
+fn login_frames(c: &mut Core, index: u32, generation: u32, user: &str, frames: &mut Vec<u8>) {
+    let conn = Conn {
+        slot: index,
+        generation,
+    };
+    proto::encode(&Msg::Login { conn, user }, frames);
+    let (blocked, expected) = {
+        let slot = c.edge.slot(index);
+        (
+            slot.deliver_blocked_since_ms != 0,
+            slot.deliver_expected_seq,
+        )
+    };
+    if expected != 0 {
+        let rewind = Msg::Rewind {
+            conn,
+            seq: expected,
+            user,
+        };
+        proto::encode(&rewind, frames);
+        if !blocked {
+            proto::encode(&Msg::Resume { conn, user }, frames);
+        }
+    }
+}
+
+/// Re-homes the slots whose routing a slot decision changed (a MOVED heard
+/// on this core, or a decision applied by another core or the shard).
+pub fn rehome_changed(c: &mut Core) {
+    let Some(links) = c.edge.remote.as_mut() else {
+        return;
+    };
+    for (first, last) in links.changed_ranges() {
+        rehome(c, first, last);
+    }
+}
+
+/// A slot decision heard or made (engine::slots): the unanswered SENDs to
+/// users of slots first..=last go to the pair that takes them now (again,
+/// even to the same pair: one that answered RETRY kept none), and this
+/// core's connections of those users log in there. A node that no longer
+/// holds a user ignores its requests; msg_id dedup makes a SEND written
+/// twice safe, and the seq filter a delivery sent twice.
+pub fn rehome(c: &mut Core, first: u16, last: u16) {
+    let id = c.edge.id;
+    let links = c.edge.remote.as_mut().expect("routes");
+    let taken = links.take_sends_in(first, last);
+    let (mut remote, mut local) = (0, 0);
+    for (frame, copies) in taken {
+        let links = c.edge.remote.as_mut().expect("routes");
+        let Ok(Some((Msg::Send { to, .. }, _))) = proto::decode(&frame) else {
+            unreachable!("a SEND frame")
+        };
+        if let Some(pair) = links.send_pair(to) {
+            links.push_send_frame(pair, frame, copies);
+            remote += 1;
+            continue;
+        }
+        // This node's pair serves the slot now: to the local shard.
+        let Ok(Some((
+            Msg::Send {
+                conn,
+                msg_id,
+                sender,
+                to,
+                body,
+                ..
+            },
+            _,
+        ))) = proto::decode(&frame)
+        else {
+            unreachable!("a SEND frame")
+        };
+        let reply = ConnRef {
+            core: id,
+            link: 0,
+            slot: conn.slot,
+            generation: conn.generation,
+        };
+        for _ in 0..copies {
+            c.route_send(reply, sender, msg_id, to, body);
+        }
+        local += 1;
+    }
+    let mut logins = 0;
+    for (index, generation, user) in logged_in(c) {
+        if !(first..=last).contains(&net::slot_of(&user)) {
+            continue;
+        }
+        logins += 1;
+        let links = c.edge.remote.as_ref().expect("routes");
+        if let Some(pair) = links.remote_pair(&user) {
+            let mut frames = Vec::new();
+            login_frames(c, index, generation, &user, &mut frames);
+            let links = c.edge.remote.as_mut().expect("routes");
+            links.push_frames(pair, frames);
+            continue;
+        }
+        let conn = ConnRef {
+            core: id,
+            link: 0,
             slot: index,
             generation,
         };
-        proto::encode(&Msg::Login { conn, user: &user }, &mut frames);
-        // A connection whose deliveries were rewound tells the new primary
-        // where to start again, and whether its outbox drained meanwhile.
+        c.route_login(conn, &user);
         let (blocked, expected) = {
             let slot = c.edge.slot(index);
             (
@@ -619,22 +761,28 @@ fn reregister(c: &mut Core, pair: u16) {
             )
         };
         if expected != 0 {
-            let rewind = Msg::Rewind {
+            let rewind = Mail::Rewind {
                 conn,
+                user: user.clone(),
                 seq: expected,
-                user: &user,
             };
-            proto::encode(&rewind, &mut frames);
+            c.edge.pending_local.push_back(rewind);
             if !blocked {
-                proto::encode(&Msg::Resume { conn, user: &user }, &mut frames);
+                c.edge.pending_local.push_back(Mail::Resume { conn, user });
             }
         }
     }
-    c.edge
-        .remote
-        .as_mut()
-        .expect("routes")
-        .prepend(pair, frames);
+    c.route_edge_mail();
+    c.edge.wake_mesh_waiters();
+    tracing::info!(
+        core = id,
+        first,
+        last,
+        remote,
+        local,
+        logins,
+        "slot decision: requests re-homed"
+    );
 }
 
 async fn write_requests(
@@ -741,6 +889,15 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
         slot: conn.slot,
         generation: conn.generation,
     };
+    if let Msg::Moved(r) = msg {
+        c.edge.remote.as_ref().expect("routes").slots.apply(&r);
+        rehome_changed(c);
+        let links = c.edge.remote.as_mut().expect("routes");
+        if links.rewrite_retried_in(pair, r.first, r.last) > 0 {
+            c.edge.wake_mesh_waiters();
+        }
+        return Ok(None);
+    }
     let links = c.edge.remote.as_mut().expect("routes");
     match msg {
         Msg::Stored { conn, msg_id } => {
@@ -758,8 +915,10 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
                 c.edge.rejected(local(conn), msg_id, code, reason);
             }
         }
-        Msg::Retry { .. } => {
-            // Kept: it goes to the next primary with the other unanswered SENDs.
+        Msg::Retry { conn, msg_id } => {
+            // Kept: written again to the next primary with the other
+            // unanswered SENDs, or to this one once it tells a slot decision.
+            links.retried(pair, conn, msg_id);
         }
         Msg::WelcomeUser { conn, pending } => c.edge.welcome(local(conn), pending),
         Msg::Synced { conn, nonce } => {

@@ -30,6 +30,7 @@
 //! | 0x23 | DELIVER | C→E | conn, u64 seq, id16 msg_id, u64 sent_ms, str from, body (the rest) |
 //! | 0x24 | RETRY | C→E | conn, id16 msg_id: this node does not take writes (a replica, fenced, stopping); the edge sends the SEND again to the pair's primary |
 //! | 0x25 | SYNCED | C→E | conn, u64 nonce |
+//! | 0x26 | MOVED | C→E | u32 version, u16 first, u16 last, u16 owner, u16 handoff_to (0xFFFF: none): a slot decision (engine::slots); sent after WELCOME for every decision the node knows, with ROLE, and when one is made. The edge sends the range's unanswered SENDs and logins to the owner |
 //!
 //! A HELLO whose topology hash differs from the core's is answered REFUSE on
 //! the core and the edge logs the mismatch too: two processes that disagree
@@ -63,6 +64,7 @@ mod t {
     pub const DELIVER: u8 = 0x23;
     pub const RETRY: u8 = 0x24;
     pub const SYNCED: u8 = 0x25;
+    pub const MOVED: u8 = 0x26;
 }
 
 /// A connection on the edge: its slot and generation in the edge core's arena.
@@ -166,6 +168,7 @@ pub enum Msg<'a> {
         conn: Conn,
         msg_id: MsgId,
     },
+    Moved(crate::record::SlotsRecord),
     Synced {
         conn: Conn,
         nonce: u64,
@@ -284,6 +287,12 @@ pub fn encode(msg: &Msg<'_>, out: &mut Vec<u8>) {
         Msg::Synced { conn, nonce } => frame(out, t::SYNCED, |o| {
             put_conn(o, conn);
             o.extend_from_slice(&nonce.to_le_bytes());
+        }),
+        Msg::Moved(r) => frame(out, t::MOVED, |o| {
+            // The SLOTS record's payload: one layout for the log and the link.
+            let mut payload = Vec::with_capacity(12);
+            crate::record::encode_slots(r, &mut payload);
+            o.extend_from_slice(&payload);
         }),
         Msg::WelcomeUser { conn, pending } => frame(out, t::WELCOME_USER, |o| {
             put_conn(o, conn);
@@ -469,6 +478,10 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
             conn: c.conn()?,
             nonce: c.u64()?,
         },
+        t::MOVED => match crate::record::decode(crate::record::SLOTS, c.rest()) {
+            Ok(crate::record::Decoded::Slots(r)) => Msg::Moved(r),
+            _ => return Err(ProtoError::Malformed("slot decision")),
+        },
         t::WELCOME_USER => Msg::WelcomeUser {
             conn: c.conn()?,
             pending: c.u64()?,
@@ -623,6 +636,20 @@ mod tests {
                 user: "b",
             },
             Msg::Synced { conn: C, nonce: 7 },
+            Msg::Moved(crate::record::SlotsRecord {
+                version: 3,
+                first: 1,
+                last: 16383,
+                owner: 1,
+                handoff_to: Some(0),
+            }),
+            Msg::Moved(crate::record::SlotsRecord {
+                version: 4,
+                first: 9,
+                last: 9,
+                owner: 0,
+                handoff_to: None,
+            }),
         ]
     }
 
@@ -673,7 +700,7 @@ mod tests {
 
         #[test]
         fn plausible_frames_never_panic_the_decoder(
-            ty in prop_oneof![Just(0x01u8), 0x02u8..0x07, 0x10u8..0x17, 0x20u8..0x26, any::<u8>()],
+            ty in prop_oneof![Just(0x01u8), 0x02u8..0x07, 0x10u8..0x17, 0x20u8..0x27, any::<u8>()],
             body in proptest::collection::vec(any::<u8>(), 0..96),
         ) {
             let mut data = ((body.len() + 1) as u32).to_le_bytes().to_vec();

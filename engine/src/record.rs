@@ -258,10 +258,14 @@ pub fn decode(record_type: u8, payload: &[u8]) -> Result<Decoded<'_>, RecordErro
                 let sender_hash = r.u64()?;
                 let msg_id = r.id16()?;
                 let stored_ms = r.u64()?;
-                let slot = if record_type == DEDUP2 {
-                    r.slot()?
-                } else {
-                    SLOT_UNKNOWN
+                let slot = match record_type {
+                    // A checkpoint restates entries of old logs as DEDUP2 too.
+                    DEDUP2 => match r.u16()? {
+                        SLOT_UNKNOWN => SLOT_UNKNOWN,
+                        s if s < net::SLOT_COUNT => s,
+                        _ => return Err(r.err("slot out of range")),
+                    },
+                    _ => SLOT_UNKNOWN,
                 };
                 entries.push(DedupEntry {
                     sender_hash,

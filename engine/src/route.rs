@@ -50,6 +50,12 @@ pub struct PairRoute {
     pub session: u64,
     /// PINGs waiting for SYNCED, as (connection, nonce).
     syncs: Vec<(Conn, u64)>,
+    /// SENDs (by order) the active node answered RETRY in this session:
+    /// written again when it tells a slot decision for their recipients
+    /// (a pair taking a range over answers RETRY until its log has the
+    /// decision committed, then tells it), or with everything at the next
+    /// session.
+    retried: std::collections::BTreeSet<u64>,
 }
 
 impl PairRoute {
@@ -66,13 +72,25 @@ pub struct Links {
     pub cluster: Cluster,
     /// Who serves each slot now (the cluster file's map changed by moves).
     pub slots: std::sync::Arc<crate::slots::SlotTable>,
+    /// A core node's own log's decisions (engine::slots::Ownership): its
+    /// own shards serve a slot only when these say so.
+    own_slots: Option<std::sync::Arc<crate::slots::SlotTable>>,
     /// A core node's own pair: its users are served by the local shards.
     pub own_pair: Option<u16>,
     /// This process's name in link HELLOs (the node or edge name).
     pub name: std::rc::Rc<str>,
     pub pairs: Vec<PairRoute>,
     bytes: usize,
+    /// Per slot, where its SENDs and its other requests went when this core
+    /// last re-homed (`route_of`): a slot decision that changes it re-homes
+    /// the slot's requests (engine::link::rehome).
+    routed: Box<[u32]>,
+    /// `slots.changes()` when `routed` was last brought up to date.
+    seen_changes: u64,
 }
+
+/// `Links::route_of` for a slot served by this node's own pair.
+const LOCAL: u32 = 0xFFFF;
 
 impl Links {
     pub fn new(
@@ -89,20 +107,203 @@ impl Links {
                 ..PairRoute::default()
             })
             .collect();
-        Links {
+        let mut links = Links {
             cluster,
             slots,
+            own_slots: None,
             own_pair,
             name: name.into(),
             pairs,
             bytes: 0,
+            routed: Box::default(),
+            seen_changes: 0,
+        };
+        links.seen_changes = links.changes();
+        links.routed = (0..net::SLOT_COUNT).map(|s| links.route_of(s)).collect();
+        links
+    }
+
+    /// A core node's: its own log's decisions decide what its shards serve.
+    pub fn with_own_slots(mut self, own: std::sync::Arc<crate::slots::SlotTable>) -> Links {
+        self.own_slots = Some(own);
+        self.seen_changes = self.changes();
+        self.routed = (0..net::SLOT_COUNT).map(|s| self.route_of(s)).collect();
+        self
+    }
+
+    fn changes(&self) -> u64 {
+        self.slots.changes() + self.own_slots.as_ref().map_or(0, |o| o.changes())
+    }
+
+    /// Who serves `slot` as far as this core routes: the routing table, but
+    /// on a core node its own log decides whether its own pair serves it (a
+    /// decision heard from others that gives this pair a range waits for
+    /// its own log; meanwhile the range's old owner keeps its requests).
+    fn state(&self, slot: u16) -> crate::slots::SlotState {
+        let heard = self.slots.get(slot);
+        let (Some(own), Some(me)) = (&self.own_slots, self.own_pair) else {
+            return heard;
+        };
+        let logged = own.get(slot);
+        if logged.owner == me || heard.owner == me {
+            logged
+        } else {
+            heard
         }
+    }
+
+    /// Where slot `slot`'s SENDs go (high half) and its other requests (low
+    /// half): a pair, or LOCAL.
+    fn route_of(&self, slot: u16) -> u32 {
+        let state = self.state(slot);
+        let owner = if Some(state.owner) == self.own_pair {
+            LOCAL
+        } else {
+            u32::from(state.owner)
+        };
+        let send = match state.handoff_to {
+            Some(to) if owner == LOCAL => u32::from(to),
+            _ => owner,
+        };
+        (send << 16) | owner
+    }
+
+    /// The slot ranges whose routing changed since the last call (a slot
+    /// decision was applied), coalesced; the view is brought up to date.
+    pub fn changed_ranges(&mut self) -> Vec<(u16, u16)> {
+        let changes = self.changes();
+        if changes == self.seen_changes {
+            return Vec::new();
+        }
+        self.seen_changes = changes;
+        let mut ranges: Vec<(u16, u16)> = Vec::new();
+        for slot in 0..net::SLOT_COUNT {
+            let now = self.route_of(slot);
+            if self.routed[usize::from(slot)] == now {
+                continue;
+            }
+            self.routed[usize::from(slot)] = now;
+            match ranges.last_mut() {
+                Some((_, last)) if *last + 1 == slot => *last = slot,
+                _ => ranges.push((slot, slot)),
+            }
+        }
+        ranges
     }
 
     /// The remote pair owning `user`, or None when it is served here.
     pub fn remote_pair(&self, user: &str) -> Option<u16> {
-        let pair = self.slots.owner_of(user);
+        let pair = self.state(net::slot_of(user)).owner;
         (Some(pair) != self.own_pair).then_some(pair)
+    }
+
+    /// Where a SEND to `user` goes: as `remote_pair`, except that a core
+    /// node handing the user's slot off sends it to the pair taking it over
+    /// (which keeps it, answering RETRY, until it owns the slot).
+    pub fn send_pair(&self, user: &str) -> Option<u16> {
+        let state = self.state(net::slot_of(user));
+        match state.handoff_to {
+            Some(to) if Some(state.owner) == self.own_pair => Some(to),
+            _ => (Some(state.owner) != self.own_pair).then_some(state.owner),
+        }
+    }
+
+    /// Takes every unanswered SEND to a user of slots first..=last out of
+    /// every pair's queue, in each queue's order, with how many answers each
+    /// is owed: a slot decision sends them to the pair serving them now.
+    pub fn take_sends_in(&mut self, first: u16, last: u16) -> Vec<(Box<[u8]>, u32)> {
+        let mut taken = Vec::new();
+        for p in &mut self.pairs {
+            let orders: Vec<u64> = p
+                .sends
+                .iter()
+                .filter(|(_, frame)| match proto::decode(frame) {
+                    Ok(Some((Msg::Send { to, .. }, _))) => {
+                        (first..=last).contains(&net::slot_of(to))
+                    }
+                    _ => false,
+                })
+                .map(|(&order, _)| order)
+                .collect();
+            for order in orders {
+                p.retried.remove(&order);
+                let frame = p.sends.remove(&order).expect("listed");
+                let Ok(Some((Msg::Send { conn, msg_id, .. }, _))) = proto::decode(&frame) else {
+                    unreachable!("decoded above")
+                };
+                let copies = p
+                    .send_index
+                    .remove(&(conn, msg_id))
+                    .map_or(1, |(_, copies)| copies);
+                p.sends_bytes -= frame.len();
+                self.bytes -= frame.len();
+                taken.push((frame, copies));
+            }
+        }
+        taken
+    }
+
+    /// The active node of `pair` answered a SEND RETRY: kept, to be written
+    /// again (`rewrite_retried_in`, or at the next session).
+    pub fn retried(&mut self, pair: u16, conn: Conn, msg_id: MsgId) {
+        let p = &mut self.pairs[pair as usize];
+        if let Some(&(order, _)) = p.send_index.get(&(conn, msg_id)) {
+            p.retried.insert(order);
+        }
+    }
+
+    /// `pair` told a slot decision for first..=last: its SENDs to those
+    /// slots' users that it answered RETRY are written to it again.
+    pub fn rewrite_retried_in(&mut self, pair: u16, first: u16, last: u16) -> usize {
+        let p = &mut self.pairs[pair as usize];
+        let orders: Vec<u64> = p
+            .retried
+            .iter()
+            .copied()
+            .filter(|order| match p.sends.get(order).map(|f| proto::decode(f)) {
+                Some(Ok(Some((Msg::Send { to, .. }, _)))) => {
+                    (first..=last).contains(&net::slot_of(to))
+                }
+                _ => false,
+            })
+            .collect();
+        for &order in &orders {
+            p.retried.remove(&order);
+            let frame = p.sends.remove(&order).expect("retried and unanswered");
+            let Ok(Some((Msg::Send { conn, msg_id, .. }, _))) = proto::decode(&frame) else {
+                unreachable!("decoded above")
+            };
+            let again = p.next_send;
+            p.next_send += 1;
+            if let Some(entry) = p.send_index.get_mut(&(conn, msg_id)) {
+                entry.0 = again;
+            }
+            p.sends.insert(again, frame);
+        }
+        if !orders.is_empty() {
+            self.wake_active(pair);
+        }
+        orders.len()
+    }
+
+    /// Queues a SEND frame taken by `take_sends_in` for `pair`, owed
+    /// `copies` answers.
+    pub fn push_send_frame(&mut self, pair: u16, frame: Box<[u8]>, copies: u32) {
+        let Ok(Some((Msg::Send { conn, msg_id, .. }, _))) = proto::decode(&frame) else {
+            unreachable!("a SEND frame")
+        };
+        let p = &mut self.pairs[pair as usize];
+        if let Some((_, owed)) = p.send_index.get_mut(&(conn, msg_id)) {
+            *owed += copies;
+            return;
+        }
+        let order = p.next_send;
+        p.next_send += 1;
+        p.send_index.insert((conn, msg_id), (order, copies));
+        p.sends_bytes += frame.len();
+        self.bytes += frame.len();
+        p.sends.insert(order, frame);
+        self.wake_active(pair);
     }
 
     pub fn full(&self) -> bool {
@@ -187,6 +388,7 @@ impl Links {
         let Some((order, copies)) = p.send_index.remove(&(conn, msg_id)) else {
             return 0;
         };
+        p.retried.remove(&order);
         if let Some(bytes) = p.sends.remove(&order) {
             p.sends_bytes -= bytes.len();
             self.bytes -= bytes.len();
@@ -226,11 +428,19 @@ impl Links {
         p.active = best;
         p.session += 1;
         p.written_below = 0;
+        p.retried.clear();
         let activated = best.is_some();
         if activated {
             self.wake_active(pair);
         }
         activated
+    }
+
+    /// Queues encoded control requests for `pair`, after those queued.
+    pub fn push_frames(&mut self, pair: u16, frames: Vec<u8>) {
+        self.bytes += frames.len();
+        self.pairs[pair as usize].out.extend_from_slice(&frames);
+        self.wake_active(pair);
     }
 
     /// Places re-registration requests ahead of everything queued for `pair`.
@@ -400,5 +610,89 @@ mod tests {
             l.remote_pair("anyone-on-pair-0").is_none(),
             l.cluster.pair_of("anyone-on-pair-0") == 0
         );
+    }
+
+    #[test]
+    fn a_slot_decision_takes_the_ranges_unanswered_sends_with_their_answers_owed() {
+        let mut l = links();
+        let slot_b = net::slot_of("b");
+        push(&mut l, 1);
+        push(&mut l, 2);
+        push(&mut l, 2); // a reused msg_id: two answers owed
+        assert!(l.set_node(1, 0, true, true, 1));
+        assert!(l.take_batch(1, 0, 1 << 20).is_some());
+        if slot_b < 16383 {
+            assert!(
+                l.take_sends_in(slot_b + 1, 16383).is_empty(),
+                "another range"
+            );
+        }
+        let taken = l.take_sends_in(slot_b, slot_b);
+        assert_eq!(
+            taken.iter().map(|(_, copies)| *copies).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(l.bytes(), 0);
+        assert_eq!(l.pairs[1].unanswered(), 0);
+        // Pair 0 takes them over (here: back to pair 1, written again).
+        for (frame, copies) in taken {
+            l.push_send_frame(1, frame, copies);
+        }
+        let (_, _, f1) = send(1);
+        let (c2, id2, f2) = send(2);
+        assert_eq!(l.take_batch(1, 0, 1 << 20), Some([f1, f2].concat()));
+        assert_eq!(l.answered(1, c2, id2), 2);
+        // A handoff: a core node of the owner sends the slot's SENDs to the taker.
+        l.slots.apply(&crate::record::SlotsRecord {
+            version: 1,
+            first: slot_b,
+            last: slot_b,
+            owner: 0,
+            handoff_to: Some(1),
+        });
+        assert_eq!(l.send_pair("b"), Some(1));
+        assert_eq!(
+            l.remote_pair("b"),
+            None,
+            "logins and ACKs stay with the owner"
+        );
+        assert_eq!(l.changed_ranges(), vec![(slot_b, slot_b)]);
+        assert_eq!(l.changed_ranges(), vec![], "once");
+        l.slots.apply(&crate::record::SlotsRecord {
+            version: 1,
+            first: slot_b,
+            last: slot_b,
+            owner: 0,
+            handoff_to: Some(1),
+        });
+        assert_eq!(
+            l.changed_ranges(),
+            vec![],
+            "the same decision again changes no route"
+        );
+    }
+
+    #[test]
+    fn sends_answered_retry_are_written_again_when_the_pair_tells_a_decision() {
+        let mut l = links();
+        assert!(l.set_node(1, 0, true, true, 1));
+        push(&mut l, 1);
+        push(&mut l, 2);
+        let (c1, id1, f1) = send(1);
+        let (_, id2, f2) = send(2);
+        assert!(l.take_batch(1, 0, 1 << 20).is_some());
+        l.retried(1, c1, id1);
+        l.retried(1, c1, id2);
+        let slot_b = net::slot_of("b");
+        let other = if slot_b == 0 { 1 } else { 0 };
+        assert_eq!(l.rewrite_retried_in(1, other, other), 0, "another range");
+        assert_eq!(l.take_batch(1, 0, 1 << 20), None);
+        assert_eq!(l.answered(1, c1, id2), 1, "2 was stored meanwhile");
+        assert_eq!(l.rewrite_retried_in(1, slot_b, slot_b), 1);
+        assert_eq!(l.take_batch(1, 0, 1 << 20), Some(f1), "only 1, once");
+        assert_eq!(l.rewrite_retried_in(1, slot_b, slot_b), 0);
+        assert_eq!(l.answered(1, c1, id1), 1);
+        assert_eq!(l.bytes(), 0);
+        let _ = f2;
     }
 }

@@ -111,8 +111,11 @@ pub struct ClusterSetup {
     pub name: String,
     pub link: Option<SocketAddr>,
     /// Who serves each slot now (the file's map changed by slot moves),
-    /// shared by the process's cores.
+    /// shared by the process's cores: routing.
     pub slots: Arc<crate::slots::SlotTable>,
+    /// A core node's own log's decisions: what its shards serve
+    /// (engine::slots::Ownership).
+    pub own_slots: Arc<crate::slots::SlotTable>,
 }
 
 impl ClusterSetup {
@@ -136,12 +139,14 @@ impl ClusterSetup {
                     .clone()
                     .unwrap_or_else(|| format!("edge-{}", std::process::id()));
                 let slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
+                let own_slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
                 Ok(Some(ClusterSetup {
                     spec,
                     own_pair: None,
                     name,
                     link: None,
                     slots,
+                    own_slots,
                 }))
             }
             NodeRole::Core => {
@@ -173,24 +178,30 @@ impl ClusterSetup {
                     tracing::info!(node = %name, peer = %peer.name, ?role, replica_of = ?config.replication.replica_of, "cluster role");
                 }
                 let slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
+                let own_slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
                 Ok(Some(ClusterSetup {
                     spec,
                     own_pair: Some(pair as u16),
                     name,
                     link: Some(me.link),
                     slots,
+                    own_slots,
                 }))
             }
         }
     }
 
     fn links(&self) -> crate::route::Links {
-        crate::route::Links::new(
+        let links = crate::route::Links::new(
             self.spec.instance(),
             self.slots.clone(),
             self.own_pair,
             &self.name,
-        )
+        );
+        match self.own_pair {
+            Some(_) => links.with_own_slots(self.own_slots.clone()),
+            None => links,
+        }
     }
 }
 
@@ -350,6 +361,9 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     };
     let mode = crate::repl::initial_mode(&config.replication);
     let stats = Arc::new(NodeStats::new(nr_cores, role, mode, epoch));
+    if let Some((c, pair)) = cluster.as_ref().and_then(|c| Some((c, c.own_pair?))) {
+        let _ = stats.moves.node.set((c.own_slots.clone(), pair));
+    }
     // An edge's cores never talk to each other: each has its own links.
     let mesh = (nr_cores > 1 && !edge_only)
         .then(|| MeshBuilder::<Batch, Full>::full(nr_cores, config.limits.mesh_channel_batches));
@@ -566,7 +580,8 @@ async fn core_main(
     };
     let ownership = spec.cluster.as_ref().and_then(|c| {
         Some(crate::slots::Ownership {
-            table: c.slots.clone(),
+            table: c.own_slots.clone(),
+            routing: c.slots.clone(),
             own_pair: c.own_pair?,
         })
     });
@@ -630,6 +645,7 @@ async fn core_main(
             pair: cluster.own_pair.unwrap_or(0),
             stats: spec.stats.clone(),
             frame_max: spec.config.limits.frame_len_max as usize + 1024,
+            own_slots: cluster.own_slots.clone(),
         };
         if let Some(fd) = spec.link_fd.take() {
             let listener = sys::tcp_listener(fd);
@@ -1226,6 +1242,9 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         c.edge.clock_ms = now;
         c.edge.expire_lingering();
         crate::repl::tick(&mut c, &data);
+        let stats = c.repl.stats.clone();
+        crate::moves::tick(&mut c, &stats.moves);
+        crate::link::rehome_changed(&mut c);
         // A mode change may have delivered (and rewound) something.
         c.route_edge_mail();
         publish_connections(&c); // closes since the last accept

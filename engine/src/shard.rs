@@ -1095,19 +1095,36 @@ impl Shard {
         Ok(position)
     }
 
-    /// Logs and applies a slot decision (shard 0 of a cluster node only).
-    pub fn write_slots(&mut self, r: &record::SlotsRecord) -> Result<u64, MoveError> {
+    /// Logs a slot decision (shard 0 of a cluster node only). One that
+    /// takes the range away from this pair (or freezes it) applies at once;
+    /// one that gives it this pair is returned, to `settle_slots` once the
+    /// record is committed.
+    pub fn write_slots(
+        &mut self,
+        r: &record::SlotsRecord,
+    ) -> Result<(u64, Option<record::SlotsRecord>), MoveError> {
         self.check_writable()?;
-        if self.id != 0 || self.ownership.is_none() {
+        let Some(o) = self.ownership.as_ref().filter(|_| self.id == 0) else {
             return Err(MoveError::Refused(
                 "slot decisions live in shard 0 of a cluster node",
             ));
-        }
+        };
+        let grants = r.owner == o.own_pair && r.handoff_to.is_none();
         record::encode_slots(r, &mut self.scratch);
         let position = self.append(record::SLOTS)?;
-        self.apply(position, Decoded::Slots(*r))
-            .map_err(MoveError::Malformed)?;
-        Ok(position)
+        if grants {
+            return Ok((position, Some(*r)));
+        }
+        self.settle_slots(r);
+        Ok((position, None))
+    }
+
+    /// Applies a logged slot decision to the node's table.
+    pub fn settle_slots(&self, r: &record::SlotsRecord) {
+        if let Some(o) = &self.ownership {
+            let changed = o.apply(r);
+            tracing::info!(shard = self.id, ?r, changed, "slot decision in force");
+        }
     }
 
     fn check_writable(&self) -> Result<(), MoveError> {
@@ -1214,7 +1231,7 @@ fn apply_record(
     match decoded {
         Decoded::Slots(r) => {
             if let Some(o) = ownership {
-                let changed = o.table.apply(&r);
+                let changed = o.apply(&r);
                 tracing::info!(shard, ?r, changed, "slot ownership");
             }
             Ok(())
@@ -1731,6 +1748,7 @@ mod tests {
         let map = vec![0u16; usize::from(net::SLOT_COUNT)];
         Ownership {
             table: std::sync::Arc::new(crate::slots::SlotTable::new(&map)),
+            routing: std::sync::Arc::new(crate::slots::SlotTable::new(&map)),
             own_pair,
         }
     }
@@ -1773,7 +1791,11 @@ mod tests {
             owner: 0,
             handoff_to: Some(1),
         };
-        src.write_slots(&handoff).unwrap();
+        assert_eq!(
+            src.write_slots(&handoff).unwrap().1,
+            None,
+            "in force at once"
+        );
         dst_own.table.apply(&handoff); // as the target's node would hear it
         assert!(
             src.drop_slots(first, last).is_err(),
@@ -1805,8 +1827,13 @@ mod tests {
             handoff_to: None,
             ..handoff
         };
-        dst.write_slots(&moved).unwrap();
+        let (_, settle) = dst.write_slots(&moved).unwrap();
+        assert!(
+            dst_own.table.get(first).owner == 0,
+            "not before it is committed"
+        );
         commit(&mut dst, &mut sink);
+        dst.settle_slots(&settle.expect("a grant"));
         assert!(
             dst.import_slots(first, last, &exported).is_err(),
             "never over a range the pair holds"
@@ -1901,6 +1928,52 @@ mod tests {
         ));
         assert_eq!(shard.wal().last_position(), before, "nothing was logged");
         shard.import_slots(0, 8191, &record(&user, 1)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A log written before slot moves holds DEDUP records without slots:
+    /// their entries are restated (checkpoint, snapshot) as DEDUP2 with the
+    /// slot unknown, and those records replay.
+    #[test]
+    fn old_dedup_records_are_restated_with_the_slot_unknown_and_replay() {
+        let dir = temp_dir("old-dedup");
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
+        let old = record::DedupEntry {
+            sender_hash: 7,
+            msg_id: id(9),
+            stored_ms: 1,
+            slot: record::SLOT_UNKNOWN,
+        };
+        let mut payload = Vec::new();
+        record::encode_dedup_unslotted(&[old], &mut payload);
+        let epoch = shard.epoch();
+        shard
+            .wal_mut()
+            .append(epoch, record::DEDUP, &payload)
+            .unwrap();
+        let mut sink = Recorder::default();
+        for n in 1..=8 {
+            send(&mut shard, &mut sink, "alice", "bob", n, b"x");
+        }
+        commit(&mut shard, &mut sink);
+        shard.ack("bob", 8, &mut sink).unwrap();
+        commit(&mut shard, &mut sink);
+        drop(shard);
+        let (shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
+        let frames = shard.snapshot_frames().expect("long enough").3;
+        let mut at = 0;
+        let mut dedup2 = 0;
+        while let wal::format::Decoded::Record(r, len) =
+            wal::format::decode_record(&frames[at..], u32::MAX)
+        {
+            let decoded = record::decode(r.record_type, r.payload).expect("replays");
+            if let Decoded::Dedup(entries) = decoded {
+                assert!(entries.contains(&old), "{entries:?}");
+                dedup2 += usize::from(r.record_type == record::DEDUP2);
+            }
+            at += len;
+        }
+        assert_eq!(dedup2, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -48,6 +48,9 @@ impl SlotState {
 
 pub struct SlotTable {
     slots: Box<[AtomicU64]>,
+    /// Counts the decisions that changed something: a node link's writer
+    /// sends the decisions again when it moved.
+    changes: AtomicU64,
 }
 
 impl SlotTable {
@@ -67,7 +70,22 @@ impl SlotTable {
                 )
             })
             .collect();
-        SlotTable { slots }
+        SlotTable {
+            slots,
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// Whether every slot of the decision's range is in its state now.
+    pub fn is_current(&self, r: &SlotsRecord) -> bool {
+        (r.first..=r.last.min(net::SLOT_COUNT - 1)).all(|slot| {
+            let s = self.get(slot);
+            (s.version, s.owner, s.handoff_to) == (r.version, r.owner, r.handoff_to)
+        })
     }
 
     pub fn get(&self, slot: u16) -> SlotState {
@@ -94,6 +112,9 @@ impl SlotTable {
                 new.supersedes(SlotState::unpack(old)).then_some(new.pack())
             });
             changed += usize::from(updated.is_ok());
+        }
+        if changed > 0 {
+            self.changes.fetch_add(1, Ordering::AcqRel);
         }
         changed
     }
@@ -136,14 +157,28 @@ impl SlotTable {
     }
 }
 
-/// A core node's shard's view: the table and the pair it belongs to.
+/// A core node's shard's view: the decisions of its own log (what its
+/// shards serve), the process's routing table, and the pair it belongs to.
+///
+/// Two tables, because a node also hears decisions from other nodes
+/// (MOVED on its links, for routing its own clients' requests): a decision
+/// giving this pair a range may reach it that way before its own log has
+/// it committed, and serving on hearsay could lose messages if that record
+/// were then lost with a crash. Shards take only their own log's word.
 #[derive(Clone)]
 pub struct Ownership {
     pub table: std::sync::Arc<SlotTable>,
+    pub routing: std::sync::Arc<SlotTable>,
     pub own_pair: u16,
 }
 
 impl Ownership {
+    /// A decision of this node's log: in force for the shards and for routing.
+    pub fn apply(&self, r: &SlotsRecord) -> usize {
+        self.routing.apply(r);
+        self.table.apply(r)
+    }
+
     /// Whether this pair takes SENDs for `slot` now (owns it, not handing it off).
     pub fn takes_sends(&self, slot: u16) -> bool {
         let s = self.table.get(slot);
@@ -220,6 +255,7 @@ mod tests {
         );
         let o = Ownership {
             table: std::sync::Arc::new(t),
+            routing: std::sync::Arc::new(table()),
             own_pair: 0,
         };
         assert!(!o.takes_sends(0) && !o.holds(0));

@@ -139,6 +139,8 @@ pub struct NodeStats {
     pub promotion_epoch: AtomicU64,
     /// During a promotion: cores that have promoted their shard.
     pub promoted_cores: AtomicUsize,
+    /// Slot move steps from the admin API to the cores (engine::moves).
+    pub moves: crate::moves::MoveDesk,
     /// The primary's client address, when this node is a replica and knows it.
     pub primary_client_addr: Mutex<Option<String>>,
 }
@@ -176,6 +178,7 @@ impl NodeStats {
             promote_requested: AtomicBool::new(false),
             promotion_epoch: AtomicU64::new(0),
             promoted_cores: AtomicUsize::new(0),
+            moves: Default::default(),
             primary_client_addr: Mutex::new(None),
         }
     }

@@ -237,10 +237,15 @@ impl DevCluster {
 
     /// GET /replication/stats of a node.
     pub fn stats(&self, name: &str) -> Value {
+        self.admin_get(name, "/replication/stats")
+    }
+
+    /// GET `path` on node `name`'s admin API: its JSON (200 expected).
+    pub fn admin_get(&self, name: &str, path: &str) -> Value {
         let admin = &self.node(name).admin;
-        let (status, body) = engine::admin_cmd::http("GET", admin, "/replication/stats")
-            .unwrap_or_else(|e| panic!("{name}: stats: {e}"));
-        assert_eq!(status, 200, "{name}: stats answered {body}");
+        let (status, body) = engine::admin_cmd::http("GET", admin, path)
+            .unwrap_or_else(|e| panic!("{name}: {path}: {e}"));
+        assert_eq!(status, 200, "{name}: {path} answered {body}");
         serde_json::from_str(&body).expect("JSON")
     }
 
