@@ -620,6 +620,7 @@ fn slots_move_between_pairs_under_load_and_back() {
         serde_json::from_str(stdout.trim()).expect("one JSON line")
     };
     let moved = move_slots("p1");
+    println!("slot move under load: {moved}");
     assert_eq!(
         (moved["from"].as_str(), moved["to"].as_str()),
         (Some("p0"), Some("p1"))
@@ -658,6 +659,70 @@ fn slots_move_between_pairs_under_load_and_back() {
             assert_eq!(*seq, i as u64 + 1, "{user}: seq gap");
         }
     }
+}
+
+/// A move that stopped part way is resumed by running the command again,
+/// even across a failover: the source's primary logs the handoff (its
+/// replica has it before the step answers), is killed with -9, its replica
+/// is promoted, and `move-slots` picks the move up at that version. Under
+/// load through an edge, nothing STORED is lost or delivered twice.
+#[test]
+fn a_slot_move_resumes_after_the_sources_primary_dies() {
+    let mut c = DevCluster::start(2, 1, &FAST);
+    let p0 = range(&c, "p0");
+    let first: u16 = p0.split_once('-').expect("A-B").0.parse().expect("A");
+    let moving = format!("{first}-{}", first + 1023);
+    let recipients = users_in("mvr-", &moving, 3);
+    let receivers: Vec<_> = recipients
+        .iter()
+        .map(|r| Receiver::start(c.edge(0), r))
+        .collect();
+    let senders: Vec<_> = (0..2)
+        .map(|i| Sender::start(c.edge(0), &format!("mr{i}"), &recipients, 8))
+        .collect();
+    senders[0].wait_stored(100, "before the move");
+    // Step 1 alone, as a move that stopped there would leave it: p1 is pair 1.
+    let admin = c.node("p0a").admin.clone();
+    let path = format!(
+        "/slots/handoff?first={first}&last={}&to=1&version=7",
+        first + 1023
+    );
+    let (status, body) = engine::admin_cmd::http("POST", &admin, &path).expect("handoff");
+    assert_eq!(status, 200, "{body}");
+    thread::sleep(Duration::from_millis(200)); // SENDs to the range wait meanwhile
+    c.kill9("p0a");
+    c.promote("p0b");
+    let out = std::process::Command::new(tests::iris_bin())
+        .args(["admin", "move-slots", "--cluster"])
+        .arg(&c.cluster_file)
+        .args(["--slots", &moving, "--to", "p1"])
+        .output()
+        .expect("iris admin move-slots");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let moved: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(
+        moved["version"], 7,
+        "resumed at the handoff's version: {moved}"
+    );
+    for s in &senders {
+        s.wait_stored(200, "after the resumed move");
+    }
+    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
+    thread::sleep(Duration::from_millis(800));
+    let received: HashMap<String, _> = recipients
+        .iter()
+        .cloned()
+        .zip(receivers.into_iter().map(Receiver::finish))
+        .collect();
+    check(&stored, &received);
+    let p1 = c.admin_get(&c.primary_of("p1"), "/slots");
+    assert_eq!(p1["decisions"][0]["version"], 7, "{p1}");
 }
 
 #[test]
