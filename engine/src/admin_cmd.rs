@@ -1,6 +1,6 @@
 //! `iris admin ...`: talks to a node's admin HTTP server (`--admin ADDR`)
 //! through engine::admin_http; `rolling-restart` is engine::rolling,
-//! `move-slots` engine::move_cmd.
+//! `move-slots` engine::move_cmd, `status` engine::status_cmd.
 
 pub use crate::admin_http::{http, http_with_body};
 use crate::rolling::RollingRestartArgs;
@@ -34,6 +34,10 @@ pub enum AdminCommand {
     /// range's inboxes, seqs and dedup entries, then serves it; edges follow.
     /// Running it again resumes a move that stopped part way
     MoveSlots(crate::move_cmd::MoveSlotsArgs),
+    /// The cluster at a glance (JSON): per pair, who leads, the epoch, each
+    /// node's role, mode and replication lag, and the slots; exit 1 unless
+    /// every pair has exactly one reachable primary
+    Status(crate::status_cmd::StatusArgs),
 }
 
 /// Runs one admin command: prints the response body, exit 0 on 2xx; otherwise
@@ -42,6 +46,7 @@ pub fn run(cmd: &AdminCommand) -> ExitCode {
     let (method, addr, path) = match cmd {
         AdminCommand::RollingRestart(args) => return crate::rolling::run(args),
         AdminCommand::MoveSlots(args) => return crate::move_cmd::run(args),
+        AdminCommand::Status(args) => return crate::status_cmd::run(args),
         AdminCommand::Promote { admin } => ("POST", admin, "/replication/promote"),
         AdminCommand::Stats { admin } => ("GET", admin, "/replication/stats"),
         AdminCommand::Health { admin } => ("GET", admin, "/health"),

@@ -37,6 +37,7 @@ pub mod shard;
 pub mod slots;
 pub mod sockets;
 pub mod stats;
+pub mod status_cmd;
 pub(crate) mod sys;
 pub mod tls;
 

@@ -723,6 +723,25 @@ fn a_slot_move_resumes_after_the_sources_primary_dies() {
     check(&stored, &received);
     let p1 = c.admin_get(&c.primary_of("p1"), "/slots");
     assert_eq!(p1["decisions"][0]["version"], 7, "{p1}");
+    // `iris admin status`: p0 led by its promoted replica, the killed node
+    // unreachable, the move in both pairs' decisions.
+    let out = std::process::Command::new(tests::iris_bin())
+        .args(["admin", "status", "--cluster"])
+        .arg(&c.cluster_file)
+        .output()
+        .expect("iris admin status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let p0 = &status["pairs"][0];
+    assert_eq!(p0["primary"], "p0b", "{status}");
+    assert!(p0["epoch"].as_u64().unwrap_or(0) >= 2, "{status}");
+    assert_eq!(p0["nodes"][0]["reachable"], false, "{status}");
+    assert_eq!(p0["decisions"][0]["owner"], 1, "{status}");
+    assert_eq!(status["pairs"][1]["decisions"][0]["version"], 7, "{status}");
 }
 
 #[test]

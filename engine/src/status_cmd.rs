@@ -1,0 +1,114 @@
+//! `iris admin status --cluster FILE`: the cluster at a glance, from every
+//! core node's admin API: per pair, which node leads, its epoch, each
+//! node's role, mode and replication lag, and the pair's slots (the
+//! cluster file's ranges and the slot decisions in its primary's log).
+//! One JSON document on stdout; exit 0 when every pair has exactly one
+//! reachable primary, 1 otherwise (the document is printed either way).
+//!
+//! Failover is manual for now (`iris admin promote`): there is no lease, so
+//! `lease_ms_left` is null until etcd decides (issue 12).
+
+use crate::admin_http::http;
+use crate::cluster::ClusterSpec;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The cluster file (docs/CLUSTER.md).
+    #[arg(long)]
+    pub cluster: PathBuf,
+}
+
+pub fn run(args: &StatusArgs) -> ExitCode {
+    let spec = match ClusterSpec::load(&args.cluster) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("iris admin status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (doc, healthy) = status(&spec);
+    println!("{doc:#}");
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The document, and whether every pair has exactly one reachable primary.
+pub fn status(spec: &ClusterSpec) -> (Value, bool) {
+    let mut healthy = true;
+    let pairs: Vec<Value> = spec
+        .pairs
+        .iter()
+        .map(|pair| {
+            let nodes: Vec<Value> = pair
+                .nodes
+                .iter()
+                .map(|n| node(&n.name, &n.admin.to_string()))
+                .collect();
+            let primaries: Vec<&Value> = nodes.iter().filter(|n| n["role"] == "primary").collect();
+            healthy &= primaries.len() == 1;
+            let leader = primaries.first();
+            let decisions = leader
+                .and_then(|p| p["admin"].as_str())
+                .and_then(|admin| match http("GET", admin, "/slots") {
+                    Ok((200, body)) => serde_json::from_str::<Value>(&body).ok(),
+                    _ => None,
+                })
+                .map_or(Value::Null, |v| v["decisions"].clone());
+            json!({
+                "name": pair.name,
+                "primary": leader.map_or(Value::Null, |p| p["name"].clone()),
+                "epoch": leader.map_or(Value::Null, |p| p["epoch"].clone()),
+                "lease_ms_left": Value::Null,
+                "slots": pair.slots,
+                "decisions": decisions,
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    (json!({ "pairs": pairs }), healthy)
+}
+
+/// One node as its admin API describes it; `reachable` false when it does
+/// not answer. `lag_records`: the records its replica has not acknowledged,
+/// over every shard (null for a replica or without one).
+fn node(name: &str, admin: &str) -> Value {
+    let stats = match http("GET", admin, "/replication/stats") {
+        Ok((200, body)) => serde_json::from_str::<Value>(&body).ok(),
+        _ => None,
+    };
+    let Some(s) = stats else {
+        return json!({ "name": name, "admin": admin, "reachable": false });
+    };
+    let shards = s["shards"].as_array().cloned().unwrap_or_default();
+    let replicas: Vec<&Value> = shards
+        .iter()
+        .filter_map(|sh| sh["replicas"].as_array()?.first())
+        .collect();
+    let lag = (s["role"] == "primary" && !replicas.is_empty()).then(|| {
+        shards
+            .iter()
+            .map(|sh| {
+                let last = sh["last_position"].as_u64().unwrap_or(0);
+                let acked = sh["replicas"][0]["acked_position"].as_u64().unwrap_or(0);
+                last.saturating_sub(acked)
+            })
+            .sum::<u64>()
+    });
+    json!({
+        "name": name,
+        "admin": admin,
+        "reachable": true,
+        "role": s["role"],
+        "epoch": s["epoch"],
+        "mode": s["mode"],
+        "replica_connected": replicas.iter().all(|r| r["connected"] == true) && !replicas.is_empty(),
+        "lag_records": lag,
+        "lag_ms": replicas.iter().filter_map(|r| r["lag_ms"].as_u64()).max(),
+    })
+}
