@@ -527,9 +527,10 @@ async fn slot_step(
     let (first, last) = (first as u16, last as u16);
     let other_pair = || -> Result<u16, Response> {
         match number("to")? {
-            p if p as usize >= crate::cluster::PAIRS_MAX || p == u32::from(own) => {
-                Err(Response::error(400, "to: another pair's index"))
-            }
+            p if p >= u32::from(table.pairs()) || p == u32::from(own) => Err(Response::error(
+                400,
+                "to: the index of another pair of the cluster file",
+            )),
             p => Ok(p as u16),
         }
     };

@@ -890,7 +890,13 @@ fn handle_answer(c: &mut Core, pair: u16, msg: Msg<'_>) -> Result<Option<(bool, 
         generation: conn.generation,
     };
     if let Msg::Moved(r) = msg {
-        c.edge.remote.as_ref().expect("routes").slots.apply(&r);
+        let slots = &c.edge.remote.as_ref().expect("routes").slots;
+        if !slots.valid(&r) {
+            return Err(format!(
+                "a node sent a slot decision for a pair not in the cluster file: {r:?}"
+            ));
+        }
+        slots.apply(&r);
         rehome_changed(c);
         let links = c.edge.remote.as_mut().expect("routes");
         if links.rewrite_retried_in(pair, r.first, r.last) > 0 {

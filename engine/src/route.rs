@@ -499,7 +499,10 @@ mod tests {
             port
         });
         let spec = ClusterSpec::parse(&text).unwrap();
-        let slots = std::sync::Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
+        let slots = std::sync::Arc::new(crate::slots::SlotTable::new(
+            &spec.slot_map,
+            spec.pairs.len(),
+        ));
         Links::new(spec.instance(), slots, Some(0), "e")
     }
 

@@ -138,8 +138,14 @@ impl ClusterSetup {
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("edge-{}", std::process::id()));
-                let slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
-                let own_slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
+                let slots = Arc::new(crate::slots::SlotTable::new(
+                    &spec.slot_map,
+                    spec.pairs.len(),
+                ));
+                let own_slots = Arc::new(crate::slots::SlotTable::new(
+                    &spec.slot_map,
+                    spec.pairs.len(),
+                ));
                 Ok(Some(ClusterSetup {
                     spec,
                     own_pair: None,
@@ -177,8 +183,14 @@ impl ClusterSetup {
                         crate::cluster::replica_of(&spec, pair, index, role);
                     tracing::info!(node = %name, peer = %peer.name, ?role, replica_of = ?config.replication.replica_of, "cluster role");
                 }
-                let slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
-                let own_slots = Arc::new(crate::slots::SlotTable::new(&spec.slot_map));
+                let slots = Arc::new(crate::slots::SlotTable::new(
+                    &spec.slot_map,
+                    spec.pairs.len(),
+                ));
+                let own_slots = Arc::new(crate::slots::SlotTable::new(
+                    &spec.slot_map,
+                    spec.pairs.len(),
+                ));
                 Ok(Some(ClusterSetup {
                     spec,
                     own_pair: Some(pair as u16),

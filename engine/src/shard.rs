@@ -1109,6 +1109,11 @@ impl Shard {
                 "slot decisions live in shard 0 of a cluster node",
             ));
         };
+        if !o.table.valid(r) {
+            return Err(MoveError::Refused(
+                "the decision names a pair not in the cluster file",
+            ));
+        }
         let grants = r.owner == o.own_pair && r.handoff_to.is_none();
         record::encode_slots(r, &mut self.scratch);
         let position = self.append(record::SLOTS)?;
@@ -1231,6 +1236,11 @@ fn apply_record(
     match decoded {
         Decoded::Slots(r) => {
             if let Some(o) = ownership {
+                if !o.table.valid(&r) {
+                    return Err(format!(
+                        "slot decision {r:?} names a pair not in the cluster file"
+                    ));
+                }
                 let changed = o.apply(&r);
                 tracing::info!(shard, ?r, changed, "slot ownership");
             }
@@ -1747,8 +1757,8 @@ mod tests {
         // Pair 0 serves every slot in the file; the tests move some to pair 1.
         let map = vec![0u16; usize::from(net::SLOT_COUNT)];
         Ownership {
-            table: std::sync::Arc::new(crate::slots::SlotTable::new(&map)),
-            routing: std::sync::Arc::new(crate::slots::SlotTable::new(&map)),
+            table: std::sync::Arc::new(crate::slots::SlotTable::new(&map, 2)),
+            routing: std::sync::Arc::new(crate::slots::SlotTable::new(&map, 2)),
             own_pair,
         }
     }

@@ -48,15 +48,19 @@ impl SlotState {
 
 pub struct SlotTable {
     slots: Box<[AtomicU64]>,
+    /// Pairs in the cluster file: a decision naming another is refused.
+    pairs: u16,
     /// Counts the decisions that changed something: a node link's writer
     /// sends the decisions again when it moved.
     changes: AtomicU64,
 }
 
 impl SlotTable {
-    /// The cluster file's map: every slot at version 0.
-    pub fn new(slot_map: &[u16]) -> SlotTable {
+    /// The cluster file's map (of `pairs` pairs): every slot at version 0.
+    pub fn new(slot_map: &[u16], pairs: usize) -> SlotTable {
         assert_eq!(slot_map.len(), usize::from(net::SLOT_COUNT));
+        let pairs = u16::try_from(pairs).expect("PAIRS_MAX fits a u16");
+        assert!(slot_map.iter().all(|&p| p < pairs));
         let slots = slot_map
             .iter()
             .map(|&owner| {
@@ -72,8 +76,19 @@ impl SlotTable {
             .collect();
         SlotTable {
             slots,
+            pairs,
             changes: AtomicU64::new(0),
         }
+    }
+
+    pub fn pairs(&self) -> u16 {
+        self.pairs
+    }
+
+    /// Whether a decision names only pairs of the cluster file (one from a
+    /// log or a link that does not is bad bytes, refused by the caller).
+    pub fn valid(&self, r: &SlotsRecord) -> bool {
+        r.owner < self.pairs && r.handoff_to.is_none_or(|t| t < self.pairs)
     }
 
     pub fn changes(&self) -> u64 {
@@ -100,6 +115,9 @@ impl SlotTable {
     /// Applies a decision to its slots where it supersedes what is known;
     /// returns how many slots changed. (Several cores may apply at once.)
     pub fn apply(&self, r: &SlotsRecord) -> usize {
+        if !self.valid(r) {
+            return 0; // the callers refuse it first; a table never routes to a pair that is not there
+        }
         let new = SlotState {
             version: r.version,
             owner: r.owner,
@@ -198,7 +216,7 @@ mod tests {
     fn table() -> SlotTable {
         let mut map = vec![0u16; usize::from(net::SLOT_COUNT)];
         map[8192..].iter_mut().for_each(|p| *p = 1);
-        SlotTable::new(&map)
+        SlotTable::new(&map, 3)
     }
 
     fn rec(version: u32, first: u16, last: u16, owner: u16, to: Option<u16>) -> SlotsRecord {
@@ -230,6 +248,12 @@ mod tests {
         assert_eq!(t.apply(&rec(1, 10, 19, 0, Some(1))), 0);
         assert_eq!(t.apply(&rec(0, 10, 19, 0, None)), 0);
         assert_eq!(t.get(20).owner, 0, "outside the range");
+        assert!(!t.valid(&rec(9, 20, 20, 3, None)) && !t.valid(&rec(9, 20, 20, 0, Some(3))));
+        assert_eq!(
+            t.apply(&rec(9, 20, 20, 3, None)),
+            0,
+            "no pair 3 in a 3-pair file"
+        );
         assert_eq!(t.decisions(), vec![rec(1, 10, 19, 1, None)]);
         assert_eq!(t.max_version(), 1);
         // The settled state may come first (an edge hears the target first).

@@ -683,6 +683,9 @@ fn a_slot_move_resumes_after_the_sources_primary_dies() {
     senders[0].wait_stored(100, "before the move");
     // Step 1 alone, as a move that stopped there would leave it: p1 is pair 1.
     let admin = c.node("p0a").admin.clone();
+    let no_such_pair = format!("/slots/handoff?first={first}&last={first}&to=2&version=7");
+    let (status, body) = engine::admin_cmd::http("POST", &admin, &no_such_pair).expect("handoff");
+    assert_eq!(status, 400, "a pair the cluster file does not have: {body}");
     let path = format!(
         "/slots/handoff?first={first}&last={}&to=1&version=7",
         first + 1023
