@@ -119,6 +119,29 @@ pub struct ClusterSetup {
 }
 
 impl ClusterSetup {
+    fn new(
+        spec: crate::cluster::ClusterSpec,
+        own_pair: Option<u16>,
+        name: String,
+        link: Option<SocketAddr>,
+    ) -> ClusterSetup {
+        let table = || {
+            Arc::new(crate::slots::SlotTable::new(
+                &spec.slot_map,
+                spec.pairs.len(),
+            ))
+        };
+        let (slots, own_slots) = (table(), table());
+        ClusterSetup {
+            spec,
+            own_pair,
+            name,
+            link,
+            slots,
+            own_slots,
+        }
+    }
+
     /// Loads the cluster file and, for a core node, takes its addresses from
     /// there and asks its peer whether it is running as primary (a node
     /// restarted after a failover rejoins as the replica).
@@ -138,22 +161,7 @@ impl ClusterSetup {
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("edge-{}", std::process::id()));
-                let slots = Arc::new(crate::slots::SlotTable::new(
-                    &spec.slot_map,
-                    spec.pairs.len(),
-                ));
-                let own_slots = Arc::new(crate::slots::SlotTable::new(
-                    &spec.slot_map,
-                    spec.pairs.len(),
-                ));
-                Ok(Some(ClusterSetup {
-                    spec,
-                    own_pair: None,
-                    name,
-                    link: None,
-                    slots,
-                    own_slots,
-                }))
+                Ok(Some(ClusterSetup::new(spec, None, name, None)))
             }
             NodeRole::Core => {
                 let name = config
@@ -183,22 +191,12 @@ impl ClusterSetup {
                         crate::cluster::replica_of(&spec, pair, index, role);
                     tracing::info!(node = %name, peer = %peer.name, ?role, replica_of = ?config.replication.replica_of, "cluster role");
                 }
-                let slots = Arc::new(crate::slots::SlotTable::new(
-                    &spec.slot_map,
-                    spec.pairs.len(),
-                ));
-                let own_slots = Arc::new(crate::slots::SlotTable::new(
-                    &spec.slot_map,
-                    spec.pairs.len(),
-                ));
-                Ok(Some(ClusterSetup {
+                Ok(Some(ClusterSetup::new(
                     spec,
-                    own_pair: Some(pair as u16),
+                    Some(pair as u16),
                     name,
-                    link: Some(me.link),
-                    slots,
-                    own_slots,
-                }))
+                    Some(me.link),
+                )))
             }
         }
     }

@@ -205,14 +205,7 @@ fn traffic_crosses_pairs_and_edges_exactly_once_in_order() {
     for s in &senders {
         s.wait_stored(400, "cross-pair load");
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(500));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    let (stored, _) = finish_and_check(senders, &recipients, receivers);
     assert!(stored.len() >= 1600);
 }
 
@@ -234,14 +227,7 @@ fn multi_core_nodes_answer_edges_through_the_core_mesh() {
     for s in &senders {
         s.wait_stored(400, "two cores per node");
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(500));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    finish_and_check(senders, &recipients, receivers);
 
     // PONG after an ACK through an edge means the ACK took effect on the
     // user's shard (over the link, then the node's core mesh): a login on
@@ -355,14 +341,7 @@ fn kill9_primary_under_load_costs_a_pause_not_an_error() {
     for s in &senders {
         s.wait_stored(300, "after the promotion");
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(800));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    finish_and_check(senders, &recipients, receivers);
     // The old primary comes back as the new one's replica (it asks its peer).
     c.restart("p0a");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -521,14 +500,7 @@ fn a_paused_primary_is_left_behind_for_the_promoted_replica() {
     for s in &senders {
         s.wait_stored(200, "after the promotion");
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(800));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    finish_and_check(senders, &recipients, receivers);
     signal("-CONT");
     c.kill9("p0a");
 }
@@ -555,6 +527,39 @@ fn rolling_restart_under_load_shows_clients_no_error() {
     for s in &senders {
         s.wait_stored(200, "after the restarts");
     }
+    finish_and_check(senders, &recipients, receivers);
+}
+
+/// `iris admin move-slots --cluster FILE --slots RANGE --to PAIR`: its JSON
+/// line (exit 0 expected).
+fn move_slots(c: &DevCluster, range: &str, to: &str) -> serde_json::Value {
+    let out = std::process::Command::new(tests::iris_bin())
+        .args(["admin", "move-slots", "--cluster"])
+        .arg(&c.cluster_file)
+        .args(["--slots", range, "--to", to])
+        .output()
+        .expect("iris admin move-slots");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "move-slots to {to}: {}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    serde_json::from_str(stdout.trim()).expect("one JSON line")
+}
+
+/// Stops the load, lets the last deliveries arrive, and checks the history
+/// (`check`); returns what was STORED and what each recipient received.
+#[allow(clippy::type_complexity)]
+fn finish_and_check(
+    senders: Vec<Sender>,
+    recipients: &[String],
+    receivers: Vec<Receiver>,
+) -> (
+    Vec<(MsgId, String, String)>,
+    HashMap<String, Vec<(u64, MsgId, String)>>,
+) {
     let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
     thread::sleep(Duration::from_millis(800));
     let received: HashMap<String, _> = recipients
@@ -563,6 +568,7 @@ fn rolling_restart_under_load_shows_clients_no_error() {
         .zip(receivers.into_iter().map(Receiver::finish))
         .collect();
     check(&stored, &received);
+    (stored, received)
 }
 
 /// `iris admin move-slots` under load: a slot range of p0 moves to p1 and
@@ -603,23 +609,7 @@ fn slots_move_between_pairs_under_load_and_back() {
     for s in &senders {
         s.wait_stored(100, "before the move");
     }
-    let move_slots = |to: &str| -> serde_json::Value {
-        let out = std::process::Command::new(tests::iris_bin())
-            .args(["admin", "move-slots", "--cluster"])
-            .arg(&c.cluster_file)
-            .args(["--slots", &moving, "--to", to])
-            .output()
-            .expect("iris admin move-slots");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "move-slots to {to}: {}\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            c.logs()
-        );
-        serde_json::from_str(stdout.trim()).expect("one JSON line")
-    };
-    let moved = move_slots("p1");
+    let moved = move_slots(&c, &moving, "p1");
     println!("slot move under load: {moved}");
     assert_eq!(
         (moved["from"].as_str(), moved["to"].as_str()),
@@ -631,13 +621,13 @@ fn slots_move_between_pairs_under_load_and_back() {
     }
     let decisions = c.admin_get(&c.primary_of("p1"), "/slots");
     assert_eq!(decisions["decisions"][0]["owner"], 1, "{decisions}");
-    let back = move_slots("p0");
+    let back = move_slots(&c, &moving, "p0");
     assert_eq!(
         back["version"],
         moved["version"].as_u64().unwrap() + 1,
         "{back}"
     );
-    let again = move_slots("p0");
+    let again = move_slots(&c, &moving, "p0");
     assert_eq!(
         again["bytes"], 0,
         "a move that is done is not done twice: {again}"
@@ -645,14 +635,7 @@ fn slots_move_between_pairs_under_load_and_back() {
     for s in &senders {
         s.wait_stored(200, "after the move back");
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(800));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    let (_, received) = finish_and_check(senders, &recipients, receivers);
     // No seq gap: each recipient's seqs run 1, 2, 3... (nothing was ACKed away unseen).
     for (user, got) in &received {
         for (i, (seq, _, _)) in got.iter().enumerate() {
@@ -695,20 +678,7 @@ fn a_slot_move_resumes_after_the_sources_primary_dies() {
     thread::sleep(Duration::from_millis(200)); // SENDs to the range wait meanwhile
     c.kill9("p0a");
     c.promote("p0b");
-    let out = std::process::Command::new(tests::iris_bin())
-        .args(["admin", "move-slots", "--cluster"])
-        .arg(&c.cluster_file)
-        .args(["--slots", &moving, "--to", "p1"])
-        .output()
-        .expect("iris admin move-slots");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
-    let moved: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    let moved = move_slots(&c, &moving, "p1");
     assert_eq!(
         moved["version"], 7,
         "resumed at the handoff's version: {moved}"
@@ -716,14 +686,7 @@ fn a_slot_move_resumes_after_the_sources_primary_dies() {
     for s in &senders {
         s.wait_stored(200, "after the resumed move");
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(800));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    finish_and_check(senders, &recipients, receivers);
     let p1 = c.admin_get(&c.primary_of("p1"), "/slots");
     assert_eq!(p1["decisions"][0]["version"], 7, "{p1}");
     // `iris admin status`: p0 led by its promoted replica, the killed node
@@ -904,14 +867,7 @@ fn fault_rounds_lose_no_acknowledged_message() {
         c.restart(&primary);
         c.wait_caught_up(&replica);
     }
-    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
-    thread::sleep(Duration::from_millis(800));
-    let received: HashMap<String, _> = recipients
-        .iter()
-        .cloned()
-        .zip(receivers.into_iter().map(Receiver::finish))
-        .collect();
-    check(&stored, &received);
+    let (stored, received) = finish_and_check(senders, &recipients, receivers);
     let read: usize = received.values().map(Vec::len).sum();
     println!(
         "fault rounds: {rounds} (kill9 {}, pause {}, term {}) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
