@@ -403,7 +403,7 @@ impl Edge {
 
     /// The shard owning a user: a fixed hash into 16384 slots, slots spread evenly over shards.
     pub fn shard_of(&self, user: &str) -> u16 {
-        (net::slot_of(user) as usize * self.nr_cores / net::SLOT_COUNT as usize) as u16
+        shard_of_slot(net::slot_of(user), self.nr_cores)
     }
 
     /// Takes a free slot for a new connection, or None at connections_per_core_max.
@@ -1323,6 +1323,12 @@ impl Core {
 
 /// DELIVER's bytes besides `from` and the body: type, seq, msg_id, from's length, sent_ms.
 const DELIVER_OVERHEAD: usize = 1 + 8 + 16 + 1 + 8;
+
+/// The shard (core) of a node with `nr_cores` that holds `slot`: slots
+/// spread evenly over shards.
+pub fn shard_of_slot(slot: u16, nr_cores: usize) -> u16 {
+    (usize::from(slot) * nr_cores / usize::from(net::SLOT_COUNT)) as u16
+}
 
 /// REJECTED codes the edge decides on its own. A body is too large above
 /// body_len_max, or when its DELIVER (which adds the sender id) would exceed

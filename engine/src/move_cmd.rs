@@ -123,36 +123,20 @@ fn move_slots(args: &MoveSlotsArgs) -> Result<String, String> {
         &source.admin,
         &format!("/slots/handoff?{range}&to={to}&version={version}"),
     )?;
-    let (status, records) = http_bytes(
+    let records = call(
         "GET",
         &source.admin,
         &format!("/slots/export?{range}"),
         &[],
         crate::shard::MOVE_BYTES_MAX + 4096,
-        STEP_READ_TIMEOUT_MS,
     )?;
-    if status != 200 {
-        return Err(format!(
-            "export from {}: HTTP {status}: {}",
-            source.admin,
-            String::from_utf8_lossy(&records)
-        ));
-    }
-    let (status, body) = http_bytes(
+    call(
         "POST",
         &target.admin,
         &format!("/slots/import?{range}"),
         &records,
         crate::admin_http::RESPONSE_BYTES_MAX,
-        STEP_READ_TIMEOUT_MS,
     )?;
-    if status != 200 {
-        return Err(format!(
-            "import on {}: HTTP {status}: {}",
-            target.admin,
-            String::from_utf8_lossy(&body)
-        ));
-    }
     post(
         &target.admin,
         &format!("/slots/own?{range}&version={version}"),
@@ -230,22 +214,41 @@ fn view(spec: &ClusterSpec, pair: usize) -> Result<View, String> {
 }
 
 fn post(admin: &str, path: &str) -> Result<(), String> {
-    let (status, body) = http_bytes(
+    call(
         "POST",
         admin,
         path,
         &[],
         crate::admin_http::RESPONSE_BYTES_MAX,
+    )
+    .map(drop)
+}
+
+/// One step's request: the response body on 200; otherwise the status and
+/// body as the error.
+fn call(
+    method: &str,
+    admin: &str,
+    path: &str,
+    body: &[u8],
+    response_max: usize,
+) -> Result<Vec<u8>, String> {
+    let (status, body) = http_bytes(
+        method,
+        admin,
+        path,
+        body,
+        response_max,
         STEP_READ_TIMEOUT_MS,
     )?;
     if status != 200 {
         let body = String::from_utf8_lossy(&body);
         return Err(format!(
-            "{admin} {path}: HTTP {status}: {}",
+            "{admin} {method} {path}: HTTP {status}: {}",
             body.trim_end()
         ));
     }
-    Ok(())
+    Ok(body)
 }
 
 /// `"A-B"` or `"N"`, within the slots.

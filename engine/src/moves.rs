@@ -14,7 +14,7 @@
 //!    decision is committed; edges hear MOVED and send the range there.
 //! 5. source: `Decide(v, range, owner T)`, then `Drop`.
 
-use crate::core::Core;
+use crate::core::{shard_of_slot, Core};
 use crate::record::{self, Decoded, SlotsRecord};
 use crate::slots::SlotTable;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -203,15 +203,11 @@ fn start(c: &mut Core, step: &Step) -> Result<(u64, Vec<u8>, Option<SlotsRecord>
 /// unknown slot goes to every shard).
 fn part_of(records: &[u8], shard: usize, nr_cores: usize) -> Result<Vec<u8>, String> {
     let here = |slot: u16| {
-        slot == record::SLOT_UNKNOWN
-            || usize::from(slot) * nr_cores / usize::from(net::SLOT_COUNT) == shard
+        slot == record::SLOT_UNKNOWN || usize::from(shard_of_slot(slot, nr_cores)) == shard
     };
     let mut out = Vec::new();
-    let mut rest = records;
-    while !rest.is_empty() {
-        let (record_type, payload, next) =
-            split_record(rest).ok_or("exported records cut short")?;
-        rest = next;
+    let mut all = record::framed(records);
+    for (record_type, payload) in all.by_ref() {
         let keep = match record::decode(record_type, payload).map_err(|e| e.to_string())? {
             Decoded::Msg(m) => here(net::slot_of(m.recipient)),
             Decoded::Ack { recipient, .. } => here(net::slot_of(recipient)),
@@ -220,31 +216,20 @@ fn part_of(records: &[u8], shard: usize, nr_cores: usize) -> Result<Vec<u8>, Str
                 if !mine.is_empty() {
                     let mut payload = Vec::new();
                     record::encode_dedup(&mine, &mut payload);
-                    push_record(&mut out, record::DEDUP2, &payload);
+                    record::push_framed(&mut out, record::DEDUP2, &payload);
                 }
                 false
             }
             _ => return Err(format!("record type {record_type} in a slot export")),
         };
         if keep {
-            push_record(&mut out, record_type, payload);
+            record::push_framed(&mut out, record_type, payload);
         }
     }
+    if !all.rest.is_empty() {
+        return Err("exported records cut short".into());
+    }
     Ok(out)
-}
-
-/// `[u8 type][u32 len][payload]`, the format of `Shard::export_slots`.
-fn split_record(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&record_type, rest) = buf.split_first()?;
-    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    let payload = rest.get(4..4 + len)?;
-    Some((record_type, payload, &rest[4 + len..]))
-}
-
-fn push_record(out: &mut Vec<u8>, record_type: u8, payload: &[u8]) {
-    out.push(record_type);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]
@@ -258,7 +243,7 @@ mod tests {
         let mut payload = Vec::new();
         for u in &users {
             record::encode_ack(u, 0, &mut payload);
-            push_record(&mut records, record::ACK, &payload);
+            record::push_framed(&mut records, record::ACK, &payload);
         }
         let entries = [0u16, 16383, record::SLOT_UNKNOWN].map(|slot| record::DedupEntry {
             sender_hash: 1,
@@ -267,16 +252,9 @@ mod tests {
             slot,
         });
         record::encode_dedup(&entries, &mut payload);
-        push_record(&mut records, record::DEDUP2, &payload);
+        record::push_framed(&mut records, record::DEDUP2, &payload);
         let parts: Vec<Vec<u8>> = (0..2).map(|s| part_of(&records, s, 2).unwrap()).collect();
-        let count = |part: &[u8], ty: u8| {
-            let (mut rest, mut n) = (part, 0);
-            while let Some((t, _, next)) = split_record(rest) {
-                n += usize::from(t == ty);
-                rest = next;
-            }
-            n
-        };
+        let count = |part: &[u8], ty: u8| record::framed(part).filter(|(t, _)| *t == ty).count();
         assert_eq!(
             count(&parts[0], record::ACK) + count(&parts[1], record::ACK),
             40
@@ -284,12 +262,11 @@ mod tests {
         assert!(count(&parts[0], record::ACK) > 0 && count(&parts[1], record::ACK) > 0);
         // Slot 0 and the unknown slot on shard 0; 16383 and the unknown on shard 1.
         for part in &parts {
-            let (mut rest, mut seen) = (&part[..], Vec::new());
-            while let Some((t, p, next)) = split_record(rest) {
+            let mut seen = Vec::new();
+            for (t, p) in record::framed(part) {
                 if let Ok(Decoded::Dedup(e)) = record::decode(t, p) {
                     seen.extend(e.iter().map(|e| e.slot));
                 }
-                rest = next;
             }
             assert_eq!(seen.len(), 2, "{seen:?}");
             assert!(seen.contains(&record::SLOT_UNKNOWN));

@@ -153,6 +153,35 @@ pub fn encode_checkpoint(start: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&start.to_le_bytes());
 }
 
+/// Records outside a WAL (a slot move's export, engine::moves): each
+/// `[u8 type][u32 len][payload]`.
+pub fn push_framed(out: &mut Vec<u8>, record_type: u8, payload: &[u8]) {
+    out.push(record_type);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Iterates `push_framed` records as (type, payload); stops at the first
+/// incomplete one, which `rest` then begins with (empty: all were whole).
+pub struct Framed<'a> {
+    pub rest: &'a [u8],
+}
+
+pub fn framed(buf: &[u8]) -> Framed<'_> {
+    Framed { rest: buf }
+}
+
+impl<'a> Iterator for Framed<'a> {
+    type Item = (u8, &'a [u8]);
+    fn next(&mut self) -> Option<(u8, &'a [u8])> {
+        let (&record_type, rest) = self.rest.split_first()?;
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let payload = rest.get(4..4 + len)?;
+        self.rest = &rest[4 + len..];
+        Some((record_type, payload))
+    }
+}
+
 /// A bounded reader over a record payload.
 struct Reader<'a> {
     buf: &'a [u8],

@@ -214,23 +214,24 @@ impl Links {
     pub fn take_sends_in(&mut self, first: u16, last: u16) -> Vec<(Box<[u8]>, u32)> {
         let mut taken = Vec::new();
         for p in &mut self.pairs {
-            let orders: Vec<u64> = p
+            let found: Vec<(u64, Conn, MsgId)> = p
                 .sends
                 .iter()
-                .filter(|(_, frame)| match proto::decode(frame) {
-                    Ok(Some((Msg::Send { to, .. }, _))) => {
-                        (first..=last).contains(&net::slot_of(to))
+                .filter_map(|(&order, frame)| match proto::decode(frame) {
+                    Ok(Some((
+                        Msg::Send {
+                            conn, msg_id, to, ..
+                        },
+                        _,
+                    ))) if (first..=last).contains(&net::slot_of(to)) => {
+                        Some((order, conn, msg_id))
                     }
-                    _ => false,
+                    _ => None,
                 })
-                .map(|(&order, _)| order)
                 .collect();
-            for order in orders {
+            for (order, conn, msg_id) in found {
                 p.retried.remove(&order);
                 let frame = p.sends.remove(&order).expect("listed");
-                let Ok(Some((Msg::Send { conn, msg_id, .. }, _))) = proto::decode(&frame) else {
-                    unreachable!("decoded above")
-                };
                 let copies = p
                     .send_index
                     .remove(&(conn, msg_id))

@@ -203,28 +203,6 @@ pub enum MoveError {
     Shard(#[from] ShardError),
 }
 
-/// Iterates `[u8 type][u32 len][payload]` records (export_slots's format);
-/// stops at the first incomplete one (`rest_len` tells).
-struct MoveRecords<'a>(&'a [u8]);
-
-impl MoveRecords<'_> {
-    fn rest_len(mut self) -> usize {
-        while self.next().is_some() {}
-        self.0.len()
-    }
-}
-
-impl<'a> Iterator for MoveRecords<'a> {
-    type Item = (u8, &'a [u8]);
-    fn next(&mut self) -> Option<(u8, &'a [u8])> {
-        let (&record_type, rest) = self.0.split_first()?;
-        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        let payload = rest.get(4..4 + len)?;
-        self.0 = &rest[4 + len..];
-        Some((record_type, payload))
-    }
-}
-
 struct CheckpointState {
     /// Bytes in the log since its last CKPT record: counted by replay and by
     /// the replica's stream as well as by appends, so a restarted or promoted
@@ -1007,9 +985,7 @@ impl Shard {
                 if out.len() + 5 + payload.len() > MOVE_BYTES_MAX {
                     return Err(MoveError::TooLarge);
                 }
-                out.push(record_type);
-                out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-                out.extend_from_slice(payload);
+                record::push_framed(&mut out, record_type, payload);
                 Ok(())
             },
         )?;
@@ -1039,7 +1015,8 @@ impl Shard {
         // A dry run on a scratch state: every record decodes, belongs to the
         // range and replays (seqs follow each other).
         let mut scratch = Live::new(&self.limits);
-        for (record_type, payload) in MoveRecords(records) {
+        let mut checked = record::framed(records);
+        for (record_type, payload) in checked.by_ref() {
             let decoded = record::decode(record_type, payload)
                 .map_err(|e| MoveError::Malformed(e.to_string()))?;
             let in_range = |user: &str| (first..=last).contains(&net::slot_of(user));
@@ -1059,7 +1036,7 @@ impl Shard {
             }
             scratch.apply(0, decoded).map_err(MoveError::Malformed)?;
         }
-        if MoveRecords(records).rest_len() != 0 {
+        if !checked.rest.is_empty() {
             return Err(MoveError::Malformed("a record cut short".into()));
         }
         if self.live.memory_bytes() + scratch.memory_bytes() > self.limits.shard_pending_bytes_max {
@@ -1067,7 +1044,7 @@ impl Shard {
         }
         drop(scratch);
         let mut position = self.drop_slots(first, last)?;
-        for (record_type, payload) in MoveRecords(records) {
+        for (record_type, payload) in record::framed(records) {
             self.scratch.clear();
             self.scratch.extend_from_slice(payload);
             position = self.append(record_type)?;

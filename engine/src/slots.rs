@@ -95,21 +95,8 @@ impl SlotTable {
         self.changes.load(Ordering::Acquire)
     }
 
-    /// Whether every slot of the decision's range is in its state now.
-    pub fn is_current(&self, r: &SlotsRecord) -> bool {
-        (r.first..=r.last.min(net::SLOT_COUNT - 1)).all(|slot| {
-            let s = self.get(slot);
-            (s.version, s.owner, s.handoff_to) == (r.version, r.owner, r.handoff_to)
-        })
-    }
-
     pub fn get(&self, slot: u16) -> SlotState {
         SlotState::unpack(self.slots[usize::from(slot)].load(Ordering::Acquire))
-    }
-
-    /// The pair serving `user` now.
-    pub fn owner_of(&self, user: &str) -> u16 {
-        self.get(net::slot_of(user)).owner
     }
 
     /// Applies a decision to its slots where it supersedes what is known;
