@@ -83,10 +83,25 @@ const CONTENT_TYPE_OPENMETRICS: &str = "application/openmetrics-text; version=1.
 /// Binds `addr` and serves the admin API on a new thread named `iris-control`.
 /// Returns the bound address (useful with port 0) and the thread, which runs
 /// for the life of the process.
+/// A task for the control thread's runtime besides the admin server (the
+/// election's pilot).
+pub type ControlTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 pub fn start(
     addr: SocketAddr,
     stats: Arc<NodeStats>,
     security: Arc<Security>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    start_with(addr, stats, security, Vec::new())
+}
+
+/// Starts the control thread: the admin server and `tasks` on one
+/// current-thread tokio runtime (never on a core).
+pub fn start_with(
+    addr: SocketAddr,
+    stats: Arc<NodeStats>,
+    security: Arc<Security>,
+    tasks: Vec<ControlTask>,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("admin listener on {addr}: {e}")))?;
@@ -105,6 +120,9 @@ pub fn start(
         .name("iris-control".into())
         .spawn(move || {
             runtime.block_on(async move {
+                for task in tasks {
+                    tokio::spawn(task);
+                }
                 match TcpListener::from_std(listener) {
                     Ok(listener) => serve(listener, ctx).await,
                     Err(e) => tracing::error!("admin: listener: {e}"),
@@ -686,6 +704,16 @@ struct ReplicationStats {
     connections: u64,
     replication_sent_bytes: u64,
     replication_received_bytes: u64,
+    /// With etcd: the lease time left while primary (null: no lease, manual failover).
+    lease_ms_left: Option<u64>,
+    /// With etcd: the pair's leader as this node last read it from etcd.
+    election: Option<ElectionView>,
+}
+
+#[derive(Serialize)]
+struct ElectionView {
+    leader: Option<String>,
+    epoch: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -768,6 +796,21 @@ fn replication_stats(stats: &NodeStats) -> Response {
             connections: stats.connections(),
             replication_sent_bytes: stats.replication_bytes_sent.load(Relaxed),
             replication_received_bytes: stats.replication_bytes_received.load(Relaxed),
+            lease_ms_left: if stats.role() == Role::Primary {
+                stats.lease_ms_left()
+            } else {
+                None
+            },
+            election: stats.elected.load(Relaxed).then(|| {
+                let seen = match stats.leader_seen.lock() {
+                    Ok(l) => l.clone(),
+                    Err(poisoned) => poisoned.into_inner().clone(),
+                };
+                ElectionView {
+                    leader: seen.as_ref().map(|(n, _)| n.clone()),
+                    epoch: seen.map(|(_, e)| e),
+                }
+            }),
         },
     )
 }
@@ -791,7 +834,13 @@ async fn promote(stats: &NodeStats) -> Response {
         );
     }
     tracing::info!("admin: promotion requested (epoch {epoch_before})");
-    stats.promote_requested.store(true, SeqCst);
+    if stats.elected.load(SeqCst) {
+        // With etcd the election decides: this node campaigns as soon as the
+        // leader key is free, even if the last primary served alone.
+        stats.election_promote_asked.store(true, SeqCst);
+    } else {
+        stats.promote_requested.store(true, SeqCst);
+    }
     let deadline = Instant::now() + Duration::from_millis(PROMOTE_TIMEOUT_MS);
     loop {
         let epoch = stats.epoch.load(SeqCst);

@@ -21,6 +21,12 @@ pub const FILE_BYTES_MAX: u64 = 1 << 20;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
+    /// etcd endpoints for automatic failover (comma-separated `http://HOST:PORT`).
+    #[serde(default)]
+    pub etcd: Option<String>,
+    /// This cluster's key prefix in etcd. [default: "iris"]
+    #[serde(default)]
+    pub etcd_prefix: Option<String>,
     pub pairs: Vec<PairSpec>,
 }
 
@@ -61,6 +67,8 @@ pub struct Cluster {
 // its file's parsed form.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
+    pub etcd: Option<String>,
+    pub etcd_prefix: Option<String>,
     pub pairs: Vec<PairSpec>,
     pub slot_map: Vec<u16>,
     pub topology_hash: u64,
@@ -129,7 +137,14 @@ impl ClusterSpec {
             return Err(format!("slot {slot} belongs to no pair"));
         }
         let topology_hash = topology_hash(&file.pairs, &slot_map);
+        if let Some(p) = &file.etcd_prefix {
+            if p.is_empty() || p.len() > 256 || p.contains(char::is_whitespace) {
+                return Err(format!("etcd_prefix {p:?}: 1 to 256 characters, no spaces"));
+            }
+        }
         Ok(ClusterSpec {
+            etcd: file.etcd,
+            etcd_prefix: file.etcd_prefix,
             pairs: file.pairs,
             slot_map,
             topology_hash,

@@ -43,6 +43,66 @@ pub struct Config {
     pub node: Option<String>,
     /// With role `edge`: its name in link handshakes and logs. [default: edge-PID]
     pub name: Option<String>,
+    /// Automatic failover through etcd (docs/CLUSTER.md "Automatic failover").
+    pub election: ElectionConfig,
+}
+
+/// Automatic failover: who leads each core pair is decided in etcd
+/// (engine::election). Without `etcd`, promotion is manual.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ElectionConfig {
+    /// etcd endpoints, comma-separated `http://HOST:PORT` (also `etcd` in the cluster file).
+    pub etcd: Option<String>,
+    /// Key prefix of this cluster in etcd (also `etcd_prefix` in the cluster file).
+    pub prefix: Option<String>,
+    /// The leader's lease TTL: a dead primary is replaced within about this long.
+    pub lease_ttl_ms: u64,
+    /// A primary stops acknowledging this long before its lease can have expired.
+    pub lease_margin_ms: u64,
+    /// How often every node renews its lease.
+    pub renew_every_ms: u64,
+    /// How often a node reads its pair's leader and state keys.
+    pub observe_every_ms: u64,
+    /// Deadline of one etcd request.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ElectionConfig {
+    fn default() -> Self {
+        ElectionConfig {
+            etcd: None,
+            prefix: None,
+            lease_ttl_ms: 1000,
+            lease_margin_ms: 200,
+            renew_every_ms: 200,
+            observe_every_ms: 100,
+            request_timeout_ms: 300,
+        }
+    }
+}
+
+impl ElectionConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (self.lease_ttl_ms >= 1000 && self.lease_ttl_ms.is_multiple_of(1000),
+             "lease_ttl_ms must be a whole number of seconds (etcd's unit), at least 1000"),
+            (self.lease_margin_ms > 0 && self.lease_margin_ms < self.lease_ttl_ms / 2,
+             "lease_margin_ms must be positive and under half of lease_ttl_ms"),
+            (self.renew_every_ms > 0
+                && self.renew_every_ms + self.request_timeout_ms
+                    < self.lease_ttl_ms - self.lease_margin_ms,
+             "renew_every_ms + request_timeout_ms must be under lease_ttl_ms - lease_margin_ms (a renewal must fit before the deadline)"),
+            (self.observe_every_ms > 0, "observe_every_ms must be positive"),
+            (self.request_timeout_ms > 0, "request_timeout_ms must be positive"),
+        ];
+        for (ok, why) in checks {
+            if !ok {
+                return Err(format!("invalid [election] setting: {why}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a process does in a cluster (docs/CLUSTER.md).
@@ -113,6 +173,13 @@ pub struct ReplicationConfig {
     pub listen: Option<SocketAddr>,
     /// Start as a replica of the primary whose replication address this is.
     pub replica_of: Option<String>,
+    /// A cluster node's peer (replication address): whom it follows after
+    /// stepping down (automatic failover). From the cluster file.
+    #[serde(skip)]
+    pub peer: Option<String>,
+    /// Start as a replica and let the election (etcd) decide who leads.
+    #[serde(skip)]
+    pub elected: bool,
     /// Default: `replica` when a replication listener is configured, else `local`.
     pub durability: Option<Durability>,
     pub on_replica_loss: LossPolicy,
@@ -140,6 +207,8 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             listen: None,
             replica_of: None,
+            peer: None,
+            elected: false,
             durability: None,
             on_replica_loss: LossPolicy::Degrade,
             loss_timeout_ms: 5000,
@@ -239,6 +308,7 @@ impl Default for Config {
             cluster: None,
             node: None,
             name: None,
+            election: ElectionConfig::default(),
         }
     }
 }
@@ -283,6 +353,7 @@ impl Config {
 
     /// Checks the relations between limits; a bad combination is refused at start.
     pub fn validate(&self) -> Result<(), String> {
+        self.election.validate()?;
         let l = &self.limits;
         let checks: [(bool, &str); 9] = [
             (l.frame_len_max >= 128, "frame_len_max must be at least 128"),

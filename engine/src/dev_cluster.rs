@@ -38,6 +38,11 @@ pub struct DevClusterArgs {
     /// and one certificate per node and edge are made in DIR/certs (`iris certs`).
     #[arg(long)]
     pub mtls: bool,
+    /// Automatic failover through this etcd (comma-separated http://HOST:PORT):
+    /// written to the cluster file with a key prefix of this cluster's own;
+    /// each pair's primary is elected there, and a dead one is replaced.
+    #[arg(long)]
+    pub etcd: Option<String>,
     /// More `iris serve` flags for every node and edge (after `--`).
     #[arg(last = true)]
     pub serve_args: Vec<String>,
@@ -120,7 +125,15 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot lock {PORT_LOCK}: {e}"))?;
     let ports = free_ports(args.pairs * 8 + args.edges * 2)?;
     let mut next = ports.into_iter();
-    let text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
+    let mut text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
+    if let Some(etcd) = &args.etcd {
+        // A prefix of this cluster's own: clusters sharing one etcd never meet.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let prefix = format!("iris-dev/{}-{nanos}", std::process::id());
+        text = format!("etcd = {etcd:?}\netcd_prefix = {prefix:?}\n{text}");
+    }
     let path = dir.join("cluster.toml");
     std::fs::write(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let spec = crate::cluster::ClusterSpec::parse(&text)?;
@@ -233,6 +246,12 @@ fn start_all(
         edges.push(json!({"name": name, "pid": child.id(), "client": client}));
         started.push(Started { name, child, cmd });
     }
+    let elected = spec.etcd.is_some();
+    let roles = if elected {
+        wait_for_primaries(spec)?
+    } else {
+        std::collections::HashMap::new()
+    };
     let pairs: Vec<_> = spec
         .pairs
         .iter()
@@ -250,7 +269,11 @@ fn start_all(
                     json!({
                         "name": n.name,
                         "pid": pids[&n.name],
-                        "role": if i == 0 { "primary" } else { "replica" },
+                        "role": match roles.get(&n.name) {
+                            Some(role) => role.as_str(),
+                            None if i == 0 => "primary",
+                            None => "replica",
+                        },
                         "client": n.client.to_string(),
                         "admin": n.admin.to_string(),
                         "cmd": cmd,
@@ -261,6 +284,42 @@ fn start_all(
         })
         .collect();
     Ok(json!({"cluster": path.display().to_string(), "edges": edges, "pairs": pairs}).to_string())
+}
+
+/// With etcd: waits until every pair has elected a primary (its node says
+/// so on /health); each node's role.
+fn wait_for_primaries(
+    spec: &crate::cluster::ClusterSpec,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let mut roles = std::collections::HashMap::new();
+        let mut all = true;
+        for pair in &spec.pairs {
+            let mut primaries = 0;
+            for n in &pair.nodes {
+                let role = match crate::admin_http::http("GET", &n.admin.to_string(), "/health") {
+                    Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["role"].as_str().map(str::to_string)),
+                    _ => None,
+                };
+                let role = role.unwrap_or_else(|| "unreachable".into());
+                primaries += usize::from(role == "primary");
+                roles.insert(n.name.clone(), role);
+            }
+            all &= primaries == 1;
+        }
+        if all {
+            return Ok(roles);
+        }
+        if Instant::now() > deadline || crate::sys::SHUTDOWN.load(Ordering::SeqCst) {
+            return Err(format!(
+                "the pairs did not elect a primary within {READY_TIMEOUT:?} (roles {roles:?}); is etcd up?"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Starts one process (stderr to DIR/NAME.log) and waits for its ready line.

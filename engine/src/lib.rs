@@ -18,6 +18,8 @@ pub mod core;
 pub mod dedup;
 pub mod dev_cluster;
 pub mod dev_cmd;
+pub mod election;
+pub mod etcd;
 pub mod link;
 pub mod link_proto;
 pub mod lograte;
@@ -25,6 +27,7 @@ pub mod memory;
 pub mod move_cmd;
 pub mod moves;
 pub mod node_tls;
+pub mod pilot;
 pub mod ports;
 pub mod record;
 pub mod repl;
@@ -109,6 +112,19 @@ struct ServeArgs {
     /// With --role edge: the name in link handshakes and logs. [default: edge-PID]
     #[arg(long)]
     name: Option<String>,
+    /// Automatic failover: etcd endpoints (comma-separated http://HOST:PORT; also
+    /// `etcd` in the cluster file). Each pair's primary is elected there
+    /// (docs/CLUSTER.md "Automatic failover"). Without it, promotion is manual.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// With --etcd: the leader's lease TTL in ms, whole seconds (a dead primary
+    /// is replaced within about this long). [default: 1000]
+    #[arg(long)]
+    lease_ttl_ms: Option<u64>,
+    /// With --etcd: a primary stops acknowledging this long before its lease can
+    /// have expired. [default: 200]
+    #[arg(long)]
+    lease_margin_ms: Option<u64>,
     /// Client listener address (port 0: any free port). [default: 127.0.0.1:7070;
     /// none when only --tls-listen is given]
     #[arg(long)]
@@ -279,6 +295,15 @@ impl ServeArgs {
         }
         if self.name.is_some() {
             c.name = self.name.clone();
+        }
+        if self.etcd.is_some() {
+            c.election.etcd = self.etcd.clone();
+        }
+        if let Some(ms) = self.lease_ttl_ms {
+            c.election.lease_ttl_ms = ms;
+        }
+        if let Some(ms) = self.lease_margin_ms {
+            c.election.lease_margin_ms = ms;
         }
         if self.tls_listen.is_some() {
             c.tls_listen = self.tls_listen;

@@ -79,6 +79,9 @@ pub struct ReplState {
     /// Replica side: messages of a dropped tail, to send to the primary on
     /// the replication link (RESUBMIT).
     pub resubmit: VecDeque<Resubmit>,
+    /// Primary side: the last position that may have been acknowledged
+    /// without the replica (degraded); synced once the replica acked it.
+    pub alone_until: u64,
 }
 
 pub struct Link {
@@ -111,6 +114,7 @@ impl ReplState {
             node_tls: None,
             links: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             resubmit: VecDeque::new(),
+            alone_until: 0,
         }
     }
 
@@ -1093,9 +1097,15 @@ async fn send_acks(
 
 // ------------------------------------------------------- modes and promotion
 
-/// Run every maintenance tick: promotion, the durability mode, and stats.
-pub fn tick(c: &mut Core, data: &std::path::Path) {
+/// Run every maintenance tick: promotion, stepping down, the durability
+/// mode, and stats. Returns the peer to follow after stepping down (the
+/// caller spawns `follow`).
+pub fn tick(c: &mut Core, data: &std::path::Path) -> Option<String> {
     let stats = c.repl.stats.clone();
+    let mut follow = None;
+    if stats.demote_requested.load(SeqCst) && c.shard.role != Role::Replica {
+        follow = step_down(c, &stats);
+    }
     if stats.promote_requested.load(SeqCst) && c.shard.role == Role::Replica {
         promote(c, &stats, data);
     }
@@ -1103,11 +1113,49 @@ pub fn tick(c: &mut Core, data: &std::path::Path) {
         update_mode(c);
     }
     publish(c, &stats);
+    follow
+}
+
+/// Lost the election: stop acting as primary, drop the replica's stream,
+/// and follow the peer (whoever leads now; the sync on connect truncates
+/// what this log holds beyond the new primary's and re-submits it).
+fn step_down(c: &mut Core, stats: &Arc<NodeStats>) -> Option<String> {
+    let reason = "not the primary: it lost its lease in etcd".to_string();
+    c.shard.step_down(reason, &mut c.edge);
+    c.repl.link = None;
+    c.repl.wake_writers();
+    stats.set_shard_mode(c.shard.id, c.shard.mode);
+    tracing::warn!(
+        shard = c.shard.id,
+        epoch = c.shard.epoch(),
+        "stepped down: following the peer"
+    );
+    if stats.demoted_cores.fetch_add(1, SeqCst) + 1 == c.repl.nr_shards as usize {
+        stats.set_role(Role::Replica);
+        stats.demoted_cores.store(0, SeqCst);
+        stats.demote_requested.store(false, SeqCst);
+    }
+    c.repl.config.peer.clone()
 }
 
 fn promote(c: &mut Core, stats: &NodeStats, data: &std::path::Path) {
-    // The first core to promote picks the new epoch and persists it; the others adopt it.
-    let proposed = stats.epoch.load(SeqCst).max(c.shard.epoch()) + 1;
+    // The election's epoch (etcd's revision), or: the first core to promote
+    // picks the new epoch and persists it; the others adopt it.
+    let elected = stats.promote_epoch.load(SeqCst);
+    let proposed = match elected {
+        0 => stats.epoch.load(SeqCst).max(c.shard.epoch()) + 1,
+        e => e,
+    };
+    if proposed <= c.shard.epoch() {
+        tracing::error!(
+            shard = c.shard.id,
+            proposed,
+            epoch = c.shard.epoch(),
+            "promotion refused: the new epoch is not above this shard's"
+        );
+        stats.promote_requested.store(false, SeqCst);
+        return;
+    }
     let epoch = match stats
         .promotion_epoch
         .compare_exchange(0, proposed, SeqCst, SeqCst)
@@ -1124,6 +1172,7 @@ fn promote(c: &mut Core, stats: &NodeStats, data: &std::path::Path) {
         Err(current) => current,
     };
     let mode = initial_mode(&c.repl.config);
+    c.repl.alone_until = c.shard.wal().last_position();
     c.shard.promote(epoch, mode, &mut c.edge);
     stats.set_shard_mode(c.shard.id, mode);
     tracing::warn!(
@@ -1138,6 +1187,7 @@ fn promote(c: &mut Core, stats: &NodeStats, data: &std::path::Path) {
         stats.promote_requested.store(false, SeqCst);
         stats.promotion_epoch.store(0, SeqCst);
         stats.promoted_cores.store(0, SeqCst);
+        stats.promote_epoch.store(0, SeqCst);
     }
 }
 
@@ -1164,7 +1214,7 @@ fn update_mode(c: &mut Core) {
         .as_ref()
         .map(|l| c.shard.wal().last_position().saturating_sub(l.acked));
     let healthy = heard && lag.is_some();
-    let next = match c.shard.mode {
+    let mut next = match c.shard.mode {
         Mode::Replica if !healthy => match c.repl.config.on_replica_loss {
             LossPolicy::Degrade => Mode::Degraded,
             LossPolicy::Block => Mode::Blocked,
@@ -1177,12 +1227,27 @@ fn update_mode(c: &mut Core) {
         Mode::Local => initial_mode(&c.repl.config),
         same => same,
     };
+    let stats = &c.repl.stats;
+    let wants_alone = next == Mode::Degraded && c.shard.mode != Mode::Degraded;
+    // With etcd, acknowledging alone waits until the pair's state says so
+    // (engine::election): a replica never takes over missing such messages.
+    let held = wants_alone && !stats.alone_allowed.load(SeqCst);
+    if let Some(s) = stats.shards.get(c.shard.id) {
+        s.wants_alone.store(held, Relaxed);
+    }
+    if held {
+        next = c.shard.mode;
+    }
     if next != c.shard.mode {
         if next == Mode::Degraded {
             tracing::error!(
                 shard = c.shard.id,
                 "replica lost: DEGRADED, STORED now means the local fsync only"
             );
+        }
+        if next == Mode::Replica && c.shard.mode != Mode::Blocked {
+            // Everything up to here may have been acknowledged alone.
+            c.repl.alone_until = c.shard.wal().last_position();
         }
         c.shard.set_mode(next, &mut c.edge);
     }
@@ -1238,11 +1303,16 @@ fn publish(c: &mut Core, stats: &NodeStats) {
             .link
             .as_ref()
             .map_or(c.shard.replica_acked(), |l| l.acked);
+        let waits_for_replica = matches!(c.shard.mode, Mode::Replica | Mode::Blocked);
+        s.synced
+            .store(waits_for_replica && acked >= c.repl.alone_until, Relaxed);
         s.replica_acked_position.store(acked, Relaxed);
         s.replica_lag_ops
             .store(wal.last_position().saturating_sub(acked), Relaxed);
         s.replica_lag_ms.store(c.repl.lag_ms(), Relaxed);
     } else {
+        s.synced.store(false, Relaxed);
+        s.wants_alone.store(false, Relaxed);
         s.replica_acked_position
             .store(wal.durable_position(), Relaxed);
         s.replica_lag_ops.store(

@@ -22,7 +22,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// How often each core's maintenance task runs (clock, shutdown flag).
-const MAINTENANCE_TICK: Duration = Duration::from_millis(50);
+pub const MAINTENANCE_TICK: Duration = Duration::from_millis(50);
 /// How often idle connections and expired dedup entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// After ERROR 5 is queued to every connection: how long to let them flush.
@@ -157,6 +157,12 @@ impl ClusterSetup {
         match config.role {
             NodeRole::All => Err("--cluster needs --role core or --role edge".into()),
             NodeRole::Edge => {
+                if config.election.etcd.is_none() {
+                    config.election.etcd = spec.etcd.clone();
+                }
+                if config.election.prefix.is_none() {
+                    config.election.prefix = spec.etcd_prefix.clone();
+                }
                 let name = config
                     .name
                     .clone()
@@ -175,8 +181,22 @@ impl ClusterSetup {
                 config.listen = me.client;
                 config.plain = true;
                 config.admin = Some(me.admin);
+                if config.election.etcd.is_none() {
+                    config.election.etcd = spec.etcd.clone();
+                }
+                if config.election.prefix.is_none() {
+                    config.election.prefix = spec.etcd_prefix.clone();
+                }
+                let elected = config.election.etcd.is_some();
+                config.replication.elected = elected;
                 let nodes = &spec.pairs[pair].nodes;
-                if nodes.len() > 1 {
+                if nodes.len() > 1 && elected {
+                    // Both nodes start as replicas; etcd elects the primary.
+                    config.replication.listen = Some(me.replication);
+                    let peer = nodes[1 - index].replication.to_string();
+                    config.replication.peer = Some(peer.clone());
+                    config.replication.replica_of = Some(peer);
+                } else if nodes.len() > 1 {
                     config.replication.listen = Some(me.replication);
                     let peer = &nodes[1 - index];
                     let r = &config.replication;
@@ -364,7 +384,7 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     };
     let role = if edge_only {
         Role::Edge
-    } else if config.replication.replica_of.is_some() {
+    } else if config.replication.replica_of.is_some() || config.replication.elected {
         Role::Replica
     } else {
         Role::Primary
@@ -468,9 +488,35 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     for _ in 0..nr_cores {
         rx_ready(&ready_rx)?;
     }
+    let mut control_tasks: Vec<crate::admin::ControlTask> = Vec::new();
+    if let (true, Some(c)) = (config.replication.elected, cluster.as_ref()) {
+        let pair = c.own_pair.expect("a core node has a pair") as usize;
+        let etcd = crate::etcd::Etcd::new(
+            config.election.etcd.as_deref().expect("elected: etcd set"),
+            Duration::from_millis(config.election.request_timeout_ms),
+        )?;
+        let prefix = config
+            .election
+            .prefix
+            .clone()
+            .unwrap_or_else(|| crate::pilot::PREFIX_DEFAULT.into());
+        let keys = crate::pilot::PairKeys::new(&prefix, &c.spec.pairs[pair].name);
+        let settings = crate::pilot::settings(&config);
+        stats.elected.store(true, Ordering::SeqCst);
+        stats.lease_deadline_us.store(0, Ordering::SeqCst);
+        stats.alone_allowed.store(false, Ordering::SeqCst);
+        let task = crate::pilot::run(etcd, keys, c.name.clone(), settings, stats.clone());
+        control_tasks.push(Box::pin(task));
+    }
+    if !control_tasks.is_empty() && config.admin.is_none() {
+        return Err(
+            "automatic failover (--etcd) runs on the admin thread: give the node an admin address"
+                .into(),
+        );
+    }
     let admin = match config.admin {
         Some(addr) => Some(
-            crate::admin::start(addr, stats.clone(), security.clone())
+            crate::admin::start_with(addr, stats.clone(), security.clone(), control_tasks)
                 .map_err(|e| format!("cannot start admin HTTP on {addr}: {e}"))?
                 .0,
         ),
@@ -608,8 +654,14 @@ async fn core_main(
     report_dropped(id, &report, &spec.stats);
     shard.set_epoch(spec.stats.epoch.load(Ordering::SeqCst));
     let repl_config = spec.config.replication.clone();
+    if repl_config.elected {
+        // Past the lease deadline the shard neither acknowledges nor takes SENDs.
+        shard.set_lease_deadline(spec.stats.lease_deadline_us.clone());
+    }
     if let Some(primary) = &repl_config.replica_of {
         shard.become_replica(format!("read-only replica of {primary}"));
+    } else if repl_config.elected {
+        shard.become_replica("waiting for the election in etcd".into());
     } else {
         shard.mode = crate::repl::initial_mode(&repl_config);
     }
@@ -672,7 +724,7 @@ async fn core_main(
             }
         }
     }
-    let is_primary = repl_config.replica_of.is_none();
+    let is_primary = repl_config.replica_of.is_none() && !repl_config.elected;
     if let Some(primary) = repl_config.replica_of.clone() {
         glommio::spawn_local(crate::repl::follow(core.clone(), primary)).detach();
     }
@@ -1251,7 +1303,7 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         let now = now_ms();
         c.edge.clock_ms = now;
         c.edge.expire_lingering();
-        crate::repl::tick(&mut c, &data);
+        let follow = crate::repl::tick(&mut c, &data);
         let stats = c.repl.stats.clone();
         crate::moves::tick(&mut c, &stats.moves);
         crate::link::rehome_changed(&mut c);
@@ -1290,6 +1342,11 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
             if let Some(w) = c.shutdown_waker.take() {
                 w.wake();
             }
+        }
+        drop(c);
+        // Stepped down: follow the peer (spawned with no borrow held).
+        if let Some(peer) = follow {
+            glommio::spawn_local(crate::repl::follow(core.clone(), peer)).detach();
         }
     }
 }

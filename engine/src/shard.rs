@@ -18,6 +18,8 @@ use net::{reject_code, MsgId};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use wal::{Wal, WalConfig};
 
 /// Where a connection lives: its core, its slot in that core's arena, and the
@@ -236,6 +238,9 @@ pub struct Shard {
     replica_acked: u64,
     /// REJECTED 4's reason when this shard does not take writes.
     not_primary_reason: String,
+    /// With etcd: the node's lease deadline (on [`mono_us`]'s clock, u64::MAX
+    /// none); from it on this shard neither answers STORED nor takes SENDs.
+    lease_deadline: Option<Arc<AtomicU64>>,
     /// Online recipients whose next message waits for the commit position
     /// (bounded by the online users); pumped again when it advances.
     stalled: Vec<Rc<str>>,
@@ -288,6 +293,7 @@ impl Shard {
             mode: Mode::Local,
             replica_acked: 0,
             not_primary_reason: String::new(),
+            lease_deadline: None,
             stalled: Vec::new(),
             live: Live::new(limits),
             waiting: VecDeque::new(),
@@ -417,10 +423,36 @@ impl Shard {
         self.live.inboxes.len()
     }
 
+    /// With etcd: STORED and SENDs stop at the node's lease deadline.
+    pub fn set_lease_deadline(&mut self, deadline: Arc<AtomicU64>) {
+        self.lease_deadline = Some(deadline);
+    }
+
+    /// Whether the lease (if any) still covers this instant.
+    fn lease_valid(&self) -> bool {
+        match &self.lease_deadline {
+            None => true,
+            Some(d) => match d.load(Relaxed) {
+                u64::MAX => true,
+                d => mono_us() < d,
+            },
+        }
+    }
+
+    /// Primary, and within its lease: may acknowledge and take SENDs.
+    pub fn acting(&self) -> bool {
+        self.role == Role::Primary && self.lease_valid()
+    }
+
     /// Stores one message, or answers at once (duplicate already durable, or a limit).
     pub fn send(&mut self, req: SendRequest<'_>, sink: &mut impl Sink) -> Result<(), ShardError> {
         if self.role != Role::Primary {
             sink.not_primary(req.reply, req.msg_id, &self.not_primary_reason);
+            return Ok(());
+        }
+        if !self.lease_valid() {
+            let reason = "not the primary for sure: its lease in etcd is not renewed";
+            sink.not_primary(req.reply, req.msg_id, reason);
             return Ok(());
         }
         if self.mode == Mode::Blocked {
@@ -563,6 +595,11 @@ impl Shard {
 
     /// Called by the committer when a sync completed: answers STORED and delivers.
     pub fn on_durable(&mut self, sink: &mut impl Sink) {
+        if self.role == Role::Primary && !self.lease_valid() {
+            // Past the lease deadline: no STORED, no delivery; the waiting
+            // SENDs are answered when the node steps down (or renews).
+            return;
+        }
         let durable = self.commit_position();
         let now_us = mono_us();
         while self.waiting.front().is_some_and(|w| w.position <= durable) {
@@ -589,7 +626,7 @@ impl Shard {
 
     /// Sends a recipient's durable, undelivered messages, within its window.
     fn pump(&mut self, user: &str, sink: &mut impl Sink) {
-        if self.role != Role::Primary {
+        if !self.acting() {
             return; // a replica delivers nothing until promoted
         }
         let durable = self.commit_position();
@@ -831,9 +868,23 @@ impl Shard {
         }
     }
 
+    /// Stops acting as primary (lost the election): a replica again, which
+    /// follows the new primary. The SENDs waiting for STORED are answered
+    /// not-primary (RETRY for an edge, REJECTED 4 for a client): a retry
+    /// with the same msg_id gets STORED from the new primary if it was
+    /// stored, or stores it.
+    pub fn step_down(&mut self, reason: String, sink: &mut impl Sink) {
+        self.role = Role::Replica;
+        self.not_primary_reason = reason;
+        for w in self.waiting.drain(..) {
+            sink.not_primary(w.reply, w.msg_id, "not the primary any more");
+        }
+    }
+
     /// Promotion: primary with a new epoch; delivers to whoever is logged in.
+    /// The caller checks that the epoch is above this shard's.
     pub fn promote(&mut self, epoch: u64, mode: Mode, sink: &mut impl Sink) {
-        assert!(epoch > self.epoch, "promotion raises the epoch");
+        debug_assert!(epoch > self.epoch, "promotion raises the epoch");
         self.epoch = epoch;
         self.role = Role::Primary;
         self.mode = mode;
@@ -1110,7 +1161,7 @@ impl Shard {
     }
 
     fn check_writable(&self) -> Result<(), MoveError> {
-        if self.role != Role::Primary {
+        if !self.acting() {
             return Err(MoveError::Refused("not the pair's primary"));
         }
         Ok(())

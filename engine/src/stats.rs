@@ -3,7 +3,7 @@
 //! message, and read without locks by the control thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -112,6 +112,12 @@ pub struct ShardStats {
     pub inbox_bytes: AtomicU64,
     /// Memory the shard's dedup table holds (bounded by dedup_entries_max).
     pub dedup_bytes: AtomicU64,
+    /// Primary: the replica holds every message this shard acknowledged
+    /// (engine::election, the pair's `sync` state).
+    pub synced: AtomicBool,
+    /// Primary: the replica is lost and the shard would degrade, which waits
+    /// for the pair's state to say `alone` (with etcd).
+    pub wants_alone: AtomicBool,
 }
 
 pub struct NodeStats {
@@ -143,6 +149,25 @@ pub struct NodeStats {
     pub moves: crate::moves::MoveDesk,
     /// The primary's client address, when this node is a replica and knows it.
     pub primary_client_addr: Mutex<Option<String>>,
+    /// With etcd: the monotonic time (engine::shard::mono_us) from which the
+    /// cores stop acknowledging and taking SENDs; u64::MAX without a lease
+    /// (manual failover), 0 when the lease is lost. Set by engine::pilot.
+    pub lease_deadline_us: Arc<AtomicU64>,
+    /// Whether the shards may degrade (acknowledge without the replica):
+    /// always without etcd; with etcd once the pair's state says `alone`.
+    pub alone_allowed: AtomicBool,
+    /// Set by the pilot (lost lease, another leader): each core stops acting
+    /// as primary and follows its peer.
+    pub demote_requested: AtomicBool,
+    pub demoted_cores: AtomicUsize,
+    /// With etcd: the epoch a promotion must take (the leader key's revision); 0: choose.
+    pub promote_epoch: AtomicU64,
+    /// The election runs (etcd configured): `promote` asks the pilot.
+    pub elected: AtomicBool,
+    /// With etcd: an operator asked for a promotion (the pilot campaigns).
+    pub election_promote_asked: AtomicBool,
+    /// With etcd: who leads the pair as last seen, and its epoch.
+    pub leader_seen: Mutex<Option<(String, u64)>>,
 }
 
 impl NodeStats {
@@ -180,6 +205,22 @@ impl NodeStats {
             promoted_cores: AtomicUsize::new(0),
             moves: Default::default(),
             primary_client_addr: Mutex::new(None),
+            lease_deadline_us: Arc::new(AtomicU64::new(u64::MAX)),
+            alone_allowed: AtomicBool::new(true),
+            demote_requested: AtomicBool::new(false),
+            demoted_cores: AtomicUsize::new(0),
+            promote_epoch: AtomicU64::new(0),
+            elected: AtomicBool::new(false),
+            election_promote_asked: AtomicBool::new(false),
+            leader_seen: Mutex::new(None),
+        }
+    }
+
+    /// Lease time left in ms (None without a lease: manual failover).
+    pub fn lease_ms_left(&self) -> Option<u64> {
+        match self.lease_deadline_us.load(Relaxed) {
+            u64::MAX => None,
+            d => Some(d.saturating_sub(crate::shard::mono_us()) / 1000),
         }
     }
 

@@ -5,8 +5,9 @@
 //! One JSON document on stdout; exit 0 when every pair has exactly one
 //! reachable primary, 1 otherwise (the document is printed either way).
 //!
-//! Failover is manual for now (`iris admin promote`): there is no lease, so
-//! `lease_ms_left` is null until etcd decides (issue 12).
+//! With automatic failover (etcd), `lease_ms_left` is the primary's lease
+//! time left and each node says whom etcd names as leader; without it they
+//! are null.
 
 use crate::admin_http::http;
 use crate::cluster::ClusterSpec;
@@ -64,7 +65,7 @@ pub fn status(spec: &ClusterSpec) -> (Value, bool) {
                 "name": pair.name,
                 "primary": leader.map_or(Value::Null, |p| p["name"].clone()),
                 "epoch": leader.map_or(Value::Null, |p| p["epoch"].clone()),
-                "lease_ms_left": Value::Null,
+                "lease_ms_left": leader.map_or(Value::Null, |p| p["lease_ms_left"].clone()),
                 "slots": pair.slots,
                 "decisions": decisions,
                 "nodes": nodes,
@@ -110,5 +111,7 @@ fn node(name: &str, admin: &str) -> Value {
         "replica_connected": replicas.iter().all(|r| r["connected"] == true) && !replicas.is_empty(),
         "lag_records": lag,
         "lag_ms": replicas.iter().filter_map(|r| r["lag_ms"].as_u64()).max(),
+        "lease_ms_left": s["lease_ms_left"],
+        "etcd_leader": s["election"]["leader"],
     })
 }

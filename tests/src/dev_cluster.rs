@@ -170,6 +170,38 @@ impl DevCluster {
         }
     }
 
+    /// Sends a signal (`-STOP`, `-CONT`, ...) to a node.
+    pub fn signal(&self, name: &str, sig: &str) {
+        let pid = self.node(name).pid.to_string();
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig} {name}");
+    }
+
+    /// The node's role as its admin API says (None: unreachable).
+    pub fn role(&self, name: &str) -> Option<String> {
+        let (status, body) =
+            engine::admin_cmd::http("GET", &self.node(name).admin, "/replication/stats").ok()?;
+        let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+        v["role"].as_str().map(str::to_string)
+    }
+
+    /// Waits until `name` says `role` (panics with the logs after 30 s).
+    pub fn wait_role(&self, name: &str, role: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT / 2;
+        while self.role(name).as_deref() != Some(role) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} is not {role} (it says {:?}):\n{}",
+                self.role(name),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM to a node and wait for it to exit (a clean stop).
     pub fn terminate(&mut self, name: &str) {
         let node = self.node_mut(name);

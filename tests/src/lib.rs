@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dev_cluster;
+pub mod etcd;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

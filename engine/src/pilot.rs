@@ -1,0 +1,187 @@
+//! Drives a core node's [`election::Pilot`] against a real etcd, on the
+//! control thread's tokio runtime: it reads the node's facts from
+//! [`NodeStats`], makes the pilot's requests (one at a time, each with a
+//! deadline) and hands its actions to the cores through [`NodeStats`]. A
+//! core never waits on etcd: it reads the lease deadline and the flags.
+
+use crate::election::{Action, Facts, Leader, PairState, Pilot, Reply, Request, Settings};
+use crate::etcd::Etcd;
+use crate::shard::mono_us;
+use crate::stats::{NodeStats, Role};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the pilot looks at the node when it has no request to make.
+const STEP_EVERY: Duration = Duration::from_millis(10);
+/// A repeated warning is logged at most this often.
+const WARN_EVERY_US: u64 = 5_000_000;
+
+/// The etcd keys of one pair.
+#[derive(Debug, Clone)]
+pub struct PairKeys {
+    pub leader: String,
+    pub state: String,
+}
+
+impl PairKeys {
+    pub fn new(prefix: &str, pair: &str) -> PairKeys {
+        PairKeys {
+            leader: format!("{prefix}/pairs/{pair}/leader"),
+            state: format!("{prefix}/pairs/{pair}/state"),
+        }
+    }
+}
+
+/// The default key prefix of a cluster in etcd.
+pub const PREFIX_DEFAULT: &str = "iris";
+
+pub fn settings(c: &crate::config::Config) -> Settings {
+    let e = &c.election;
+    Settings {
+        ttl_ms: e.lease_ttl_ms,
+        margin_ms: e.lease_margin_ms,
+        renew_every_ms: e.renew_every_ms,
+        observe_every_ms: e.observe_every_ms,
+        settle_ms: 3 * crate::runtime::MAINTENANCE_TICK.as_millis() as u64,
+        may_serve_alone: c.replication.on_replica_loss == crate::config::LossPolicy::Degrade,
+    }
+}
+
+fn facts(stats: &NodeStats) -> Facts {
+    let shards = &stats.shards;
+    Facts {
+        primary: stats.role() == Role::Primary,
+        epoch: stats.epoch.load(SeqCst),
+        synced: shards.iter().all(|s| s.synced.load(Relaxed)),
+        wants_alone: shards.iter().any(|s| s.wants_alone.load(Relaxed)),
+        promote_asked: stats.election_promote_asked.load(SeqCst),
+    }
+}
+
+/// Runs forever (the process's life).
+pub async fn run(
+    etcd: Etcd,
+    keys: PairKeys,
+    me: String,
+    settings: Settings,
+    stats: Arc<NodeStats>,
+) {
+    stats.elected.store(true, SeqCst);
+    // No lease yet: nothing may be acknowledged, and nothing degrades alone.
+    stats.lease_deadline_us.store(0, SeqCst);
+    stats.alone_allowed.store(false, SeqCst);
+    tracing::info!(etcd = ?etcd.endpoints(), leader_key = %keys.leader, "election: following the pair's leader key in etcd");
+    let mut pilot = Pilot::new(&me, settings);
+    let mut last_warn: Option<u64> = None;
+    let mut last_failure: Option<u64> = None;
+    loop {
+        let (actions, request) = pilot.step(mono_us(), facts(&stats));
+        apply(&stats, actions, &mut last_warn);
+        let Some(request) = request else {
+            tokio::time::sleep(STEP_EVERY).await;
+            continue;
+        };
+        tracing::debug!(?request, "election: request");
+        let reply = match execute(&etcd, &keys, settings.ttl_ms, &request).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                let now = mono_us();
+                if last_failure.is_none_or(|t| now.saturating_sub(t) >= WARN_EVERY_US) {
+                    last_failure = Some(now);
+                    tracing::warn!(error = %e, ?request, "election: etcd request failed (repeats logged every 5 s)");
+                }
+                Reply::Failed
+            }
+        };
+        tracing::debug!(?reply, "election: reply");
+        let actions = pilot.answer(mono_us(), facts(&stats), reply);
+        apply(&stats, actions, &mut last_warn);
+        *stats.leader_seen.lock().expect("not poisoned") =
+            pilot.seen.as_ref().map(|l| (l.node.clone(), l.epoch));
+    }
+}
+
+fn apply(stats: &NodeStats, actions: Vec<Action>, last_warn: &mut Option<u64>) {
+    for a in actions {
+        match a {
+            Action::Deadline(us) => stats.lease_deadline_us.store(us, SeqCst),
+            Action::AllowAlone(allowed) => stats.alone_allowed.store(allowed, SeqCst),
+            Action::Serve { epoch } => {
+                tracing::warn!(epoch, "election: won; serving as primary");
+                stats.election_promote_asked.store(false, SeqCst);
+                stats.demote_requested.store(false, SeqCst);
+                stats.promote_epoch.store(epoch, SeqCst);
+                stats.promote_requested.store(true, SeqCst);
+            }
+            Action::StepDown { why } => {
+                if !stats.demote_requested.swap(true, SeqCst) {
+                    tracing::error!(%why, "election: stepping down; following the peer");
+                }
+                stats.promote_requested.store(false, SeqCst);
+            }
+            Action::Warn(text) => {
+                let now = mono_us();
+                if last_warn.is_none_or(|t| now.saturating_sub(t) >= WARN_EVERY_US) {
+                    *last_warn = Some(now);
+                    tracing::error!("election: {text}");
+                }
+            }
+        }
+    }
+}
+
+async fn execute(
+    etcd: &Etcd,
+    keys: &PairKeys,
+    ttl_ms: u64,
+    req: &Request,
+) -> Result<Reply, crate::etcd::EtcdError> {
+    let sent_us = mono_us();
+    Ok(match req {
+        Request::Grant => {
+            let (lease, ttl_secs) = etcd.grant(ttl_ms.div_ceil(1000)).await?;
+            Reply::Granted {
+                lease,
+                ttl_ms: ttl_secs * 1000,
+                sent_us,
+            }
+        }
+        Request::Renew { lease } => Reply::Renewed {
+            ttl_ms: etcd.keepalive(*lease).await? * 1000,
+            sent_us,
+        },
+        Request::Observe => {
+            let leader = etcd.get(&keys.leader).await?.map(|kv| Leader {
+                node: kv.value,
+                epoch: kv.create_revision,
+            });
+            let state = etcd
+                .get(&keys.state)
+                .await?
+                .and_then(|kv| PairState::decode(&kv.value));
+            Reply::Observed { leader, state }
+        }
+        Request::Campaign { lease, state } => {
+            let me = state.leader.as_str();
+            let also = state.encode();
+            match etcd
+                .create(&keys.leader, me, *lease, Some((&keys.state, &also)))
+                .await?
+            {
+                Ok(epoch) => Reply::Won { epoch },
+                Err(holder) => Reply::Lost {
+                    leader: holder.map(|kv| Leader {
+                        node: kv.value,
+                        epoch: kv.create_revision,
+                    }),
+                },
+            }
+        }
+        Request::WriteState { epoch, state } => Reply::StateWritten {
+            ok: etcd
+                .put_guarded(&keys.leader, *epoch, &keys.state, &state.encode())
+                .await?,
+        },
+    })
+}

@@ -1,0 +1,138 @@
+//! A real etcd for the failover tests: Debian's `etcd-server`, installed
+//! with apt-get if missing, started on free loopback ports with a fresh
+//! data directory and the fast election timing the tests use
+//! (`--heartbeat-interval 100 --election-timeout 500`), stopped on drop.
+
+use crate::{free_loopback_addr, unique_temp_path};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long etcd may take to answer its health check.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// apt-get runs one at a time on a machine: test binaries take turns here.
+const INSTALL_LOCK: &str = "/tmp/iris-tests-apt.lock";
+
+pub struct Etcd {
+    child: Child,
+    /// `http://127.0.0.1:PORT`, for `--etcd`.
+    pub url: String,
+    pub client: String,
+    pub dir: PathBuf,
+}
+
+fn installed() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs Debian's etcd-server (root, as on the test machines) if absent.
+pub fn ensure_installed() {
+    if installed() {
+        return;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(INSTALL_LOCK)
+        .expect("open the apt lock file");
+    lock.lock().expect("lock the apt lock file");
+    if installed() {
+        return;
+    }
+    let out = Command::new("apt-get")
+        .args(["install", "-y", "-q", "etcd-server"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .expect("apt-get (the failover tests need etcd-server from Debian)");
+    if !out.status.success() {
+        // The package lists may be missing on a fresh machine.
+        let update = Command::new("apt-get").args(["update", "-q"]).output();
+        assert!(
+            update.is_ok_and(|o| o.status.success()),
+            "apt-get update failed"
+        );
+        let out = Command::new("apt-get")
+            .args(["install", "-y", "-q", "etcd-server"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("apt-get");
+        assert!(
+            out.status.success(),
+            "apt-get install etcd-server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(installed(), "etcd is still not runnable after apt-get");
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        ensure_installed();
+        let dir = unique_temp_path("etcd");
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let client = free_loopback_addr();
+        let peer = free_loopback_addr();
+        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{client}"),
+                "--advertise-client-urls",
+                &format!("http://{client}"),
+                "--listen-peer-urls",
+                &format!("http://{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{peer}"),
+                "--initial-cluster",
+                &format!("t=http://{peer}"),
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd {
+            child,
+            url: format!("http://{client}"),
+            client,
+            dir,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok((200, body)) = engine::admin_cmd::http("GET", &etcd.client, "/health") {
+                if body.contains("true") {
+                    return etcd;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy; log in {}",
+                etcd.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
