@@ -714,6 +714,9 @@ struct ReplicationStats {
 struct ElectionView {
     leader: Option<String>,
     epoch: Option<u64>,
+    /// The pair's state key: "sync" (either node may lead next) or "alone"
+    /// (only the last leader may: it acknowledged without its replica).
+    state: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -809,6 +812,10 @@ fn replication_stats(stats: &NodeStats) -> Response {
                 ElectionView {
                     leader: seen.as_ref().map(|(n, _)| n.clone()),
                     epoch: seen.map(|(_, e)| e),
+                    state: match stats.pair_state.lock() {
+                        Ok(s) => *s,
+                        Err(poisoned) => *poisoned.into_inner(),
+                    },
                 }
             }),
         },

@@ -234,6 +234,11 @@ impl Pilot {
         }
     }
 
+    /// The pair's state as last written or read.
+    pub fn state(&self) -> Option<&PairState> {
+        self.state.as_ref()
+    }
+
     pub fn leading(&self) -> Option<u64> {
         self.leading
     }

@@ -99,6 +99,7 @@ pub async fn run(
         apply(&stats, actions, &mut last_warn);
         *stats.leader_seen.lock().expect("not poisoned") =
             pilot.seen.as_ref().map(|l| (l.node.clone(), l.epoch));
+        *stats.pair_state.lock().expect("not poisoned") = pilot.state().map(|s| s.safety.name());
     }
 }
 

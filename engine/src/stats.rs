@@ -168,6 +168,8 @@ pub struct NodeStats {
     pub election_promote_asked: AtomicBool,
     /// With etcd: who leads the pair as last seen, and its epoch.
     pub leader_seen: Mutex<Option<(String, u64)>>,
+    /// With etcd: the pair's state as this node last knew it ("sync", "alone").
+    pub pair_state: Mutex<Option<&'static str>>,
 }
 
 impl NodeStats {
@@ -213,6 +215,7 @@ impl NodeStats {
             elected: AtomicBool::new(false),
             election_promote_asked: AtomicBool::new(false),
             leader_seen: Mutex::new(None),
+            pair_state: Mutex::new(None),
         }
     }
 

@@ -66,6 +66,7 @@ pub fn status(spec: &ClusterSpec) -> (Value, bool) {
                 "primary": leader.map_or(Value::Null, |p| p["name"].clone()),
                 "epoch": leader.map_or(Value::Null, |p| p["epoch"].clone()),
                 "lease_ms_left": leader.map_or(Value::Null, |p| p["lease_ms_left"].clone()),
+                "state": leader.map_or(Value::Null, |p| p["etcd_state"].clone()),
                 "slots": pair.slots,
                 "decisions": decisions,
                 "nodes": nodes,
@@ -113,5 +114,6 @@ fn node(name: &str, admin: &str) -> Value {
         "lag_ms": replicas.iter().filter_map(|r| r["lag_ms"].as_u64()).max(),
         "lease_ms_left": s["lease_ms_left"],
         "etcd_leader": s["election"]["leader"],
+        "etcd_state": s["election"]["state"],
     })
 }

@@ -1,13 +1,16 @@
 //! failover-bench: how long an edge's clients wait when a pair's primary
 //! dies. Starts `iris dev-cluster --pairs 1 --edges 1`, keeps one client on
 //! the edge sending (one SEND in flight at a time) to a user of the pair,
-//! and per round: kill -9 of the primary, promotion of the replica through
-//! its admin API, then the time to the client's next STORED, counted from the
-//! promotion's answer and from the kill. The killed node is restarted from
-//! its `cmd` (it rejoins as the replica) and caught up before the next
-//! round, so the roles alternate.
+//! and per round: a fault on the primary (kill -9, or SIGSTOP), then the
+//! time to the client's first STORED of a SEND written after the fault.
+//! Without etcd, the replica is promoted through its admin API
+//! `--promote-after` the fault (also timed from the promotion's answer);
+//! with `--etcd URL` nobody promotes: the replica is elected when the
+//! primary's lease expires. The failed node comes back (restarted from its
+//! `cmd`, or SIGCONT) as the replica and is caught up before the next round,
+//! so the roles alternate.
 //!
-//!     failover-bench --iris target/release/iris --rounds 20 [--json]
+//!     failover-bench --iris target/release/iris --rounds 20 [--etcd http://127.0.0.1:2379] [--fault stop] [--json]
 
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -32,6 +35,15 @@ struct Args {
     /// Pause between the kill and the promotion (an operator's or a vote's delay).
     #[arg(long, default_value = "200ms", value_parser = humantime_ms)]
     promote_after: Duration,
+    /// Automatic failover through this etcd (no promotion by the bench).
+    #[arg(long)]
+    etcd: Option<String>,
+    /// The fault: `kill9` or `stop` (SIGSTOP for `--stop-for`, then SIGCONT).
+    #[arg(long, default_value = "kill9")]
+    fault: String,
+    /// How long a stopped primary stays stopped (past its lease).
+    #[arg(long, default_value = "3s", value_parser = humantime_ms)]
+    stop_for: Duration,
     /// Scratch directory for the cluster.
     #[arg(long, default_value = "/tmp/iris-failover-bench")]
     dir: String,
@@ -93,19 +105,31 @@ fn wait(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
 fn main() {
     let args = Args::parse();
+    assert!(
+        args.fault == "kill9" || args.fault == "stop",
+        "--fault kill9 or stop"
+    );
     let _ = std::fs::remove_dir_all(&args.dir);
-    let mut cluster = Command::new(&args.iris)
-        .args([
-            "dev-cluster",
-            "--pairs",
-            "1",
-            "--edges",
-            "1",
-            "--dir",
-            &args.dir,
-        ])
+    let mut dev = Command::new(&args.iris);
+    dev.args([
+        "dev-cluster",
+        "--pairs",
+        "1",
+        "--edges",
+        "1",
+        "--dir",
+        &args.dir,
+    ]);
+    if let Some(etcd) = &args.etcd {
+        dev.args(["--etcd", etcd]);
+    }
+    let mut cluster = dev
         .args([
             "--",
             "--heartbeat-ms",
@@ -141,14 +165,17 @@ fn main() {
         })
         .collect();
 
-    // The client: one SEND at a time, the time of every STORED recorded.
+    // The client: one SEND at a time; for every STORED, when its SEND was
+    // written and when the answer came (ns since start).
     let start = Instant::now();
     let last_stored_ns = Arc::new(AtomicU64::new(0));
+    let last_stored_sent_ns = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let sender = {
-        let (last, stop, errors, edge) = (
+        let (last, last_sent, stop, errors, edge) = (
             last_stored_ns.clone(),
+            last_stored_sent_ns.clone(),
             stop.clone(),
             errors.clone(),
             edge.clone(),
@@ -159,11 +186,13 @@ fn main() {
             let mut stored = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let id = net::new_msg_id();
+                let sent = start.elapsed().as_nanos() as u64;
                 c.send(id, "fb-recipient", b"x").expect("send");
                 c.flush().expect("flush");
                 match c.recv(Duration::from_secs(60)) {
                     Ok(Some(net::Event::Stored { .. })) => {
                         stored += 1;
+                        last_sent.store(sent, Ordering::SeqCst);
                         last.store(start.elapsed().as_nanos() as u64, Ordering::SeqCst);
                     }
                     other => {
@@ -176,69 +205,105 @@ fn main() {
             stored
         })
     };
+    let elected = args.etcd.is_some();
     let mut from_promotion = Histogram::<u64>::new(3).expect("histogram");
-    let mut from_kill = Histogram::<u64>::new(3).expect("histogram");
-    let mut primary = 0usize;
+    let mut from_fault = Histogram::<u64>::new(3).expect("histogram");
+    let mut primary = (0..nodes.len())
+        .find(|&i| stats(&nodes[i].admin)["role"] == "primary")
+        .expect("a primary");
     for round in 0..args.rounds {
         let replica = 1 - primary;
         wait("the replica to catch up", || {
-            caught_up(&nodes[primary].admin)
+            let s = stats(&nodes[primary].admin);
+            caught_up(&nodes[primary].admin) && (!elected || s["election"]["state"] == "sync")
         });
         let before = last_stored_ns.load(Ordering::SeqCst);
         wait("traffic", || last_stored_ns.load(Ordering::SeqCst) > before);
-        let killed_at = start.elapsed().as_nanos() as u64;
-        match nodes[primary].child.as_mut() {
-            Some(child) => {
+        match (args.fault.as_str(), nodes[primary].child.as_mut()) {
+            ("stop", _) => signal(nodes[primary].pid, "-STOP"),
+            (_, Some(child)) => {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            None => kill9(nodes[primary].pid),
+            (_, None) => kill9(nodes[primary].pid),
         }
-        std::thread::sleep(args.promote_after);
-        let (status, body) =
-            engine::admin_cmd::http("POST", &nodes[replica].admin, "/replication/promote")
-                .expect("promote");
-        assert_eq!(status, 200, "promote: {body}");
-        let promoted_at = start.elapsed().as_nanos() as u64;
-        wait("the first STORED after the promotion", || {
-            last_stored_ns.load(Ordering::SeqCst) > promoted_at
+        // Counted from when the signal was surely delivered (`kill` ran).
+        let fault_at = start.elapsed().as_nanos() as u64;
+        let mut promoted_at = None;
+        if !elected {
+            std::thread::sleep(args.promote_after);
+            let (status, body) =
+                engine::admin_cmd::http("POST", &nodes[replica].admin, "/replication/promote")
+                    .expect("promote");
+            assert_eq!(status, 200, "promote: {body}");
+            promoted_at = Some(start.elapsed().as_nanos() as u64);
+        }
+        // The first STORED of a SEND written after the fault (one written
+        // before may have been answered by the old primary).
+        wait("the first STORED after the fault", || {
+            last_stored_sent_ns.load(Ordering::SeqCst) > fault_at
         });
         let first = last_stored_ns.load(Ordering::SeqCst);
-        // The first STORED after the promotion: at most one SEND is in flight,
-        // so the recorded time is at most one round trip past it.
-        from_promotion
-            .record((first - promoted_at) / 1000)
+        from_fault
+            .record((first - fault_at) / 1000)
             .expect("record");
-        from_kill
-            .record((first - killed_at) / 1000)
-            .expect("record");
+        if let Some(p) = promoted_at {
+            from_promotion
+                .record(first.saturating_sub(p) / 1000)
+                .expect("record");
+        }
         if !args.json {
             eprintln!(
-                "round {round}: {} killed, {} promoted; first STORED {} µs after the promotion, {} µs after the kill",
+                "round {round}: {} {}; first STORED {} µs after the fault",
                 nodes[primary].name,
-                nodes[replica].name,
-                (first - promoted_at) / 1000,
-                (first - killed_at) / 1000
+                args.fault,
+                (first - fault_at) / 1000,
             );
         }
-        // The killed node rejoins as the replica.
-        let log = std::fs::File::create(format!("{}/{}.rejoin.log", args.dir, nodes[primary].name))
-            .expect("log");
-        let cmd = nodes[primary].cmd.clone();
-        let child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("restart");
-        nodes[primary].pid = child.id();
+        assert_eq!(
+            stats(&nodes[replica].admin)["role"],
+            "primary",
+            "the replica did not take over"
+        );
+        if args.fault == "stop" {
+            // Past its lease by now (or promoted over): it steps down by itself.
+            let left = args.stop_for.saturating_sub(Duration::from_nanos(
+                start.elapsed().as_nanos() as u64 - fault_at,
+            ));
+            std::thread::sleep(left);
+            signal(nodes[primary].pid, "-CONT");
+            if !elected {
+                // Manual failover has no lease: the old primary stays fenced.
+                match nodes[primary].child.as_mut() {
+                    Some(child) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    None => kill9(nodes[primary].pid),
+                }
+            }
+        }
+        if args.fault == "kill9" || !elected {
+            // The killed node rejoins as the replica.
+            let log =
+                std::fs::File::create(format!("{}/{}.rejoin.log", args.dir, nodes[primary].name))
+                    .expect("log");
+            let cmd = nodes[primary].cmd.clone();
+            let child = Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("restart");
+            nodes[primary].pid = child.id();
+            if let Some(mut old) = nodes[primary].child.replace(child) {
+                let _ = old.kill();
+            }
+        }
         let admin = nodes[primary].admin.clone();
-        wait("the restarted node's admin", || {
+        wait("the old primary to rejoin as the replica", || {
             stats(&admin)["role"] == "replica"
         });
-        if let Some(mut old) = nodes[primary].child.replace(child) {
-            let _ = old.kill();
-        }
         primary = replica;
     }
     stop.store(true, Ordering::Relaxed);
@@ -256,13 +321,14 @@ fn main() {
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p);
     let out = json!({
         "rounds": args.rounds,
-        "promote_after_ms": args.promote_after.as_millis() as u64,
-        "promotion_to_stored_p50_us": q(&from_promotion, 0.5),
-        "promotion_to_stored_p99_us": q(&from_promotion, 0.99),
-        "promotion_to_stored_max_us": from_promotion.max(),
-        "kill_to_stored_p50_us": q(&from_kill, 0.5),
-        "kill_to_stored_p99_us": q(&from_kill, 0.99),
-        "kill_to_stored_max_us": from_kill.max(),
+        "fault": args.fault,
+        "etcd": elected,
+        "promote_after_ms": (!elected).then_some(args.promote_after.as_millis() as u64),
+        "promotion_to_stored_p50_us": (!elected).then(|| q(&from_promotion, 0.5)),
+        "promotion_to_stored_p99_us": (!elected).then(|| q(&from_promotion, 0.99)),
+        "fault_to_stored_p50_us": q(&from_fault, 0.5),
+        "fault_to_stored_p99_us": q(&from_fault, 0.99),
+        "fault_to_stored_max_us": from_fault.max(),
         "client_errors": errors.load(Ordering::SeqCst),
         "stored_total": stored,
     });
