@@ -241,8 +241,12 @@ fn plan(c: &mut Core, hello: &Hello) -> Plan {
         ));
     }
     if hello.epoch > c.shard.epoch() {
-        c.shard.fence(hello.epoch, &mut c.edge);
-        c.repl.stats.set_role(Role::Fenced);
+        // Only a primary is fenced by it; a replica (say, a node that just
+        // stepped down) just refuses the stale stream.
+        if c.shard.role == Role::Primary {
+            c.shard.fence(hello.epoch, &mut c.edge);
+            c.repl.stats.set_role(Role::Fenced);
+        }
         return Plan::Refuse(format!(
             "this node's epoch {} is older than the peer's {}",
             c.shard.epoch(),
@@ -768,6 +772,9 @@ pub async fn follow(core: Rc<RefCell<Core>>, primary: String) {
                 .await
                 .map_err(std::io::Error::from),
         };
+        if core.borrow().shard.role != Role::Replica {
+            return; // promoted while connecting: a stale stream would fence the peer
+        }
         match connected {
             Ok(stream) => {
                 let started = Instant::now();
@@ -1103,7 +1110,10 @@ async fn send_acks(
 pub fn tick(c: &mut Core, data: &std::path::Path) -> Option<String> {
     let stats = c.repl.stats.clone();
     let mut follow = None;
-    if stats.demote_requested.load(SeqCst) && c.shard.role != Role::Replica {
+    // Lost the election, or (with etcd) fenced by a higher epoch: follow
+    // the peer rather than stay fenced.
+    let fenced = stats.elected.load(SeqCst) && c.shard.role == Role::Fenced;
+    if (stats.demote_requested.load(SeqCst) || fenced) && c.shard.role != Role::Replica {
         follow = step_down(c, &stats);
     }
     if stats.promote_requested.load(SeqCst) && c.shard.role == Role::Replica {
@@ -1130,11 +1140,9 @@ fn step_down(c: &mut Core, stats: &Arc<NodeStats>) -> Option<String> {
         epoch = c.shard.epoch(),
         "stepped down: following the peer"
     );
-    if stats.demoted_cores.fetch_add(1, SeqCst) + 1 == c.repl.nr_shards as usize {
-        stats.set_role(Role::Replica);
-        stats.demoted_cores.store(0, SeqCst);
-        stats.demote_requested.store(false, SeqCst);
-    }
+    // The node stops being primary with its first shard (the flag stays
+    // set until the next promotion, so every core steps down).
+    stats.set_role(Role::Replica);
     c.repl.config.peer.clone()
 }
 

@@ -159,7 +159,6 @@ pub struct NodeStats {
     /// Set by the pilot (lost lease, another leader): each core stops acting
     /// as primary and follows its peer.
     pub demote_requested: AtomicBool,
-    pub demoted_cores: AtomicUsize,
     /// With etcd: the epoch a promotion must take (the leader key's revision); 0: choose.
     pub promote_epoch: AtomicU64,
     /// The election runs (etcd configured): `promote` asks the pilot.
@@ -210,7 +209,6 @@ impl NodeStats {
             lease_deadline_us: Arc::new(AtomicU64::new(u64::MAX)),
             alone_allowed: AtomicBool::new(true),
             demote_requested: AtomicBool::new(false),
-            demoted_cores: AtomicUsize::new(0),
             promote_epoch: AtomicU64::new(0),
             elected: AtomicBool::new(false),
             election_promote_asked: AtomicBool::new(false),

@@ -202,6 +202,21 @@ impl DevCluster {
         }
     }
 
+    /// With etcd: waits until `primary`'s replica is caught up and the pair's
+    /// state is `sync` (a failover may then elect the replica).
+    pub fn wait_sync(&self, primary: &str) {
+        self.wait_caught_up(primary);
+        let deadline = Instant::now() + READY_TIMEOUT / 2;
+        while self.stats(primary)["election"]["state"] != "sync" {
+            assert!(
+                Instant::now() < deadline,
+                "{primary}: the pair is not sync:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGTERM to a node and wait for it to exit (a clean stop).
     pub fn terminate(&mut self, name: &str) {
         let node = self.node_mut(name);

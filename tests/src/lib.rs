@@ -10,6 +10,7 @@
 
 pub mod dev_cluster;
 pub mod etcd;
+pub mod netlab;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
