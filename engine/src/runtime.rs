@@ -1217,6 +1217,11 @@ async fn mesh_flusher(core: Rc<RefCell<Core>>, senders: Senders<Batch>) {
 /// before it started; STORED answers are released when it completes.
 async fn committer(core: Rc<RefCell<Core>>) {
     let mut files = SyncFiles::default();
+    // Test hook: the durable position after every fsync (engine::shard::DURABLE_MARK_FILE).
+    let mark = std::env::var_os(crate::shard::DURABLE_MARK_ENV).and_then(|_| {
+        let dir = core.borrow().shard.wal().config().dir.clone();
+        std::fs::File::create(dir.join(crate::shard::DURABLE_MARK_FILE)).ok()
+    });
     loop {
         std::future::poll_fn(|cx| {
             let mut c = core.borrow_mut();
@@ -1243,6 +1248,11 @@ async fn committer(core: Rc<RefCell<Core>>) {
             .record_fsync(started.elapsed().as_micros() as u64);
         match shard.wal_mut().sync_complete(ticket, result) {
             Ok(_) => {
+                if let Some(f) = &mark {
+                    use std::os::unix::fs::FileExt;
+                    let text = format!("{:<20}\n", shard.wal().durable_position());
+                    let _ = f.write_all_at(text.as_bytes(), 0);
+                }
                 shard.on_durable(edge);
                 // A replica acks its new durable position at once.
                 repl.wake_writers();

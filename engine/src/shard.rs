@@ -149,6 +149,27 @@ pub fn mono_us() -> u64 {
         .as_micros() as u64
 }
 
+/// The WAL settings of a shard's log in `dir` under `limits`.
+pub fn wal_config(dir: &Path, limits: &Limits) -> WalConfig {
+    let mut config = WalConfig::new(dir);
+    config.segment_size_bytes = limits.wal_segment_bytes;
+    // The largest record: a MSG (a body within a frame, plus two ids and fixed
+    // fields) or a full DEDUP batch.
+    let dedup_record_len = 4 + 34 * record::DEDUP_ENTRIES_PER_RECORD;
+    config.record_payload_len_max =
+        (limits.frame_len_max as usize).max(dedup_record_len) as u32 + 512;
+    config
+}
+
+/// Test hook (`IRIS_TEST_DURABLE_MARK=1` in the environment): after every
+/// completed fsync the shard writes its durable position, as text, to this
+/// file in its WAL directory (no fsync: it is read after a kill -9, when the
+/// page cache survives). A power-cut test cuts the log back to it
+/// (tests/tests/cluster.rs): what a power cut would leave of the log at
+/// worst.
+pub const DURABLE_MARK_FILE: &str = "durable-mark";
+pub const DURABLE_MARK_ENV: &str = "IRIS_TEST_DURABLE_MARK";
+
 /// A message of a dropped tail, to send again to the new primary.
 #[derive(Debug, Clone)]
 pub struct Resubmit {
@@ -275,13 +296,7 @@ impl Shard {
         limits: &Limits,
         ownership: Option<Ownership>,
     ) -> Result<(Shard, wal::RecoveryReport), ShardError> {
-        let mut config = WalConfig::new(dir);
-        config.segment_size_bytes = limits.wal_segment_bytes;
-        // The largest record: a MSG (a body within a frame, plus two ids and fixed
-        // fields) or a full DEDUP batch.
-        let dedup_record_len = 4 + 34 * record::DEDUP_ENTRIES_PER_RECORD;
-        config.record_payload_len_max =
-            (limits.frame_len_max as usize).max(dedup_record_len) as u32 + 512;
+        let config = wal_config(dir, limits);
         let (wal, report) =
             Wal::open(config).map_err(|source| ShardError::Wal { shard: id, source })?;
         let epoch = wal.last_epoch().max(1);

@@ -52,6 +52,8 @@ impl DevCluster {
     ) -> DevCluster {
         let dir = unique_temp_path("cluster");
         let mut cmd = Command::new(iris_bin());
+        // Every node records its durable position (power-cut tests).
+        cmd.env(engine::shard::DURABLE_MARK_ENV, "1");
         cmd.args(["dev-cluster", "--pairs", &pairs.to_string()])
             .args(flags)
             .args(["--edges", &edges.to_string(), "--dir"])
@@ -168,6 +170,38 @@ impl DevCluster {
                 }
             }
         }
+    }
+
+    /// A power cut: kill -9, then each shard's log cut back to the durable
+    /// position its node recorded after its last fsync (the test hook
+    /// `engine::shard::DURABLE_MARK_FILE`): what the disk would hold at
+    /// worst had the machine lost power. Returns the records cut.
+    pub fn power_cut(&mut self, name: &str) -> u64 {
+        self.kill9(name);
+        let data = self.dir.join(name);
+        let mut cut = 0;
+        let mut shards: Vec<_> = std::fs::read_dir(&data)
+            .expect("node data dir")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
+            })
+            .collect();
+        shards.sort();
+        for dir in shards {
+            let mark: u64 = std::fs::read_to_string(dir.join(engine::shard::DURABLE_MARK_FILE))
+                .unwrap_or_else(|e| panic!("{name}: no durable mark in {}: {e}", dir.display()))
+                .trim()
+                .parse()
+                .expect("a position");
+            let config = engine::shard::wal_config(&dir, &engine::config::Limits::default());
+            let (mut wal, _) = wal::Wal::open(config).expect("open the WAL");
+            cut += wal.last_position().saturating_sub(mark);
+            wal.truncate_after(mark).expect("cut the WAL back");
+        }
+        cut
     }
 
     /// Sends a signal (`-STOP`, `-CONT`, ...) to a node.

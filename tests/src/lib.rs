@@ -298,6 +298,7 @@ pub fn spawn_iris(args: &[String], log_path: &Path) -> (Child, mpsc::Receiver<St
     let mut child = Command::new(iris_bin())
         .args(args)
         .env("RUST_BACKTRACE", "1")
+        .env(engine::shard::DURABLE_MARK_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

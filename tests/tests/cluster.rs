@@ -765,6 +765,8 @@ enum Fault {
     Pause,
     /// SIGTERM (a clean stop: it answers what it read, seals its WAL).
     Term,
+    /// kill -9 and the log cut back to its last fsync (DevCluster::power_cut).
+    PowerCut,
 }
 
 /// Jepsen-style rounds on a real cluster (one pair, one edge): senders and
@@ -842,6 +844,9 @@ fn fault_rounds_lose_no_acknowledged_message() {
         match fault {
             Fault::Kill9 => c.kill9(&primary),
             Fault::Term => c.terminate(&primary),
+            Fault::PowerCut => {
+                c.power_cut(&primary);
+            }
             Fault::Pause => {
                 let pid = c.node(&primary).pid.to_string();
                 let stopped = std::process::Command::new("kill")
@@ -1132,7 +1137,8 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
     let senders: Vec<_> = (0..2)
         .map(|i| Sender::start(c.edge(0), &format!("efrs{i}"), &recipients, 4))
         .collect();
-    let mut counts = [0usize; 3];
+    let mut counts = [0usize; 4];
+    let mut cut_records = 0;
     let started = Instant::now();
     let mut epoch = 0;
     for round in 0..rounds {
@@ -1153,12 +1159,13 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
             thread::sleep(Duration::from_millis(10));
         }
         senders[round % 2].wait_stored(20 + next(60) as usize, "before the fault");
-        let fault = [Fault::Kill9, Fault::Pause, Fault::Term][next(3) as usize];
+        let fault = [Fault::Kill9, Fault::Pause, Fault::Term, Fault::PowerCut][next(4) as usize];
         counts[fault as usize] += 1;
         match fault {
             Fault::Kill9 => c.kill9(&primary),
             Fault::Term => c.terminate(&primary),
             Fault::Pause => c.signal(&primary, "-STOP"),
+            Fault::PowerCut => cut_records += c.power_cut(&primary),
         }
         c.wait_role(&replica, "primary");
         for s in &senders {
@@ -1169,17 +1176,18 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
                 thread::sleep(Duration::from_millis(next(300)));
                 c.signal(&primary, "-CONT");
             }
-            Fault::Kill9 | Fault::Term => c.restart(&primary),
+            Fault::Kill9 | Fault::Term | Fault::PowerCut => c.restart(&primary),
         }
         c.wait_role(&primary, "replica");
     }
     let (stored, received) = finish_and_check(senders, &recipients, receivers);
     let read: usize = received.values().map(Vec::len).sum();
     println!(
-        "etcd fault rounds: {rounds} (kill9 {}, pause {}, term {}) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
+        "etcd fault rounds: {rounds} (kill9 {}, pause {}, term {}, power cut {} with {cut_records} unsynced records cut) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
         counts[0],
         counts[1],
         counts[2],
+        counts[3],
         started.elapsed().as_secs_f64(),
         stored.len()
     );
