@@ -178,30 +178,7 @@ impl DevCluster {
     /// worst had the machine lost power. Returns the records cut.
     pub fn power_cut(&mut self, name: &str) -> u64 {
         self.kill9(name);
-        let data = self.dir.join(name);
-        let mut cut = 0;
-        let mut shards: Vec<_> = std::fs::read_dir(&data)
-            .expect("node data dir")
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
-            })
-            .collect();
-        shards.sort();
-        for dir in shards {
-            let mark: u64 = std::fs::read_to_string(dir.join(engine::shard::DURABLE_MARK_FILE))
-                .unwrap_or_else(|e| panic!("{name}: no durable mark in {}: {e}", dir.display()))
-                .trim()
-                .parse()
-                .expect("a position");
-            let config = engine::shard::wal_config(&dir, &engine::config::Limits::default());
-            let (mut wal, _) = wal::Wal::open(config).expect("open the WAL");
-            cut += wal.last_position().saturating_sub(mark);
-            wal.truncate_after(mark).expect("cut the WAL back");
-        }
-        cut
+        cut_to_durable_mark(&self.dir.join(name))
     }
 
     /// Sends a signal (`-STOP`, `-CONT`, ...) to a node.
@@ -480,4 +457,33 @@ pub fn users_in(prefix: &str, range: &str, n: usize) -> Vec<String> {
         .filter(|u| (a..=b).contains(&slot_of(u)))
         .take(n)
         .collect()
+}
+
+/// Cuts each shard's log under `data` back to the durable position its node
+/// recorded after its last fsync (engine::shard::DURABLE_MARK_FILE); the
+/// node must be dead. Returns the records cut.
+pub fn cut_to_durable_mark(data: &std::path::Path) -> u64 {
+    let mut shards: Vec<_> = std::fs::read_dir(data)
+        .expect("node data dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
+        })
+        .collect();
+    shards.sort();
+    let mut cut = 0;
+    for dir in shards {
+        let mark: u64 = std::fs::read_to_string(dir.join(engine::shard::DURABLE_MARK_FILE))
+            .unwrap_or_else(|e| panic!("no durable mark in {}: {e}", dir.display()))
+            .trim()
+            .parse()
+            .expect("a position");
+        let config = engine::shard::wal_config(&dir, &engine::config::Limits::default());
+        let (mut wal, _) = wal::Wal::open(config).expect("open the WAL");
+        cut += wal.last_position().saturating_sub(mark);
+        wal.truncate_after(mark).expect("cut the WAL back");
+    }
+    cut
 }

@@ -315,6 +315,7 @@ impl NetLab {
             .arg(iris_bin())
             .args(&n.cmd)
             .env("RUST_BACKTRACE", "1")
+            .env(engine::shard::DURABLE_MARK_ENV, "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -337,6 +338,29 @@ impl NetLab {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM, waiting for the node to exit.
+    pub fn terminate(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, i: usize, sig: &str) {
+        let pid = self.nodes[i].child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig}");
+    }
+
+    /// kill -9 and every shard's log cut back to its last fsync (as
+    /// DevCluster::power_cut); returns the records cut.
+    pub fn power_cut(&mut self, i: usize) -> u64 {
+        self.kill9(i);
+        crate::dev_cluster::cut_to_durable_mark(&self.dir.join(&self.nodes[i].name))
     }
 
     /// Cuts (or, `on` false, heals) node `i` as `cut` says.

@@ -1193,29 +1193,54 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
     );
 }
 
-/// Network partitions with automatic failover, on real processes in network
-/// namespaces (tests::netlab): the primary cut from everyone, from etcd
-/// only, or from its replica only, under load through an edge. Cut from
-/// etcd (alone or with the rest), it stops acknowledging at its lease
-/// deadline and the replica is elected; healed, it steps down and follows by
-/// itself. Cut from its replica only, it keeps its lease and serves alone
-/// (`alone` written first); healed, the replica catches up and the pair is
-/// `sync` again. Nothing acknowledged is lost or repeated.
+/// The whole fault set with automatic failover, on real processes in
+/// network namespaces (tests::netlab): per round, at random (seeded), the
+/// pair's primary is killed with -9, paused past its lease, stopped with
+/// SIGTERM, power-cut (killed, its log cut back to its last fsync), or cut
+/// by a network partition from everyone, from etcd only, or from its replica
+/// only; load runs through an edge all along and nobody promotes. Cut from
+/// etcd, a primary stops acknowledging at its lease deadline and the
+/// replica is elected; healed (or restarted, or continued), the old primary
+/// steps down and follows by itself. Cut from its replica only, it keeps
+/// its lease and serves alone (`alone` written first). The history check:
+/// nothing acknowledged lost, nothing twice, per-sender order.
+/// IRIS_PARTITION_ROUNDS (default 30) and IRIS_FAULT_SEED replay;
+/// `tuning/soak-etcd.sh` runs 1,000.
 #[test]
-fn etcd_partitions_lose_no_acknowledged_message() {
+fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
     use tests::netlab::{Cut, NetLab};
     let rounds: usize = std::env::var("IRIS_PARTITION_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(9);
+        .unwrap_or(30);
+    let seed: u64 = std::env::var("IRIS_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64
+                | 1
+        });
+    println!("partition rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
+    let mut state = seed;
+    let mut next = move |n: u64| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    };
     let mut args = FAST.to_vec();
     args.extend([
         "--sends-per-user-per-sec",
         "1000000",
         "--send-burst-per-user",
         "1000000",
+        "--inbox-len-max",
+        "2000000",
     ]);
-    let lab = NetLab::start(&args);
+    let mut lab = NetLab::start(&args);
     let recipients = users_in("np-", "0-16383", 3);
     let receivers: Vec<_> = recipients
         .iter()
@@ -1224,16 +1249,27 @@ fn etcd_partitions_lose_no_acknowledged_message() {
     let senders: Vec<_> = (0..2)
         .map(|i| Sender::start(&lab.edge_addr, &format!("nps{i}"), &recipients, 4))
         .collect();
-    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+    fn wait(lab: &NetLab, what: &str, cond: &dyn Fn(&NetLab) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond() {
+        while !cond(lab) {
             assert!(Instant::now() < deadline, "{what}\n{}", lab.logs());
             thread::sleep(Duration::from_millis(20));
         }
-    };
+    }
+    let names = [
+        "kill9",
+        "pause",
+        "term",
+        "power cut",
+        "isolated",
+        "cut from etcd",
+        "cut from the replica",
+    ];
+    let mut counts = [0usize; 7];
+    let mut cut_records = 0;
+    let started = Instant::now();
     for round in 0..rounds {
-        let cut = [Cut::Isolate, Cut::Etcd, Cut::Peer][round % 3];
-        wait("one primary, the pair in sync", &|| {
+        wait(&lab, "one primary, the pair in sync", &|lab| {
             let roles = [lab.role(0), lab.role(1)];
             let p = roles.iter().position(|r| r.as_deref() == Some("primary"));
             roles
@@ -1246,37 +1282,60 @@ fn etcd_partitions_lose_no_acknowledged_message() {
             .find(|&i| lab.role(i).as_deref() == Some("primary"))
             .expect("primary");
         let r = 1 - p;
-        senders[round % 2].wait_stored(50, "before the cut");
-        lab.cut(p, cut, true);
-        match cut {
-            Cut::Isolate | Cut::Etcd => {
-                wait("the replica elected", &|| {
-                    lab.role(r).as_deref() == Some("primary")
-                });
-                for s in &senders {
-                    s.wait_stored(50, &format!("round {round} ({cut:?}) after the election"));
-                }
-                lab.cut(p, cut, false);
-                wait("the old primary following", &|| {
-                    lab.role(p).as_deref() == Some("replica")
-                });
-            }
-            Cut::Peer => {
-                wait("the primary serving alone, `alone` written", &|| {
-                    let s = lab.stats(p);
-                    s["mode"] == "degraded" && s["election"]["state"] == "alone"
-                });
-                for s in &senders {
-                    s.wait_stored(50, &format!("round {round} ({cut:?}) served alone"));
-                }
-                lab.cut(p, cut, false);
-            }
+        senders[round % 2].wait_stored(20 + next(60) as usize, "before the fault");
+        let fault = next(7) as usize;
+        counts[fault] += 1;
+        let what = format!("round {round} ({})", names[fault]);
+        match fault {
+            0 => lab.kill9(p),
+            1 => lab.signal(p, "-STOP"),
+            2 => lab.terminate(p),
+            3 => cut_records += lab.power_cut(p),
+            4 => lab.cut(p, Cut::Isolate, true),
+            5 => lab.cut(p, Cut::Etcd, true),
+            _ => lab.cut(p, Cut::Peer, true),
         }
+        if fault == 6 {
+            wait(&lab, "the primary serving alone, `alone` written", &|lab| {
+                let s = lab.stats(p);
+                s["mode"] == "degraded" && s["election"]["state"] == "alone"
+            });
+            for s in &senders {
+                s.wait_stored(20, &format!("{what}: served alone"));
+            }
+            lab.cut(p, Cut::Peer, false);
+            continue;
+        }
+        wait(&lab, "the replica elected", &|lab| {
+            lab.role(r).as_deref() == Some("primary")
+        });
+        for s in &senders {
+            s.wait_stored(20, &format!("{what}: after the election"));
+        }
+        match fault {
+            0 | 2 | 3 => lab.start_node(p),
+            1 => {
+                thread::sleep(Duration::from_millis(next(300)));
+                lab.signal(p, "-CONT");
+            }
+            4 => lab.cut(p, Cut::Isolate, false),
+            _ => lab.cut(p, Cut::Etcd, false),
+        }
+        wait(&lab, "the old primary following", &|lab| {
+            lab.role(p).as_deref() == Some("replica")
+        });
     }
     let (stored, received) = finish_and_check(senders, &recipients, receivers);
     let read: usize = received.values().map(Vec::len).sum();
+    let summary: Vec<String> = names
+        .iter()
+        .zip(counts)
+        .map(|(n, c)| format!("{n} {c}"))
+        .collect();
     println!(
-        "partition rounds: {rounds}: acknowledged {}, read {read}, lost 0, duplicates 0",
+        "partition rounds: {rounds} ({}; {cut_records} unsynced records cut) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
+        summary.join(", "),
+        started.elapsed().as_secs_f64(),
         stored.len()
     );
 }
