@@ -89,8 +89,20 @@ impl NetLab {
         crate::etcd::ensure_installed();
         let dir = unique_temp_path("netlab");
         std::fs::create_dir_all(&dir).expect("lab dir");
-        // 10.N.0.0/16 with N from the pid: labs of concurrent runs differ.
-        let net = 100 + (std::process::id() % 100) as u8;
+        // 10.N.0.0/16, N from the pid, the first whose etcd address is not
+        // taken yet: labs of concurrent runs differ.
+        let taken = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-4", "addr", "show", "dev", "lo"])
+                .output()
+                .expect("ip addr")
+                .stdout,
+        )
+        .into_owned();
+        let net = (0..150u32)
+            .map(|i| 100 + ((std::process::id() + i) % 150) as u8)
+            .find(|n| !taken.contains(&format!("10.{n}.250.1/")))
+            .expect("a free 10.N.0.0/16 for the lab");
         let tag = format!("{}", std::process::id() % 100_000);
         let etcd_ip = format!("10.{net}.250.1");
         let mut lab = NetLab {
@@ -104,9 +116,6 @@ impl NetLab {
             edge_addr: free_loopback_addr(),
             net,
         };
-        let _ = Command::new("ip")
-            .args(["addr", "del", &format!("{etcd_ip}/32"), "dev", "lo"])
-            .output();
         run(&["ip", "addr", "add", &format!("{etcd_ip}/32"), "dev", "lo"]);
         for (k, name) in [(1u8, "la"), (2u8, "lb")] {
             let ns = format!("iris{tag}{name}");
