@@ -597,6 +597,24 @@ fn set_node(core: &Rc<RefCell<Core>>, pair: u16, node: usize, up: bool, primary:
     c.edge.wake_mesh_waiters();
 }
 
+/// An edge with etcd: pairs whose leader epoch rose drop stale nodes and
+/// re-register at the elected one once it announces itself.
+pub fn follow_elected(c: &mut Core) {
+    let Some(links) = c.edge.remote.as_mut() else {
+        return;
+    };
+    for (pair, activated) in links.follow_elected() {
+        tracing::info!(
+            pair,
+            activated,
+            "etcd elected another primary: requests follow it"
+        );
+        if activated {
+            reregister(c, pair);
+        }
+    }
+}
+
 /// After the pair's primary changed: every connection of a user of that pair
 /// that logged in (or is logging in) does so again there, first.
 fn reregister(c: &mut Core, pair: u16) {

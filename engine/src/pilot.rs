@@ -186,3 +186,91 @@ async fn execute(
         },
     })
 }
+
+/// Backoff between watch attempts of an edge (doubling up to the max).
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A watch session ends after this long and starts again (keys re-read).
+const WATCH_SESSION_MAX: Duration = Duration::from_secs(10);
+/// Keys read at once when a watch (re)starts: a leader and a state key per pair.
+const WATCH_KEYS_MAX: u64 = 2 * crate::cluster::PAIRS_MAX as u64;
+
+/// An edge's view of the elections: a thread with its own current-thread
+/// runtime reads every pair's leader key, then watches them; each pair's
+/// entry holds the highest leader epoch seen. The edge cores read it
+/// (engine::link::follow_elected) and never wait on etcd.
+pub fn spawn_edge_watch(
+    etcd: Etcd,
+    prefix: String,
+    pairs: Vec<String>,
+) -> Result<Arc<[std::sync::atomic::AtomicU64]>, String> {
+    let table: Arc<[std::sync::atomic::AtomicU64]> = pairs
+        .iter()
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| format!("cannot start the etcd watch runtime: {e}"))?;
+    let shared = table.clone();
+    std::thread::Builder::new()
+        .name("iris-etcd-watch".into())
+        .spawn(move || runtime.block_on(watch_leaders(etcd, prefix, pairs, shared)))
+        .map_err(|e| format!("cannot start the etcd watch thread: {e}"))?;
+    Ok(table)
+}
+
+async fn watch_leaders(
+    etcd: Etcd,
+    prefix: String,
+    pairs: Vec<String>,
+    table: Arc<[std::sync::atomic::AtomicU64]>,
+) {
+    let root = format!("{prefix}/pairs/");
+    let apply = |kv: &crate::etcd::Kv| {
+        let Some(rest) = kv.key.strip_prefix(&root) else {
+            return;
+        };
+        let Some(pair) = rest.strip_suffix("/leader") else {
+            return;
+        };
+        if let Some(i) = pairs.iter().position(|p| p == pair) {
+            let before = table[i].fetch_max(kv.create_revision, SeqCst);
+            if kv.create_revision > before {
+                tracing::info!(pair, leader = %kv.value, epoch = kv.create_revision, "etcd: pair leader");
+            }
+        }
+    };
+    let mut backoff = WATCH_BACKOFF_MIN;
+    loop {
+        let result = async {
+            for kv in etcd.get_prefix(&root, WATCH_KEYS_MAX).await? {
+                apply(&kv);
+            }
+            // A watch session is bounded: a silent etcd (cut off) cannot
+            // hold it forever; the next session reads the keys again.
+            let watch = etcd.watch_prefix(&root, |ev| {
+                if let crate::etcd::WatchEvent::Put(kv) = ev {
+                    apply(&kv);
+                }
+            });
+            match tokio::time::timeout(WATCH_SESSION_MAX, watch).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                backoff = WATCH_BACKOFF_MIN;
+                tokio::time::sleep(WATCH_BACKOFF_MIN).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd watch of the pairs' leaders failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+            }
+        }
+    }
+}

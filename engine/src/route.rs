@@ -56,6 +56,9 @@ pub struct PairRoute {
     /// decision committed, then tells it), or with everything at the next
     /// session.
     retried: std::collections::BTreeSet<u64>,
+    /// With etcd: the epoch of the pair's leader key as last watched; a
+    /// node announcing a lower epoch is stale and gets no request.
+    pub elected: u64,
 }
 
 impl PairRoute {
@@ -87,6 +90,9 @@ pub struct Links {
     routed: Box<[u32]>,
     /// `slots.changes()` when `routed` was last brought up to date.
     seen_changes: u64,
+    /// With etcd (edges): each pair's leader epoch, as the watch thread
+    /// (engine::pilot::spawn_edge_watch) last read it.
+    elected: Option<std::sync::Arc<[std::sync::atomic::AtomicU64]>>,
 }
 
 /// `Links::route_of` for a slot served by this node's own pair.
@@ -117,10 +123,43 @@ impl Links {
             bytes: 0,
             routed: Box::default(),
             seen_changes: 0,
+            elected: None,
         };
         links.seen_changes = links.changes();
         links.routed = (0..net::SLOT_COUNT).map(|s| links.route_of(s)).collect();
         links
+    }
+
+    /// An edge with etcd: follows the pairs' leader epochs (`follow_elected`).
+    pub fn with_elected(
+        mut self,
+        elected: std::sync::Arc<[std::sync::atomic::AtomicU64]>,
+    ) -> Links {
+        self.elected = Some(elected);
+        self
+    }
+
+    /// Takes the leader epochs the etcd watch saw: pairs whose requests now
+    /// go to another node, and whether that node is up (re-register there).
+    pub fn follow_elected(&mut self) -> Vec<(u16, bool)> {
+        let Some(table) = self.elected.clone() else {
+            return Vec::new();
+        };
+        let mut changed = Vec::new();
+        for (pair, epoch) in table.iter().enumerate() {
+            let epoch = epoch.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(p) = self.pairs.get_mut(pair) {
+                if epoch > p.elected {
+                    p.elected = epoch;
+                    let before = p.active;
+                    let activated = self.choose(pair as u16, false);
+                    if self.pairs[pair].active != before {
+                        changed.push((pair as u16, activated));
+                    }
+                }
+            }
+        }
+        changed
     }
 
     /// A core node's: its own log's decisions decide what its shards serve.
@@ -414,15 +453,23 @@ impl Links {
         v.up = up;
         v.primary = primary;
         v.epoch = if up { epoch.max(v.epoch) } else { v.epoch };
+        // A node that went down takes its session with it even if it comes back.
+        let lost = !up && p.active == Some(node);
+        self.choose(pair, lost)
+    }
+
+    /// Picks the pair's active node: up, primary, highest epoch, and not
+    /// below the epoch etcd elected. True when a node was (re)activated.
+    fn choose(&mut self, pair: u16, lost: bool) -> bool {
+        let p = &mut self.pairs[pair as usize];
+        let elected = p.elected;
         let best = p
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.up && v.primary)
+            .filter(|(_, v)| v.up && v.primary && v.epoch >= elected)
             .max_by_key(|(_, v)| v.epoch)
             .map(|(i, _)| i);
-        // A node that went down takes its session with it even if it comes back.
-        let lost = !up && p.active == Some(node);
         if best == p.active && !lost {
             return false;
         }
@@ -581,6 +628,26 @@ mod tests {
             Some(f1),
             "SEND 1 is resent, 2 was answered"
         );
+    }
+
+    #[test]
+    fn a_node_below_the_epoch_etcd_elected_gets_no_request() {
+        let table: std::sync::Arc<[std::sync::atomic::AtomicU64]> = (0..2)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        let mut l = links().with_elected(table.clone());
+        assert!(l.set_node(1, 0, true, true, 5));
+        // etcd elected epoch 9 (node 1); node 0 still says primary at 5.
+        table[1].store(9, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(l.follow_elected(), vec![(1, false)]);
+        assert_eq!(l.pairs[1].active, None, "the stale primary is dropped");
+        assert!(!l.set_node(1, 0, true, true, 5), "and stays dropped");
+        assert!(
+            l.set_node(1, 1, true, true, 9),
+            "the elected one takes over"
+        );
+        assert_eq!(l.pairs[1].active, Some(1));
+        assert!(l.follow_elected().is_empty(), "nothing new");
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct ClusterSetup {
     /// A core node's own log's decisions: what its shards serve
     /// (engine::slots::Ownership).
     pub own_slots: Arc<crate::slots::SlotTable>,
+    /// An edge with etcd: each pair's leader epoch, from the watch thread.
+    pub elected: Option<Arc<[std::sync::atomic::AtomicU64]>>,
 }
 
 impl ClusterSetup {
@@ -139,6 +141,7 @@ impl ClusterSetup {
             link,
             slots,
             own_slots,
+            elected: None,
         }
     }
 
@@ -167,7 +170,22 @@ impl ClusterSetup {
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("edge-{}", std::process::id()));
-                Ok(Some(ClusterSetup::new(spec, None, name, None)))
+                let mut setup = ClusterSetup::new(spec, None, name, None);
+                if let Some(endpoints) = &config.election.etcd {
+                    let etcd = crate::etcd::Etcd::new(
+                        endpoints,
+                        Duration::from_millis(config.election.request_timeout_ms),
+                    )?;
+                    let prefix = config
+                        .election
+                        .prefix
+                        .clone()
+                        .unwrap_or_else(|| crate::pilot::PREFIX_DEFAULT.into());
+                    let names: Vec<String> =
+                        setup.spec.pairs.iter().map(|p| p.name.clone()).collect();
+                    setup.elected = Some(crate::pilot::spawn_edge_watch(etcd, prefix, names)?);
+                }
+                Ok(Some(setup))
             }
             NodeRole::Core => {
                 let name = config
@@ -228,6 +246,10 @@ impl ClusterSetup {
             self.own_pair,
             &self.name,
         );
+        let links = match &self.elected {
+            Some(elected) => links.with_elected(elected.clone()),
+            None => links,
+        };
         match self.own_pair {
             Some(_) => links.with_own_slots(self.own_slots.clone()),
             None => links,
@@ -844,6 +866,7 @@ async fn edge_maintenance(core: Rc<RefCell<Core>>) {
         let now = now_ms();
         c.edge.clock_ms = now;
         c.edge.expire_lingering();
+        crate::link::follow_elected(&mut c);
         c.route_edge_mail();
         publish_connections(&c);
         let stats = Arc::clone(&c.repl.stats);
