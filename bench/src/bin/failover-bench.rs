@@ -10,7 +10,13 @@
 //! `cmd`, or SIGCONT) as the replica and is caught up before the next round,
 //! so the roles alternate.
 //!
+//! `--fault isolate` and `--fault etcd-cut` run the pair's two nodes in
+//! network namespaces of their own (the tests' partition lab,
+//! `tests::netlab`, with an etcd it starts itself): the primary is cut
+//! from everyone, or from etcd only, and healed after the takeover.
+//!
 //!     failover-bench --iris target/release/iris --rounds 20 [--etcd http://127.0.0.1:2379] [--fault stop] [--json]
+//!     failover-bench --iris target/release/iris --rounds 20 --fault isolate --json   (as root)
 
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -38,7 +44,8 @@ struct Args {
     /// Automatic failover through this etcd (no promotion by the bench).
     #[arg(long)]
     etcd: Option<String>,
-    /// The fault: `kill9` or `stop` (SIGSTOP for `--stop-for`, then SIGCONT).
+    /// The fault: `kill9`, `stop` (SIGSTOP for `--stop-for`, then SIGCONT),
+    /// `isolate` or `etcd-cut` (a partition in network namespaces, as root).
     #[arg(long, default_value = "kill9")]
     fault: String,
     /// How long a stopped primary stays stopped (past its lease).
@@ -111,9 +118,12 @@ fn signal(pid: u32, sig: &str) {
 
 fn main() {
     let args = Args::parse();
+    if args.fault == "isolate" || args.fault == "etcd-cut" {
+        return partition_rounds(&args);
+    }
     assert!(
         args.fault == "kill9" || args.fault == "stop",
-        "--fault kill9 or stop"
+        "--fault kill9, stop, isolate or etcd-cut"
     );
     let _ = std::fs::remove_dir_all(&args.dir);
     let mut dev = Command::new(&args.iris);
@@ -333,4 +343,173 @@ fn main() {
         "stored_total": stored,
     });
     println!("{out}");
+}
+
+/// One client on `edge`, one SEND in flight: (stop, stored count handle,
+/// time of the last STORED, send time of the SEND it answered, errors).
+struct Client {
+    /// Every STORED's time (ns since start), at most STORED_TIMES_MAX.
+    stored_times: Arc<std::sync::Mutex<std::collections::VecDeque<u64>>>,
+    stop: Arc<AtomicBool>,
+    last_stored_ns: Arc<AtomicU64>,
+    last_stored_sent_ns: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+/// STORED times the partition client keeps (the last ones).
+const STORED_TIMES_MAX: usize = 1 << 20;
+
+fn client(edge: &str, start: Instant) -> Client {
+    let stored_times = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let times = stored_times.clone();
+    let last_stored_ns = Arc::new(AtomicU64::new(0));
+    let last_stored_sent_ns = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let (last, last_sent, stop2, errors2, edge) = (
+        last_stored_ns.clone(),
+        last_stored_sent_ns.clone(),
+        stop.clone(),
+        errors.clone(),
+        edge.to_string(),
+    );
+    let handle = std::thread::spawn(move || {
+        let (mut c, _) = net::Client::connect(&edge, "fb-sender", b"", Duration::from_secs(10))
+            .expect("connect to the edge");
+        let mut stored = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            let sent = start.elapsed().as_nanos() as u64;
+            c.send(net::new_msg_id(), "fb-recipient", b"x")
+                .expect("send");
+            c.flush().expect("flush");
+            match c.recv(Duration::from_secs(60)) {
+                Ok(Some(net::Event::Stored { .. })) => {
+                    stored += 1;
+                    let now = start.elapsed().as_nanos() as u64;
+                    {
+                        let mut t = times.lock().expect("not poisoned");
+                        if t.len() >= STORED_TIMES_MAX {
+                            t.pop_front();
+                        }
+                        t.push_back(now);
+                    }
+                    last_sent.store(sent, Ordering::SeqCst);
+                    last.store(now, Ordering::SeqCst);
+                }
+                other => {
+                    eprintln!("failover-bench: client saw {other:?}");
+                    errors2.fetch_add(1, Ordering::SeqCst);
+                    return stored;
+                }
+            }
+        }
+        stored
+    });
+    Client {
+        stored_times,
+        stop,
+        last_stored_ns,
+        last_stored_sent_ns,
+        errors,
+        handle,
+    }
+}
+
+/// Partitions in the tests' network-namespace lab: per round the primary
+/// is cut (from everyone, or from etcd only), the time to the first STORED
+/// of a SEND written after the cut is recorded, then the cut is healed and
+/// the old primary rejoins as the replica by itself.
+fn partition_rounds(args: &Args) {
+    use tests::netlab::{Cut, NetLab};
+    std::env::set_var("IRIS_E2E_BIN", &args.iris);
+    let cut = if args.fault == "isolate" {
+        Cut::Isolate
+    } else {
+        Cut::Etcd
+    };
+    // A client inbox that grows for the whole run: no REJECTED 5.
+    let lab = NetLab::start(&[
+        "--heartbeat-ms",
+        "200",
+        "--replica-loss-timeout-ms",
+        "1000",
+        "--inbox-len-max",
+        "10000000",
+    ]);
+    let start = Instant::now();
+    let c = client(&lab.edge_addr, start);
+    let mut from_fault = Histogram::<u64>::new(3).expect("histogram");
+    for round in 0..args.rounds {
+        wait("one primary, the pair in sync", || {
+            let roles = [lab.role(0), lab.role(1)];
+            let p = roles.iter().position(|r| r.as_deref() == Some("primary"));
+            roles[0] != roles[1]
+                && roles
+                    .iter()
+                    .all(|r| matches!(r.as_deref(), Some("primary" | "replica")))
+                && p.is_some_and(|p| lab.stats(p)["election"]["state"] == "sync")
+        });
+        let p = (0..2)
+            .find(|&i| lab.role(i).as_deref() == Some("primary"))
+            .expect("primary");
+        let before = c.last_stored_ns.load(Ordering::SeqCst);
+        wait("traffic", || {
+            c.last_stored_ns.load(Ordering::SeqCst) > before
+        });
+        lab.cut(p, cut, true);
+        let fault_at = start.elapsed().as_nanos() as u64;
+        // Cut from etcd only, the primary may go on acknowledging until its
+        // lease deadline: wait for the election, then for a STORED of a SEND
+        // written after it was seen, and count from the cut to the first
+        // STORED after the longest silence (the new primary's first).
+        let r = 1 - p;
+        wait("the replica elected", || {
+            lab.role(r).as_deref() == Some("primary")
+        });
+        let seen = start.elapsed().as_nanos() as u64;
+        wait("a STORED from the new primary", || {
+            c.last_stored_sent_ns.load(Ordering::SeqCst) > seen
+        });
+        let times = c.stored_times.lock().expect("not poisoned").clone();
+        let mut prev = fault_at;
+        let (mut gap, mut first) = (0, 0);
+        for &t in times.iter().filter(|&&t| t > fault_at) {
+            if t - prev > gap {
+                (gap, first) = (t - prev, t);
+            }
+            prev = t;
+        }
+        from_fault
+            .record((first - fault_at) / 1000)
+            .expect("record");
+        if !args.json {
+            eprintln!(
+                "round {round}: {} {}; first STORED of the new primary {} µs after the cut",
+                lab.nodes[p].name,
+                args.fault,
+                (first - fault_at) / 1000
+            );
+        }
+        lab.cut(p, cut, false);
+        wait("the old primary to rejoin as the replica", || {
+            lab.role(p).as_deref() == Some("replica")
+        });
+    }
+    c.stop.store(true, Ordering::Relaxed);
+    let stored = c.handle.join().unwrap_or(0);
+    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p);
+    println!(
+        "{}",
+        json!({
+            "rounds": args.rounds,
+            "fault": args.fault,
+            "etcd": true,
+            "fault_to_stored_p50_us": q(&from_fault, 0.5),
+            "fault_to_stored_p99_us": q(&from_fault, 0.99),
+            "fault_to_stored_max_us": from_fault.max(),
+            "client_errors": c.errors.load(Ordering::SeqCst),
+            "stored_total": stored,
+        })
+    );
 }
