@@ -36,6 +36,16 @@ impl PairKeys {
 /// The default key prefix of a cluster in etcd.
 pub const PREFIX_DEFAULT: &str = "iris";
 
+/// The etcd client and the cluster's key prefix, when etcd is configured.
+pub fn client(e: &crate::config::ElectionConfig) -> Result<Option<(Etcd, String)>, String> {
+    let Some(endpoints) = &e.etcd else {
+        return Ok(None);
+    };
+    let etcd = Etcd::new(endpoints, Duration::from_millis(e.request_timeout_ms))?;
+    let prefix = e.prefix.clone().unwrap_or_else(|| PREFIX_DEFAULT.into());
+    Ok(Some((etcd, prefix)))
+}
+
 pub fn settings(c: &crate::config::Config) -> Settings {
     let e = &c.election;
     Settings {

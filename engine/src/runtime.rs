@@ -171,16 +171,7 @@ impl ClusterSetup {
                     .clone()
                     .unwrap_or_else(|| format!("edge-{}", std::process::id()));
                 let mut setup = ClusterSetup::new(spec, None, name, None);
-                if let Some(endpoints) = &config.election.etcd {
-                    let etcd = crate::etcd::Etcd::new(
-                        endpoints,
-                        Duration::from_millis(config.election.request_timeout_ms),
-                    )?;
-                    let prefix = config
-                        .election
-                        .prefix
-                        .clone()
-                        .unwrap_or_else(|| crate::pilot::PREFIX_DEFAULT.into());
+                if let Some((etcd, prefix)) = crate::pilot::client(&config.election)? {
                     let names: Vec<String> =
                         setup.spec.pairs.iter().map(|p| p.name.clone()).collect();
                     setup.elected = Some(crate::pilot::spawn_edge_watch(etcd, prefix, names)?);
@@ -513,15 +504,7 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     let mut control_tasks: Vec<crate::admin::ControlTask> = Vec::new();
     if let (true, Some(c)) = (config.replication.elected, cluster.as_ref()) {
         let pair = c.own_pair.expect("a core node has a pair") as usize;
-        let etcd = crate::etcd::Etcd::new(
-            config.election.etcd.as_deref().expect("elected: etcd set"),
-            Duration::from_millis(config.election.request_timeout_ms),
-        )?;
-        let prefix = config
-            .election
-            .prefix
-            .clone()
-            .unwrap_or_else(|| crate::pilot::PREFIX_DEFAULT.into());
+        let (etcd, prefix) = crate::pilot::client(&config.election)?.expect("elected: etcd is set");
         let keys = crate::pilot::PairKeys::new(&prefix, &c.spec.pairs[pair].name);
         let settings = crate::pilot::settings(&config);
         stats.elected.store(true, Ordering::SeqCst);

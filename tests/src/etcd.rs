@@ -71,56 +71,61 @@ pub fn ensure_installed() {
     assert!(installed(), "etcd is still not runnable after apt-get");
 }
 
+/// Starts a one-member etcd serving `client` (HOST:PORT) with its data and
+/// log in `dir`, the tests' election timing; waits until it is healthy.
+pub fn spawn(client: &str, dir: &std::path::Path) -> Child {
+    let peer = free_loopback_addr();
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+    let mut child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir"])
+        .arg(dir.join("data"))
+        .args([
+            "--listen-client-urls",
+            &format!("http://{client}"),
+            "--advertise-client-urls",
+            &format!("http://{client}"),
+            "--listen-peer-urls",
+            &format!("http://{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://{peer}"),
+            "--initial-cluster",
+            &format!("t=http://{peer}"),
+            "--heartbeat-interval",
+            "100",
+            "--election-timeout",
+            "500",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start etcd");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let healthy = || {
+        engine::admin_cmd::http("GET", client, "/health")
+            .is_ok_and(|(status, body)| status == 200 && body.contains("true"))
+    };
+    while !healthy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !healthy() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("etcd did not become healthy; log in {}", dir.display());
+    }
+    child
+}
+
 impl Etcd {
     pub fn start() -> Etcd {
         ensure_installed();
         let dir = unique_temp_path("etcd");
         std::fs::create_dir_all(&dir).expect("etcd dir");
         let client = free_loopback_addr();
-        let peer = free_loopback_addr();
-        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &format!("http://{client}"),
-                "--advertise-client-urls",
-                &format!("http://{client}"),
-                "--listen-peer-urls",
-                &format!("http://{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://{peer}"),
-                "--initial-cluster",
-                &format!("t=http://{peer}"),
-                "--heartbeat-interval",
-                "100",
-                "--election-timeout",
-                "500",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        let etcd = Etcd {
-            child,
+        Etcd {
+            child: spawn(&client, &dir),
             url: format!("http://{client}"),
             client,
             dir,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok((200, body)) = engine::admin_cmd::http("GET", &etcd.client, "/health") {
-                if body.contains("true") {
-                    return etcd;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy; log in {}",
-                etcd.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

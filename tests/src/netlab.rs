@@ -274,41 +274,8 @@ impl NetLab {
     }
 
     fn start_etcd(&mut self) {
-        let peer = free_loopback_addr();
-        let log = std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log");
-        let url = self.etcd_url.clone();
-        let child = Command::new("etcd")
-            .args(["--name", "lab", "--data-dir"])
-            .arg(self.dir.join("etcd-data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &format!("http://{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://{peer}"),
-                "--initial-cluster",
-                &format!("lab=http://{peer}"),
-                "--heartbeat-interval",
-                "100",
-                "--election-timeout",
-                "500",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        self.etcd = Some(child);
-        let addr = format!("{}:2379", self.etcd_ip);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while !engine::admin_cmd::http("GET", &addr, "/health")
-            .is_ok_and(|(s, b)| s == 200 && b.contains("true"))
-        {
-            assert!(Instant::now() < deadline, "lab etcd not healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let client = format!("{}:2379", self.etcd_ip);
+        self.etcd = Some(crate::etcd::spawn(&client, &self.dir));
     }
 
     /// Starts (or restarts) node `i` inside its namespace.

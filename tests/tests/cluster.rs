@@ -786,25 +786,9 @@ fn fault_rounds_lose_no_acknowledged_message() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let seed: u64 = std::env::var("IRIS_FAULT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = fault_seed();
     println!("fault rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
-    // xorshift64*: the test's own fault schedule, nothing more.
-    let mut state = seed;
-    let mut next = move |n: u64| {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    };
+    let mut next = fault_schedule(seed);
     // Two senders for minutes, beside the other cluster tests: over the
     // default per-user rate, and receivers starved for seconds could let an
     // inbox pass the default 100,000 (REJECTED 5 would be right then, but
@@ -1068,6 +1052,32 @@ fn etcd_never_hands_a_pair_to_a_replica_missing_messages_acknowledged_alone() {
     finish_and_check(senders, &recipients, receivers);
 }
 
+/// IRIS_FAULT_SEED, or one from the clock (printed by the caller to replay).
+fn fault_seed() -> u64 {
+    std::env::var("IRIS_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64
+                | 1
+        })
+}
+
+/// The fault schedule of a seed: `next(n)` in 0..n, xorshift64* (the
+/// test's own dice, nothing more).
+fn fault_schedule(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut state = seed;
+    move |n: u64| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
 /// Waits until exactly one node of `pair` says primary and every other
 /// reachable one says replica; returns (primary, the other).
 fn sole_primary(c: &DevCluster, pair: &str) -> (String, String) {
@@ -1109,24 +1119,9 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let seed: u64 = std::env::var("IRIS_FAULT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = fault_seed();
     println!("etcd fault rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
-    let mut state = seed;
-    let mut next = move |n: u64| {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    };
+    let mut next = fault_schedule(seed);
     let etcd = tests::etcd::Etcd::start();
     let mut c = etcd_cluster(&etcd, 1, 1, &["--inbox-len-max", "2000000"]);
     let recipients = users_in("efr-", &range(&c, "p0"), 3);
@@ -1213,24 +1208,9 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    let seed: u64 = std::env::var("IRIS_FAULT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = fault_seed();
     println!("partition rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
-    let mut state = seed;
-    let mut next = move |n: u64| {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    };
+    let mut next = fault_schedule(seed);
     let mut args = FAST.to_vec();
     args.extend([
         "--sends-per-user-per-sec",
