@@ -466,6 +466,14 @@ impl Pilot {
                 self.lease = None;
                 self.next_observe_us = now_us + self.s.observe_every_ms * 1000;
             }
+            (Request::WriteState { .. }, Reply::Failed) => {
+                // The put may have landed: the state in etcd is unknown until
+                // observed. Believing the old one would let the cores degrade
+                // on an `alone` that a lost `sync` replaced (then the replica
+                // may take over without what was acknowledged alone).
+                self.state = None;
+                self.next_observe_us = now_us + self.s.observe_every_ms * 1000;
+            }
             (_, Reply::Failed) => {
                 // Nothing learned; the deadline protects the rest. Retry soon.
                 self.next_observe_us = now_us + self.s.observe_every_ms * 1000;
@@ -829,6 +837,52 @@ mod tests {
         ));
         p.answer(1_153_000, f, Reply::Failed);
         assert_eq!(p.step(1_153_000, f).1, Some(Request::Grant));
+    }
+
+    #[test]
+    fn a_state_write_without_answer_is_not_taken_as_unwritten() {
+        let mut p = Pilot::new("a", settings());
+        run_to_leading(&mut p);
+        let synced = Facts {
+            primary: true,
+            epoch: 12,
+            synced: true,
+            ..Facts::default()
+        };
+        p.step(5_000, synced);
+        p.answer(
+            5_000,
+            synced,
+            Reply::Renewed {
+                ttl_ms: 1000,
+                sent_us: 5_000,
+            },
+        );
+        p.step(6_000, synced); // AllowAlone(false), then settle
+        let (_, r) = p.step(200_000, synced);
+        assert!(matches!(r, Some(Request::WriteState { .. })));
+        // `sync` may be in etcd now, but its answer is lost.
+        p.answer(200_000, synced, Reply::Failed);
+        let lost = Facts {
+            synced: false,
+            wants_alone: true,
+            ..synced
+        };
+        let (acts, r) = p.step(210_000, lost);
+        assert!(
+            !acts.contains(&Action::AllowAlone(true)),
+            "degrading on a belief: {acts:?}"
+        );
+        assert!(matches!(
+            r,
+            Some(Request::WriteState {
+                state: PairState {
+                    safety: Safety::Alone,
+                    ..
+                },
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -53,7 +53,7 @@ use std::collections::{BTreeMap, VecDeque};
 use wal::sim::SimRng;
 
 /// Seeds run by the test command.
-pub const SEEDS: u64 = 2_000;
+pub const SEEDS: u64 = 5_000;
 /// One step of simulated (true) time.
 const STEP_US: u64 = 1_000;
 /// Steps with faults, then steps to settle after every fault is healed.
@@ -90,6 +90,11 @@ pub struct Plants {
     /// itself on a HELLO with a higher epoch, and a fenced node neither
     /// follows nor can be promoted (see the test below).
     pub fence_replica_on_hello: bool,
+    /// repl.rs `plan` as of this writing: the common prefix of a diverged
+    /// replica is every record of ours at or below its last position whose
+    /// epoch is at most its last record's, which keeps a replica's record
+    /// where ours has another of an older epoch (see the test below).
+    pub plan_as_repl: bool,
 }
 
 fn settings(may_serve_alone: bool) -> Settings {
@@ -287,6 +292,9 @@ enum ReplMsg {
         epoch: u64,
         last: u64,
         last_epoch: u64,
+        /// The replica's epoch at each position: what a log-matching sync
+        /// needs (a real protocol would send the epoch boundaries).
+        epochs: Vec<u64>,
     },
     Welcome {
         epoch: u64,
@@ -1024,6 +1032,7 @@ impl World {
             ));
         }
         self.last_stored_epoch[pair] = self.last_stored_epoch[pair].max(epoch);
+        self.log(|| format!("{} STORED {msg_id:#x} epoch {epoch}", self.nodes[n].name));
         self.stored.push(StoredEvent {
             at: self.now,
             node: n,
@@ -1065,10 +1074,12 @@ impl World {
             epoch,
             last,
             last_epoch,
+            ref epochs,
         } = msg
         {
             if seq == 1 {
-                return self.on_hello(n, session, epoch, last, last_epoch, local);
+                let hello = (epoch, last, last_epoch);
+                return self.on_hello(n, session, hello, epochs, local);
             }
         }
         let node = &mut self.nodes[n];
@@ -1088,12 +1099,19 @@ impl World {
                 return;
             }
             f.heard_at = local;
-            return self.replica_on(n, msg, local);
+            self.replica_on(n, msg);
         }
     }
 
     /// repl.rs `plan` and `serve_replica`.
-    fn on_hello(&mut self, n: usize, session: u64, epoch: u64, l: u64, e: u64, local: u64) {
+    fn on_hello(
+        &mut self,
+        n: usize,
+        session: u64,
+        (epoch, l, e): (u64, u64, u64),
+        epochs: &[u64],
+        local: u64,
+    ) {
         let node = &mut self.nodes[n];
         let fences = node.role == Role::Primary || self.plants.fence_replica_on_hello;
         let refuse = if epoch > node.epoch && fences {
@@ -1123,7 +1141,7 @@ impl World {
         let last = node.last();
         let (from, truncate, full) = if l == 0 || (l <= last && node.epoch_at(l) == Some(e)) {
             (l + 1, None, None)
-        } else {
+        } else if self.plants.plan_as_repl {
             let mut common = 0;
             if e < node.epoch {
                 // An old primary: keep what both logs share (epochs <= e).
@@ -1140,6 +1158,14 @@ impl World {
             } else {
                 (last + 1, None, Some(node.disk.log.clone()))
             }
+        } else {
+            // Log matching: the same epoch at a position means the same
+            // record there and before (one primary per epoch wrote it).
+            let common = (1..=l.min(last))
+                .rev()
+                .find(|&p| epochs.get(p as usize - 1).copied() == node.epoch_at(p))
+                .unwrap_or(0);
+            (common + 1, Some(common), None)
         };
         let epoch = node.epoch;
         node.link.as_mut().expect("set").sent_upto = from - 1;
@@ -1189,7 +1215,7 @@ impl World {
         }
     }
 
-    fn replica_on(&mut self, n: usize, msg: ReplMsg, local: u64) {
+    fn replica_on(&mut self, n: usize, msg: ReplMsg) {
         let node = &mut self.nodes[n];
         match msg {
             ReplMsg::Welcome {
@@ -1206,6 +1232,12 @@ impl World {
                     let keep = keep as usize;
                     if keep < node.disk.log.len() {
                         let tail = node.disk.log.split_off(keep);
+                        if self.trace {
+                            eprintln!(
+                                "{:>9} {} truncates to {keep}, resubmits {tail:?}",
+                                self.now, node.name
+                            );
+                        }
                         node.resubmit.extend(tail);
                     }
                     node.disk.durable = node.disk.durable.min(keep);
@@ -1237,7 +1269,6 @@ impl World {
             }
             _ => node.follow = None,
         }
-        let _ = local;
     }
 
     /// The replica's follow loop and ack writer, and the primary's stream.
@@ -1271,6 +1302,7 @@ impl World {
                     epoch: node.epoch,
                     last,
                     last_epoch: node.epoch_at(last).unwrap_or(0),
+                    epochs: node.disk.log.iter().map(|e| e.epoch).collect(),
                 };
                 self.log(|| format!("{} hello {hello:?}", self.nodes[n].name));
                 return self.repl_send(n, hello);
@@ -1355,6 +1387,7 @@ impl World {
                 node.replica_acked = 0;
                 node.follow = None;
                 self.log(|| format!("{} promoted, epoch {epoch}", self.nodes[n].name));
+                self.check_promoted(n, epoch);
             }
         }
         let node = &mut self.nodes[n];
@@ -1373,6 +1406,22 @@ impl World {
         }
         node.stats_epoch = node.stats_epoch.max(node.epoch);
         self.release(n);
+    }
+
+    /// A new primary holds every message STORED before in its pair (or a
+    /// failover would lose it if the old primary's disk never came back).
+    fn check_promoted(&mut self, n: usize, epoch: u64) {
+        let node = &self.nodes[n];
+        let missing = self
+            .stored
+            .iter()
+            .find(|s| self.nodes[s.node].pair == node.pair && !node.dedup.contains_key(&s.msg_id));
+        if let Some(s) = missing {
+            self.violations.push(format!(
+                "{} promoted with epoch {epoch} without msg {:#x}, STORED by {} in epoch {} at {}",
+                node.name, s.msg_id, self.nodes[s.node].name, s.epoch, s.at
+            ));
+        }
     }
 
     fn update_mode(node: &mut Node, local: u64) {
@@ -1747,13 +1796,38 @@ mod tests {
         assert_eq!(a.nodes[0].disk.log, b.nodes[0].disk.log);
     }
 
+    /// The first seed on which the checker finds something, and what.
+    fn caught(plants: Plants) -> (u64, String) {
+        let (seed, e) = run_seeds(0, SEEDS, plants).expect_err("the planted bug went unnoticed");
+        eprintln!("{plants:?}: seed {seed}: {e}");
+        (seed, e)
+    }
+
     #[test]
     fn acknowledging_without_the_replica_is_caught() {
-        let plants = Plants {
+        caught(Plants {
             ack_without_replica: true,
             ..Plants::default()
-        };
-        let found = run_seeds(0, SEEDS, plants);
-        assert!(found.is_err(), "the planted bug went unnoticed");
+        });
+    }
+
+    /// repl.rs's rule: a replica that fences itself on a HELLO of a higher
+    /// epoch stops following and is never promoted again.
+    #[test]
+    fn a_replica_fenced_by_a_hello_is_caught() {
+        caught(Plants {
+            fence_replica_on_hello: true,
+            ..Plants::default()
+        });
+    }
+
+    /// repl.rs's rule: the common prefix taken as "our records of epochs at
+    /// most the replica's last" keeps diverged records on the replica.
+    #[test]
+    fn the_common_prefix_by_epoch_bound_is_caught() {
+        caught(Plants {
+            plan_as_repl: true,
+            ..Plants::default()
+        });
     }
 }
