@@ -22,9 +22,16 @@
 //!   `shard.rs` (`lease_valid`, `on_durable`, `commit_position`, msg_id
 //!   dedup, `step_down`, `promote`, `fence`) and of `repl.rs` (`tick`,
 //!   `update_mode`, `publish`'s `synced`/`wants_alone`, the sync on connect
-//!   of `plan`: partial, truncate to the common prefix and re-submit, or
-//!   full; acks of the durable position; heartbeats; read timeouts of
-//!   `loss_timeout`; reconnects with capped backoff).
+//!   of `plan`: partial, or truncate to the common prefix and re-submit the
+//!   dropped messages; acks of the durable position; heartbeats; read
+//!   timeouts of `loss_timeout`; reconnects with capped backoff; a fenced
+//!   node steps down and follows).
+//! - one rule differs on purpose: the common prefix of a diverged replica is
+//!   matched epoch by epoch (the model's HELLO carries the replica's epochs),
+//!   where `plan` keeps every record of epochs up to the replica's last one,
+//!   which can leave different records at one position on the two nodes
+//!   ([`Plants::plan_as_repl`] runs the rule of `plan`; its test shows the
+//!   checker catching it).
 //! - the replication stream: one simulated TCP connection per session, in
 //!   order; a message lost or overtaken breaks the session (as a reset would
 //!   and as the replica's dense-position check does), and both sides notice
@@ -44,9 +51,18 @@
 //! wall-clock reading in replication (`now_ms` in acks and heartbeats) is
 //! informational, so a jump of the wall clock cannot move a deadline.
 //!
-//! Run: `cargo test --release -p engine --lib sim::` (`SEEDS` seeds, or
-//! `IRIS_SIM_SEEDS=N`); replay one: `IRIS_SIM_SEED=N` (add
-//! `IRIS_SIM_TRACE=1` for a trace of the run).
+//! Checks: during the run, no STORED unless the lease of the node's epoch
+//! is alive in etcd at that true instant, one node told to serve an epoch,
+//! STORED epochs of a pair never going back in time, and a new primary
+//! holding every message STORED before in its pair; after healing and
+//! settling, one acting primary per pair whose log holds every STORED
+//! msg_id once and each sender's STORED messages in order, a replica's log
+//! equal to it, and no client left with a message not STORED.
+//!
+//! Run: `cargo test --release -p engine --lib sim::` (`SEEDS` seeds, about
+//! 15 s on 2 cores, or `IRIS_SIM_SEEDS=N`); replay one: `IRIS_SIM_SEED=N`
+//! (add `IRIS_SIM_TRACE=1` for a trace of the run on stderr, with
+//! `-- --nocapture`).
 
 use crate::election::{Action, Facts, Leader, PairState, Pilot, Reply, Request, Settings};
 use std::collections::{BTreeMap, VecDeque};
@@ -86,11 +102,12 @@ const CLIENT_TIMEOUT_US: u64 = 400_000;
 pub struct Plants {
     /// STORED without waiting for the replica's ack in mode `replica`.
     pub ack_without_replica: bool,
-    /// repl.rs `plan` as of this writing: a node that is not primary fences
+    /// repl.rs `plan` before 5f01944: a node that is not primary fences
     /// itself on a HELLO with a higher epoch, and a fenced node neither
-    /// follows nor can be promoted (see the test below).
+    /// follows nor can be promoted (see the test below). Needs the tick's
+    /// step-down of a fenced node off too, as it was then.
     pub fence_replica_on_hello: bool,
-    /// repl.rs `plan` as of this writing: the common prefix of a diverged
+    /// repl.rs `plan` as of c67843b: the common prefix of a diverged
     /// replica is every record of ours at or below its last position whose
     /// epoch is at most its last record's, which keeps a replica's record
     /// where ours has another of an older epoch (see the test below).
@@ -1360,10 +1377,12 @@ impl World {
     /// repl::tick: step down, promote, update_mode, publish.
     fn tick(&mut self, n: usize, local: u64) {
         let node = &mut self.nodes[n];
-        if node.demote_requested && node.role != Role::Replica {
+        // Lost the election, or fenced by a higher epoch: follow the peer
+        // (the demote flag stays set until the next promotion).
+        let fenced = node.role == Role::Fenced && !self.plants.fence_replica_on_hello;
+        if (node.demote_requested || fenced) && node.role != Role::Replica {
             node.role = Role::Replica;
             node.link = None;
-            node.demote_requested = false;
             node.next_connect = local;
             self.log(|| format!("{} steps down", self.nodes[n].name));
             self.not_primary_all(n);
@@ -1781,7 +1800,7 @@ mod tests {
                 started.elapsed().as_secs_f64()
             ),
             Err((seed, e)) => panic!(
-                "seed {seed} failed: {e}\nreplay: IRIS_SIM_SEED={seed} cargo test --release -p engine --lib sim::"
+                "seed {seed} failed: {e}\nreplay: IRIS_SIM_SEED={seed} cargo test --release -p engine --lib sim::tests::seeds -- --nocapture"
             ),
         }
     }
