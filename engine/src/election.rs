@@ -252,6 +252,10 @@ impl Pilot {
         if self.leading.take().is_some() {
             out.push(Action::Deadline(0));
             out.push(Action::StepDown { why });
+            // Let the lease go (no more renewals): past the deadline it may
+            // still hold our leader key in etcd, and renewed, it would hold
+            // it for ever with nobody serving under it.
+            self.lease = None;
         }
         if self.allowed_alone {
             self.allowed_alone = false;
@@ -455,6 +459,21 @@ impl Pilot {
                     self.next_observe_us = 0;
                 }
             }
+            (Request::Campaign { .. }, Reply::Failed) => {
+                // The txn may have created our leader key: let the lease go
+                // so that such a key expires instead of being renewed with
+                // nobody serving under it.
+                self.lease = None;
+                self.next_observe_us = now_us + self.s.observe_every_ms * 1000;
+            }
+            (Request::WriteState { .. }, Reply::Failed) => {
+                // The put may have landed: the state in etcd is unknown until
+                // observed. Believing the old one would let the cores degrade
+                // on an `alone` that a lost `sync` replaced (then the replica
+                // may take over without what was acknowledged alone).
+                self.state = None;
+                self.next_observe_us = now_us + self.s.observe_every_ms * 1000;
+            }
             (_, Reply::Failed) => {
                 // Nothing learned; the deadline protects the rest. Retry soon.
                 self.next_observe_us = now_us + self.s.observe_every_ms * 1000;
@@ -474,6 +493,13 @@ impl Pilot {
         out: &mut Vec<Action>,
     ) -> Option<Request> {
         let lease = self.lease?;
+        if facts.primary {
+            // The cores still act as primary of an epoch this node lost
+            // (they step down at their next tick). Winning now, the Serve
+            // would cancel that step-down and find them still primary, so
+            // not promoted: serving the old epoch under the new lease.
+            return None;
+        }
         let eligible = match state {
             None => true,
             Some(s) => s.safety == Safety::Sync || s.leader == self.me,
@@ -717,6 +743,145 @@ mod tests {
         assert!(matches!(
             acts.as_slice(),
             [Action::Deadline(0), Action::StepDown { .. }, ..]
+        ));
+    }
+
+    #[test]
+    fn does_not_campaign_while_the_cores_still_serve_a_lost_epoch() {
+        let mut p = Pilot::new("a", settings());
+        run_to_leading(&mut p);
+        let serving = Facts {
+            primary: true,
+            epoch: 12,
+            ..Facts::default()
+        };
+        // The deadline passes: step down. The cores have not yet done so
+        // when the lease is gone, a new one is granted and the key is free.
+        let (acts, _) = p.step(1_100_000, serving);
+        assert!(matches!(acts[1], Action::StepDown { .. }));
+        p.answer(1_100_000, serving, Reply::Failed);
+        let (_, r) = p.step(1_200_000, serving);
+        assert_eq!(r, Some(Request::Grant));
+        p.answer(
+            1_201_000,
+            serving,
+            Reply::Granted {
+                lease: 8,
+                ttl_ms: 1000,
+                sent_us: 1_200_000,
+            },
+        );
+        let (_, r) = p.step(1_202_000, serving);
+        assert_eq!(r, Some(Request::Observe));
+        let sync = PairState {
+            leader: "a".into(),
+            safety: Safety::Sync,
+        };
+        let free = Reply::Observed {
+            leader: None,
+            state: Some(sync.clone()),
+        };
+        p.answer(1_203_000, serving, free.clone());
+        assert_eq!(
+            p.step(1_203_000, serving).1,
+            None,
+            "no campaign while the cores act as primary"
+        );
+        // Stepped down: the next observation campaigns.
+        let stepped = Facts {
+            primary: false,
+            ..serving
+        };
+        assert_eq!(p.step(1_400_000, stepped).1, Some(Request::Observe));
+        p.answer(1_401_000, stepped, free);
+        assert!(matches!(
+            p.step(1_401_000, stepped).1,
+            Some(Request::Campaign { lease: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn a_lost_leadership_or_campaign_answer_lets_the_lease_and_its_key_expire() {
+        let mut p = Pilot::new("a", settings());
+        run_to_leading(&mut p);
+        let f = Facts {
+            primary: true,
+            epoch: 12,
+            ..Facts::default()
+        };
+        // Paused past the deadline but not past the lease's expiry in etcd:
+        // renewing it would keep the leader key alive with nobody serving.
+        let (acts, r) = p.step(850_000, f);
+        assert!(matches!(acts[1], Action::StepDown { .. }));
+        assert_eq!(r, Some(Request::Grant), "the old lease is not renewed");
+        p.answer(
+            851_000,
+            f,
+            Reply::Granted {
+                lease: 8,
+                ttl_ms: 1000,
+                sent_us: 850_000,
+            },
+        );
+        // A campaign whose answer is lost may have won: that lease goes too.
+        let f = Facts::default();
+        assert_eq!(p.step(852_000, f).1, Some(Request::Observe));
+        let free = Reply::Observed {
+            leader: None,
+            state: None,
+        };
+        p.answer(853_000, f, free);
+        assert!(matches!(
+            p.step(853_000, f).1,
+            Some(Request::Campaign { lease: 8, .. })
+        ));
+        p.answer(1_153_000, f, Reply::Failed);
+        assert_eq!(p.step(1_153_000, f).1, Some(Request::Grant));
+    }
+
+    #[test]
+    fn a_state_write_without_answer_is_not_taken_as_unwritten() {
+        let mut p = Pilot::new("a", settings());
+        run_to_leading(&mut p);
+        let synced = Facts {
+            primary: true,
+            epoch: 12,
+            synced: true,
+            ..Facts::default()
+        };
+        p.step(5_000, synced);
+        p.answer(
+            5_000,
+            synced,
+            Reply::Renewed {
+                ttl_ms: 1000,
+                sent_us: 5_000,
+            },
+        );
+        p.step(6_000, synced); // AllowAlone(false), then settle
+        let (_, r) = p.step(200_000, synced);
+        assert!(matches!(r, Some(Request::WriteState { .. })));
+        // `sync` may be in etcd now, but its answer is lost.
+        p.answer(200_000, synced, Reply::Failed);
+        let lost = Facts {
+            synced: false,
+            wants_alone: true,
+            ..synced
+        };
+        let (acts, r) = p.step(210_000, lost);
+        assert!(
+            !acts.contains(&Action::AllowAlone(true)),
+            "degrading on a belief: {acts:?}"
+        );
+        assert!(matches!(
+            r,
+            Some(Request::WriteState {
+                state: PairState {
+                    safety: Safety::Alone,
+                    ..
+                },
+                ..
+            })
         ));
     }
 

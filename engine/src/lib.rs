@@ -37,6 +37,8 @@ pub mod route;
 pub mod runtime;
 pub mod security;
 pub mod shard;
+#[cfg(test)]
+pub mod sim;
 pub mod slots;
 pub mod sockets;
 pub mod stats;
