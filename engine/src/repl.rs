@@ -288,22 +288,30 @@ fn plan(c: &mut Core, hello: &Hello) -> Plan {
             truncate: None,
         };
     }
-    if l >= first && e < c.shard.epoch() {
-        // An old primary: keep what both logs share (records of epochs <= e).
-        let mut common = first - 1;
-        if let Ok(iter) = wal.iter_from(first) {
-            for rec in iter.flatten() {
-                if rec.position > l || rec.epoch > e {
-                    break;
+    if l >= first && e > 0 {
+        // A diverged log (an old primary's): the two logs are the same up to
+        // the last record of the replica's last epoch that this log holds
+        // (log matching: one primary wrote each epoch, positions are dense,
+        // and the stream copies records at their positions). Epochs only
+        // grow along a log, so that record is found by bisection. Without
+        // one, the replica's records of that epoch may sit at positions
+        // where this log holds records of older epochs (it was promoted
+        // while lagging): no common prefix can be proven, so a full sync.
+        let (mut lo, mut hi) = (first, l.min(last));
+        if hi >= lo && wal.epoch_at(lo).is_some_and(|x| x <= e) {
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                match wal.epoch_at(mid) {
+                    Some(x) if x <= e => lo = mid,
+                    _ => hi = mid - 1,
                 }
-                common = rec.position;
             }
-        }
-        if common >= first {
-            return Plan::Partial {
-                from: common + 1,
-                truncate: Some(common),
-            };
+            if wal.epoch_at(lo) == Some(e) {
+                return Plan::Partial {
+                    from: lo + 1,
+                    truncate: Some(lo),
+                };
+            }
         }
     }
     match c.shard.snapshot_frames() {

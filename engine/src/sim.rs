@@ -26,12 +26,14 @@
 //!   dropped messages; acks of the durable position; heartbeats; read
 //!   timeouts of `loss_timeout`; reconnects with capped backoff; a fenced
 //!   node steps down and follows).
-//! - one rule differs on purpose: the common prefix of a diverged replica is
-//!   matched epoch by epoch (the model's HELLO carries the replica's epochs),
-//!   where `plan` keeps every record of epochs up to the replica's last one,
-//!   which can leave different records at one position on the two nodes
-//!   ([`Plants::plan_as_repl`] runs the rule of `plan`; its test shows the
-//!   checker catching it).
+//! - the sync on connect is `plan`'s rule: the common prefix of a diverged
+//!   replica ends at the last record of the replica's last epoch that the
+//!   primary holds; without one, a full sync. The rule `plan` had before
+//!   (every record of epochs up to the replica's last one) left different
+//!   records at one position on the two nodes: the simulator found it
+//!   (seed 98), [`Plants::plan_as_repl`] runs it and its test shows the
+//!   checker catching it; [`Plants::plan_by_all_epochs`] runs an ideal rule
+//!   with every epoch of the replica known.
 //! - the replication stream: one simulated TCP connection per session, in
 //!   order; a message lost or overtaken breaks the session (as a reset would
 //!   and as the replica's dense-position check does), and both sides notice
@@ -112,6 +114,9 @@ pub struct Plants {
     /// epoch is at most its last record's, which keeps a replica's record
     /// where ours has another of an older epoch (see the test below).
     pub plan_as_repl: bool,
+    /// The sync on connect matches every epoch of the replica's log (an
+    /// ideal HELLO carrying them all), instead of `plan`'s rule.
+    pub plan_by_all_epochs: bool,
 }
 
 fn settings(may_serve_alone: bool) -> Settings {
@@ -1175,14 +1180,28 @@ impl World {
             } else {
                 (last + 1, None, Some(node.disk.log.clone()))
             }
-        } else {
-            // Log matching: the same epoch at a position means the same
-            // record there and before (one primary per epoch wrote it).
+        } else if self.plants.plan_by_all_epochs {
+            // Log matching with every epoch of the replica known (the
+            // model's HELLO carries them): the same epoch at a position
+            // means the same record there and before.
             let common = (1..=l.min(last))
                 .rev()
                 .find(|&p| epochs.get(p as usize - 1).copied() == node.epoch_at(p))
                 .unwrap_or(0);
             (common + 1, Some(common), None)
+        } else {
+            // repl.rs's `plan`: the last record of the replica's last epoch
+            // that this log holds is the common prefix's end; none: a full
+            // sync (the replica's log becomes this one).
+            let common = (1..=l.min(last))
+                .rev()
+                .find(|&p| node.epoch_at(p) == Some(e))
+                .unwrap_or(0);
+            if common >= 1 {
+                (common + 1, Some(common), None)
+            } else {
+                (last + 1, None, Some(node.disk.log.clone()))
+            }
         };
         let epoch = node.epoch;
         node.link.as_mut().expect("set").sent_upto = from - 1;
