@@ -151,6 +151,7 @@ fn close_with(edge: &mut Edge, index: u32, reason: &str) -> bool {
         );
     }
     edge.slot(index).state = SlotState::Closing;
+    edge.wake_slot(index); // the flush, then the close
     false
 }
 
