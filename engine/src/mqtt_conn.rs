@@ -36,8 +36,9 @@ pub struct MqttEdge {
     /// The process's sessions (shared by its cores).
     pub sessions: Arc<Sessions>,
     pub codec: mqtt::Limits,
-    /// Refusals and disconnects are logged at most once per interval.
-    log: LogEvery,
+    /// Refusals and disconnects are logged at most once per interval and
+    /// kind (`Why::log_index`), with a count of the ones not logged.
+    log: [LogEvery; Why::LOG_KINDS],
     topic: String,
 }
 
@@ -50,7 +51,7 @@ impl MqttEdge {
                 packet_len_max: frame_len_max + 4 + PACKET_OVERHEAD_MAX,
                 ..mqtt::Limits::default()
             },
-            log: LogEvery::default(),
+            log: Default::default(),
             topic: String::new(),
         }
     }
@@ -90,6 +91,38 @@ impl MqttEdge {
         }
         let ms = self.conns.get(&index)?.keep_alive_ms;
         (ms > 0).then_some(ms + ms / 2)
+    }
+}
+
+/// Why an MQTT connection is refused or closed: each kind is logged apart.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// CONNECT refused with a CONNACK code.
+    Connect,
+    /// Bytes or packets that break MQTT 3.1.1.
+    Protocol,
+    /// A PUBLISH Iris does not take (QoS 0 or 2, retained, not an inbox).
+    Unsupported,
+    /// A SUBSCRIBE filter refused (SUBACK 0x80; the connection stays).
+    Subscribe,
+    /// What an Iris connection gets as ERROR (idle, shutdown...).
+    Error,
+    /// A PUBLISH answered REJECTED with this code.
+    Rejected(u16),
+}
+
+impl Why {
+    const LOG_KINDS: usize = 5 + crate::stats::REJECT_CODE_MAX + 2;
+
+    fn log_index(self) -> usize {
+        match self {
+            Why::Connect => 0,
+            Why::Protocol => 1,
+            Why::Unsupported => 2,
+            Why::Subscribe => 3,
+            Why::Error => 4,
+            Why::Rejected(code) => 5 + crate::stats::reject_code_index(code),
+        }
     }
 }
 
@@ -139,10 +172,11 @@ fn conn(edge: &mut Edge, index: u32) -> &mut MqttConn {
 
 /// Logs why an MQTT connection is closed (rate limited) and closes it
 /// after its outbox is flushed. Always false (for `handle`'s caller).
-fn close_with(edge: &mut Edge, index: u32, reason: &str) -> bool {
+fn close_with(edge: &mut Edge, index: u32, why: Why, reason: &str) -> bool {
     let user = edge.slot(index).user.clone();
     let client_id = edge.mqtt.conns.get(&index).map(|m| m.client_id.clone());
-    if let Some(suppressed) = edge.mqtt.log.check(REPEATED_ERROR_LOG_INTERVAL) {
+    let log = &mut edge.mqtt.log[why.log_index()];
+    if let Some(suppressed) = log.check(REPEATED_ERROR_LOG_INTERVAL) {
         tracing::info!(
             user = user.as_deref().unwrap_or(""),
             client_id = client_id.as_deref().unwrap_or(""),
@@ -165,6 +199,7 @@ fn refuse_connect(c: &mut Core, index: u32, code: ConnectReturnCode, reason: &st
     close_with(
         &mut c.edge,
         index,
+        Why::Connect,
         &format!("CONNECT refused (CONNACK {}): {reason}", code as u8),
     )
 }
@@ -184,7 +219,12 @@ pub fn decode_error(c: &mut Core, index: u32, e: mqtt::DecodeError) {
             refuse_connect(c, index, code, &e.to_string());
         }
         None => {
-            close_with(&mut c.edge, index, &format!("protocol violation: {e}"));
+            close_with(
+                &mut c.edge,
+                index,
+                Why::Protocol,
+                &format!("protocol violation: {e}"),
+            );
         }
     }
 }
@@ -197,10 +237,15 @@ pub fn handle(c: &mut Core, index: u32, packet: Packet<'_>) -> bool {
     let state = slot.state;
     match (state, packet) {
         (SlotState::AwaitHello, Packet::Connect(connect)) => on_connect(c, index, &connect),
-        (SlotState::AwaitHello, _) => {
-            close_with(&mut c.edge, index, "the first packet must be CONNECT")
+        (SlotState::AwaitHello, _) => close_with(
+            &mut c.edge,
+            index,
+            Why::Protocol,
+            "the first packet must be CONNECT",
+        ),
+        (_, Packet::Connect(_)) => {
+            close_with(&mut c.edge, index, Why::Protocol, "a second CONNECT")
         }
-        (_, Packet::Connect(_)) => close_with(&mut c.edge, index, "a second CONNECT"),
         (_, Packet::Publish(publish)) => on_publish(c, index, &publish),
         (_, Packet::PubAck { packet_id }) => {
             if let Some(seq) = conn(&mut c.edge, index).deliveries.puback(packet_id) {
@@ -222,12 +267,18 @@ pub fn handle(c: &mut Core, index: u32, packet: Packet<'_>) -> bool {
         (_, Packet::PubRec { .. } | Packet::PubRel { .. } | Packet::PubComp { .. }) => close_with(
             &mut c.edge,
             index,
+            Why::Unsupported,
             "QoS 2 is not supported (PUBREC/PUBREL/PUBCOMP)",
         ),
         (
             _,
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck { .. } | Packet::PingResp,
-        ) => close_with(&mut c.edge, index, "a server's packet from a client"),
+        ) => close_with(
+            &mut c.edge,
+            index,
+            Why::Protocol,
+            "a server's packet from a client",
+        ),
     }
 }
 
@@ -313,34 +364,40 @@ fn on_publish(c: &mut Core, index: u32, p: &Publish<'_>) -> bool {
         QoS::AtLeastOnce => {}
         QoS::AtMostOnce => {
             let reason = "QoS 0 PUBLISH refused: Iris stores every message, publish with QoS 1";
-            return close_with(&mut c.edge, index, reason);
+            return close_with(&mut c.edge, index, Why::Unsupported, reason);
         }
         QoS::ExactlyOnce => {
             let reason =
                 "QoS 2 PUBLISH refused: publish with QoS 1 (retransmissions are deduplicated)";
-            return close_with(&mut c.edge, index, reason);
+            return close_with(&mut c.edge, index, Why::Unsupported, reason);
         }
     }
     if p.retain {
-        return close_with(&mut c.edge, index, "retained PUBLISH refused");
+        return close_with(
+            &mut c.edge,
+            index,
+            Why::Unsupported,
+            "retained PUBLISH refused",
+        );
     }
     let Some(to) = mqtt_session::publish_recipient(p.topic) else {
         let reason = format!(
             "PUBLISH to {:?} refused: the topic must be inbox/<recipient>",
             p.topic
         );
-        return close_with(&mut c.edge, index, &reason);
+        return close_with(&mut c.edge, index, Why::Unsupported, &reason);
     };
     let user = c.edge.slot(index).user.clone().expect("connected");
     if !crate::conn::take_send_token(c, &user) {
         c.edge.count_rejected(net::reject_code::RATE_LIMITED);
-        let reason = "PUBLISH refused: sending too fast (sends_per_user_per_sec)";
-        return close_with(&mut c.edge, index, reason);
+        let code = net::reject_code::RATE_LIMITED;
+        let reason = "PUBLISH refused (REJECTED 3): sending too fast (sends_per_user_per_sec)";
+        return close_with(&mut c.edge, index, Why::Rejected(code), reason);
     }
     if let Some((code, why)) = precheck_send(&user, to, p.payload.len(), &c.edge) {
         c.edge.count_rejected(code);
         let reason = format!("PUBLISH refused (REJECTED {code}): {why}");
-        return close_with(&mut c.edge, index, &reason);
+        return close_with(&mut c.edge, index, Why::Rejected(code), &reason);
     }
     let client_id = conn(&mut c.edge, index).client_id.clone();
     let msg_id =
@@ -372,7 +429,8 @@ fn on_subscribe(c: &mut Core, index: u32, s: &mqtt::Subscribe<'_>) -> bool {
             }
             None => {
                 codes.push(SubAckReturnCode::Failure);
-                if let Some(suppressed) = c.edge.mqtt.log.check(REPEATED_ERROR_LOG_INTERVAL) {
+                let log = &mut c.edge.mqtt.log[Why::Subscribe.log_index()];
+                if let Some(suppressed) = log.check(REPEATED_ERROR_LOG_INTERVAL) {
                     tracing::info!(user = &*user, filter = f.filter, suppressed,
                         "MQTT SUBSCRIBE refused (0x80): only inbox/<own user> and inbox/<own user>/+");
                 }
@@ -493,7 +551,7 @@ pub fn write(edge: &mut Edge, index: u32, frame: &ServerFrame<'_>) -> bool {
                 "PUBLISH {} refused (REJECTED {code}): {reason}",
                 packet_id.unwrap_or(0)
             );
-            close_with(edge, index, &reason);
+            close_with(edge, index, Why::Rejected(code), &reason);
             true
         }
         ServerFrame::Deliver {
@@ -525,7 +583,7 @@ pub fn write(edge: &mut Edge, index: u32, frame: &ServerFrame<'_>) -> bool {
         // PINGs are answered by the MQTT handler; none is routed.
         ServerFrame::Pong { .. } => true,
         ServerFrame::Error { reason, .. } => {
-            close_with(edge, index, reason);
+            close_with(edge, index, Why::Error, reason);
             true
         }
     }

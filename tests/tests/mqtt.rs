@@ -555,6 +555,35 @@ fn what_iris_does_not_take_is_refused_never_dropped() {
     );
 }
 
+#[test]
+fn a_rejected_publish_closes_the_connection_with_the_reason_logged() {
+    // MQTT 3.1.1 has no negative PUBACK: a PUBLISH that Iris answers
+    // REJECTED gets no PUBACK, the connection closes, the log says why.
+    let (server, addr) = start(&["--inbox-len-max", "1", "--body-len-max", "100"]);
+    let mut alice = Raw::ready(&addr, "alice", "alice-full", true);
+    alice.publish("inbox/judy", 1, false, b"fits");
+    assert_eq!(alice.recv(), Some(Got::PubAck(1)));
+    alice.publish("inbox/judy", 2, false, b"inbox full");
+    alice.expect_closed("REJECTED 5");
+    let mut alice = Raw::ready(&addr, "alice", "alice-big", true);
+    alice.publish("inbox/kim", 1, false, &[b'x'; 101]);
+    alice.expect_closed("REJECTED 2");
+    let log = server.log_tail_full();
+    for code in ["REJECTED 5", "REJECTED 2"] {
+        let logged = log
+            .lines()
+            .any(|l| l.contains("MQTT connection closed: PUBLISH") && l.contains(code));
+        assert!(logged, "no log line for {code}:\n{log}");
+    }
+    // Nothing but the first reached judy.
+    let mut judy = Raw::ready(&addr, "judy", "judy-phone", true);
+    assert_eq!(judy.subscribe(1, &["inbox/judy"]), [1]);
+    assert_eq!(
+        judy.delivery(),
+        ("inbox/judy".to_string(), "fits".to_string())
+    );
+}
+
 /// A QoS 0 PUBLISH's bytes (no packet id).
 fn qos0_publish_bytes(topic: &str) -> Vec<u8> {
     let mut out = vec![0x30, (2 + topic.len() + 2) as u8];
