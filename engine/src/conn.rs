@@ -286,9 +286,12 @@ fn may_read(c: &mut Core, index: u32) -> bool {
     }
     let outbox_half = edge.limits.outbox_bytes_max / 2;
     let in_flight_max = edge.limits.sends_in_flight_max;
+    // An MQTT connection's PUBACKs wait for the PUBLISHes before them.
+    let unanswered = edge.mqtt.unanswered(index);
     let slot = edge.slot(index);
     matches!(slot.state, SlotState::AwaitHello | SlotState::Ready)
         && slot.sends_in_flight < in_flight_max
+        && unanswered < in_flight_max as usize
         && slot.out.len() - (slot.out_sent as usize) < outbox_half
 }
 

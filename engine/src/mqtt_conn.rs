@@ -73,6 +73,14 @@ impl MqttEdge {
         }
     }
 
+    /// PUBLISHes of slot `index` not yet PUBACKed (0: not MQTT).
+    pub fn unanswered(&self, index: u32) -> usize {
+        if self.conns.is_empty() {
+            return 0;
+        }
+        self.conns.get(&index).map_or(0, |m| m.publishes.len())
+    }
+
     /// Whether slot `index` is logged in to its user's shard when it has a
     /// user (every Iris connection; an MQTT one while it subscribes).
     pub fn receives(&self, index: u32) -> bool {
@@ -148,9 +156,11 @@ pub struct MqttConn {
     keep_alive_ms: u64,
     form: Option<Form>,
     awaiting: Awaiting,
-    /// PUBLISHes awaiting STORED: (msg_id, packet id), in arrival order;
-    /// bounded by `sends_in_flight_max` (reading stops there).
-    publishes: VecDeque<(MsgId, u16)>,
+    /// PUBLISHes not yet PUBACKed: (msg_id, packet id, STORED), in arrival
+    /// order. PUBACKs go out in that order (MQTT 3.1.1 4.6), as the front
+    /// ones are STORED; bounded by `sends_in_flight_max` (reading stops
+    /// there: `MqttEdge::unanswered`).
+    publishes: VecDeque<(MsgId, u16, bool)>,
     deliveries: Deliveries,
 }
 
@@ -407,7 +417,7 @@ fn on_publish(c: &mut Core, index: u32, p: &Publish<'_>) -> bool {
             .msg_id(&user, &client_id, p.packet_id, p.dup, p.topic, p.payload);
     conn(&mut c.edge, index)
         .publishes
-        .push_back((msg_id, p.packet_id));
+        .push_back((msg_id, p.packet_id, false));
     c.edge.slot(index).sends_in_flight += 1;
     c.edge.sends_in_flight_total += 1;
     let reply = conn_ref(c, index);
@@ -527,12 +537,18 @@ pub fn write(edge: &mut Edge, index: u32, frame: &ServerFrame<'_>) -> bool {
         }
         ServerFrame::Stored { msg_id } => {
             let m = conn(edge, index);
-            let at = m.publishes.iter().position(|(id, _)| *id == msg_id);
-            let (_, packet_id) = m
+            let entry = m
                 .publishes
-                .remove(at.expect("every STORED answers one PUBLISH of this connection"))
-                .expect("found above");
-            write_packet(edge, index, &Packet::PubAck { packet_id }, false)
+                .iter_mut()
+                .find(|(id, _, stored)| *id == msg_id && !*stored)
+                .expect("every STORED answers one PUBLISH of this connection");
+            entry.2 = true;
+            let mut written = true;
+            while let Some(&(_, packet_id, true)) = conn(edge, index).publishes.front() {
+                conn(edge, index).publishes.pop_front();
+                written &= write_packet(edge, index, &Packet::PubAck { packet_id }, false);
+            }
+            written
         }
         ServerFrame::Rejected {
             msg_id,
@@ -545,7 +561,7 @@ pub fn write(edge: &mut Edge, index: u32, frame: &ServerFrame<'_>) -> bool {
             let packet_id = m
                 .publishes
                 .iter()
-                .find(|(id, _)| *id == msg_id)
+                .find(|(id, _, _)| *id == msg_id)
                 .map(|p| p.1);
             let reason = format!(
                 "PUBLISH {} refused (REJECTED {code}): {reason}",

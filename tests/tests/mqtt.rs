@@ -426,6 +426,26 @@ fn a_dup_retransmission_is_stored_once_and_a_reused_packet_id_is_a_new_message()
 }
 
 #[test]
+fn pipelined_publishes_to_many_shards_are_pubacked_in_their_order() {
+    // MQTT 3.1.1 4.6: PUBACKs in the order of the PUBLISHes, though the
+    // recipients' shards (two cores) store them independently.
+    let (_server, addr) = start(&[]);
+    let mut alice = Raw::ready(&addr, "alice", "alice-pipeline", true);
+    let ids: Vec<u16> = (1..=200).collect();
+    for &id in &ids {
+        alice.publish(&format!("inbox/user{id}"), id, false, b"x");
+    }
+    let acked: Vec<u16> = ids
+        .iter()
+        .map(|_| match alice.recv() {
+            Some(Got::PubAck(id)) => id,
+            other => panic!("expected a PUBACK, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(acked, ids);
+}
+
+#[test]
 fn what_iris_does_not_take_is_refused_never_dropped() {
     let (_server, addr) = start(&[]);
     // Subscriptions: only the own inbox, plain or with `/+`.
