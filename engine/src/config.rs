@@ -459,6 +459,28 @@ mod tests {
     }
 
     #[test]
+    fn the_mqtt_listener_is_configured_like_the_others() {
+        let text = "mqtt_listen = \"127.0.0.1:1883\"\n[mqtt]\nsessions_max = 9\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.mqtt_listen, Some("127.0.0.1:1883".parse().unwrap()));
+        assert_eq!(c.mqtt.sessions_max, 9);
+        assert_eq!(c.mqtt.publish_ids_per_session_max, 64);
+        c.validate().expect("valid");
+        // Exposed without auth: refused like a client listener.
+        let open: Config = toml::from_str("mqtt_listen = \"0.0.0.0:1883\"").unwrap();
+        assert!(open
+            .validate()
+            .unwrap_err()
+            .contains("without authentication"));
+        // TLS needs the certificate and key.
+        let tls: Config = toml::from_str("mqtt_tls_listen = \"127.0.0.1:8883\"").unwrap();
+        assert!(tls.validate().unwrap_err().contains("--tls-cert"));
+        let zero: Config =
+            toml::from_str("mqtt_listen = \"127.0.0.1:1883\"\n[mqtt]\nsessions_max = 0").unwrap();
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
     fn body_must_fit_in_frame() {
         let mut c = Config::default();
         c.limits.body_len_max = c.limits.frame_len_max;
