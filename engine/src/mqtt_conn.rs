@@ -261,13 +261,26 @@ pub fn handle(c: &mut Core, index: u32, packet: Packet<'_>) -> bool {
             if let Some(seq) = conn(&mut c.edge, index).deliveries.puback(packet_id) {
                 let user = c.edge.slot(index).user.clone().expect("connected");
                 c.route_ack(&user, seq);
+                c.edge.slot(index).note_ack();
             }
             true
         }
         (_, Packet::Subscribe(subscribe)) => on_subscribe(c, index, &subscribe),
         (_, Packet::Unsubscribe(unsubscribe)) => on_unsubscribe(c, index, &unsubscribe),
         (_, Packet::PingReq) => {
-            write_packet(&mut c.edge, index, &Packet::PingResp, false);
+            // As an Iris PING (docs/DECISIONS.md 16): behind an ACK, the
+            // PINGRESP waits until the ACK took effect on the user's shard.
+            let slot = c.edge.slot(index);
+            let routed = slot.route_ping();
+            match slot.user.clone().filter(|_| routed) {
+                Some(user) => {
+                    let conn = conn_ref(c, index);
+                    c.route_sync(conn, &user, 0);
+                }
+                None => {
+                    write_packet(&mut c.edge, index, &Packet::PingResp, false);
+                }
+            }
             true
         }
         (_, Packet::Disconnect) => {
@@ -596,8 +609,8 @@ pub fn write(edge: &mut Edge, index: u32, frame: &ServerFrame<'_>) -> bool {
             }
             written
         }
-        // PINGs are answered by the MQTT handler; none is routed.
-        ServerFrame::Pong { .. } => true,
+        // A PINGREQ that waited for the ACKs before it.
+        ServerFrame::Pong { .. } => write_packet(edge, index, &Packet::PingResp, false),
         ServerFrame::Error { reason, .. } => {
             close_with(edge, index, Why::Error, reason);
             true

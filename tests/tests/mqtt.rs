@@ -426,6 +426,26 @@ fn a_dup_retransmission_is_stored_once_and_a_reused_packet_id_is_a_new_message()
 }
 
 #[test]
+fn after_pubacks_and_a_pingresp_a_reconnect_is_not_sent_them_again() {
+    // PINGREQ behind PUBACKs is answered once their ACK took effect on the
+    // user's shard (the connection and the shard may be on different cores).
+    let (_server, addr) = start(&[]);
+    let mut alice = Raw::ready(&addr, "alice", "alice-rounds", true);
+    for round in 1..=6u16 {
+        let text = format!("round {round}");
+        alice.publish("inbox/lena", round, false, text.as_bytes());
+        assert_eq!(alice.recv(), Some(Got::PubAck(round)));
+        let mut lena = Raw::ready(&addr, "lena", "lena-phone", true);
+        assert_eq!(lena.subscribe(1, &["inbox/lena"]), [1]);
+        assert_eq!(lena.delivery(), ("inbox/lena".to_string(), text));
+        lena.send(&Packet::PingReq);
+        assert_eq!(lena.recv(), Some(Got::PingResp));
+        lena.send(&Packet::Disconnect);
+        lena.expect_closed("DISCONNECT");
+    }
+}
+
+#[test]
 fn pipelined_publishes_to_many_shards_are_pubacked_in_their_order() {
     // MQTT 3.1.1 4.6: PUBACKs in the order of the PUBLISHes, though the
     // recipients' shards (two cores) store them independently.
