@@ -31,6 +31,12 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of the TLS listener.
     pub tls_key: Option<PathBuf>,
+    /// MQTT 3.1.1 listener (docs/MQTT.md); port 0 picks a free port.
+    pub mqtt_listen: Option<SocketAddr>,
+    /// MQTT 3.1.1 inside TLS, with the client listener's tls_cert and tls_key.
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// The MQTT listener's own bounds (`[mqtt]`).
+    pub mqtt: crate::mqtt_session::MqttLimits,
     pub limits: Limits,
     pub replication: ReplicationConfig,
     pub auth: AuthConfig,
@@ -300,6 +306,9 @@ impl Default for Config {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            mqtt_listen: None,
+            mqtt_tls_listen: None,
+            mqtt: Default::default(),
             limits: Limits::default(),
             replication: ReplicationConfig::default(),
             auth: AuthConfig::default(),
@@ -404,7 +413,12 @@ impl Config {
     /// The client listeners this configuration opens.
     pub fn client_listeners(&self) -> Vec<SocketAddr> {
         let plain = self.plain.then_some(self.listen);
-        plain.into_iter().chain(self.tls_listen).collect()
+        let mqtt = self.mqtt_listen.into_iter().chain(self.mqtt_tls_listen);
+        plain
+            .into_iter()
+            .chain(self.tls_listen)
+            .chain(mqtt)
+            .collect()
     }
 
     fn validate_security(&self) -> Result<(), String> {
@@ -416,6 +430,23 @@ impl Config {
         if self.tls_listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
             return Err("--tls-listen needs --tls-cert FILE and --tls-key FILE (PEM); `iris certs --out DIR` makes a development pair"
                 .into());
+        }
+        if self.mqtt_tls_listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err("--mqtt-tls-listen needs --tls-cert FILE and --tls-key FILE (PEM)".into());
+        }
+        if self.mqtt_listen.is_some() || self.mqtt_tls_listen.is_some() {
+            let m = &self.mqtt;
+            if m.sessions_max == 0 || m.publish_ids_per_session_max == 0 || m.client_id_len_max == 0
+            {
+                return Err("invalid configuration: the [mqtt] limits must be positive".into());
+            }
+            if self.limits.deliver_window >= crate::mqtt_session::DELIVERIES_IN_FLIGHT_MAX as u64 {
+                return Err(
+                    "invalid configuration: with an MQTT listener, deliver_window must be \
+                            below 65534 (deliveries in flight need distinct packet ids)"
+                        .into(),
+                );
+            }
         }
         let a = &self.auth;
         if a.mode == crate::auth::AuthMode::Jwt && a.jwt_keys.is_none() {
@@ -496,6 +527,28 @@ mod tests {
         assert_eq!(c.limits.inbox_len_max, 7);
         assert_eq!(c.limits.frame_len_max, 65536);
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn the_mqtt_listener_is_configured_like_the_others() {
+        let text = "mqtt_listen = \"127.0.0.1:1883\"\n[mqtt]\nsessions_max = 9\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.mqtt_listen, Some("127.0.0.1:1883".parse().unwrap()));
+        assert_eq!(c.mqtt.sessions_max, 9);
+        assert_eq!(c.mqtt.publish_ids_per_session_max, 64);
+        c.validate().expect("valid");
+        // Exposed without auth: refused like a client listener.
+        let open: Config = toml::from_str("mqtt_listen = \"0.0.0.0:1883\"").unwrap();
+        assert!(open
+            .validate()
+            .unwrap_err()
+            .contains("without authentication"));
+        // TLS needs the certificate and key.
+        let tls: Config = toml::from_str("mqtt_tls_listen = \"127.0.0.1:8883\"").unwrap();
+        assert!(tls.validate().unwrap_err().contains("--tls-cert"));
+        let zero: Config =
+            toml::from_str("mqtt_listen = \"127.0.0.1:1883\"\n[mqtt]\nsessions_max = 0").unwrap();
+        assert!(zero.validate().is_err());
     }
 
     #[test]

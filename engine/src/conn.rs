@@ -286,9 +286,12 @@ fn may_read(c: &mut Core, index: u32) -> bool {
     }
     let outbox_half = edge.limits.outbox_bytes_max / 2;
     let in_flight_max = edge.limits.sends_in_flight_max;
+    // An MQTT connection's PUBACKs wait for the PUBLISHes before them.
+    let unanswered = edge.mqtt.unanswered(index);
     let slot = edge.slot(index);
     matches!(slot.state, SlotState::AwaitHello | SlotState::Ready)
         && slot.sends_in_flight < in_flight_max
+        && unanswered < in_flight_max as usize
         && slot.out.len() - (slot.out_sent as usize) < outbox_half
 }
 
@@ -476,6 +479,9 @@ fn release_if_drained(c: &mut Core, index: u32) {
 
 /// Decodes and applies up to FRAMES_PER_ROUND buffered frames; returns how many.
 fn decode_all(c: &mut Core, index: u32) -> (Step, usize) {
+    if c.edge.mqtt.is_mqtt(index) {
+        return decode_all_mqtt(c, index);
+    }
     let limits = c.edge.net_limits;
     let slot = c.edge.slot(index);
     let Some(buf) = slot.rbuf.take() else {
@@ -510,6 +516,59 @@ fn decode_all(c: &mut Core, index: u32) -> (Step, usize) {
     slot.rstart = start as u32;
     release_if_drained(c, index);
     (step, decoded)
+}
+
+/// `decode_all` for an MQTT connection (engine::mqtt_conn): packets instead of frames.
+fn decode_all_mqtt(c: &mut Core, index: u32) -> (Step, usize) {
+    let limits = c.edge.mqtt.codec;
+    let slot = c.edge.slot(index);
+    let Some(buf) = slot.rbuf.take() else {
+        return (Step::Progress, 0);
+    };
+    let (mut start, end) = (slot.rstart as usize, slot.rend as usize);
+    let mut step = Step::Progress;
+    let mut decoded = 0;
+    for _ in 0..FRAMES_PER_ROUND {
+        match mqtt::decode(&buf[start..end], &limits) {
+            Ok(Some((packet, used))) => {
+                start += used;
+                decoded += 1;
+                if !crate::mqtt_conn::handle(c, index, packet) {
+                    step = Step::Close;
+                    break;
+                }
+                if c.edge.slot(index).state != SlotState::Ready {
+                    break; // AwaitWelcome pauses reading; Closing ends it
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                crate::mqtt_conn::decode_error(c, index, e);
+                step = Step::Close;
+                break;
+            }
+        }
+    }
+    let slot = c.edge.slot(index);
+    slot.rbuf = Some(buf);
+    slot.rstart = start as u32;
+    release_if_drained(c, index);
+    (step, decoded)
+}
+
+/// Takes one SEND from the user's token bucket (abuse limits); false: over
+/// `sends_per_user_per_sec`.
+pub fn take_send_token(c: &mut Core, user: &std::rc::Rc<str>) -> bool {
+    let clock_ms = c.edge.clock_ms;
+    let limits = c.addresses.limits();
+    match c.send_buckets.get_mut(user) {
+        Some(bucket) => bucket.take(limits, clock_ms),
+        None => c
+            .send_buckets
+            .entry(user.clone())
+            .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
+            .take(limits, clock_ms),
+    }
 }
 
 /// Applies one frame. false when the connection is to be closed.
@@ -584,16 +643,7 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 .user
                 .clone()
                 .expect("a Ready connection has a user");
-            let limits = c.addresses.limits();
-            let within_rate = match c.send_buckets.get_mut(&user) {
-                Some(bucket) => bucket.take(limits, clock_ms),
-                None => c
-                    .send_buckets
-                    .entry(user.clone())
-                    .or_insert_with(|| crate::abuse::Bucket::new(limits, clock_ms))
-                    .take(limits, clock_ms),
-            };
-            if !within_rate {
+            if !take_send_token(c, &user) {
                 let reason = "sending too fast (sends_per_user_per_sec)";
                 c.reject_here(index, msg_id, reject_code::RATE_LIMITED, reason);
                 return true;
@@ -652,6 +702,7 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
 /// `LINGER_AFTER_ERROR_MS` (`Edge::expire_lingering`).
 fn close(c: &mut Core, ring: &mut SocketRing, index: u32, linger: bool) {
     let conn = conn_ref(c, index);
+    crate::mqtt_conn::closed(c, index);
     let user = c.edge.slot(index).user.take();
     if let Some(user) = user {
         c.route_logout(conn, &user);

@@ -295,6 +295,8 @@ pub struct Edge {
     next_link_id: u16,
     /// Routes to other core pairs (a cluster member: engine::route).
     pub remote: Option<crate::route::Links>,
+    /// The core's MQTT connections (engine::mqtt_conn).
+    pub mqtt: crate::mqtt_conn::MqttEdge,
 }
 
 /// A node link from an edge, on the core that accepted it: the answers
@@ -321,11 +323,14 @@ const SLOW_READER_TIMEOUT_MS: u64 = 30_000;
 /// Read-ahead room in a read buffer beyond one whole frame: more than a TLS
 /// record, so a connection with a partial frame can always take one more.
 const READ_AHEAD_BYTES: usize = 20 << 10;
+// An MQTT packet may be this much longer than a frame: it must fit too.
+const _: () = assert!(crate::mqtt_conn::PACKET_OVERHEAD_MAX as usize <= READ_AHEAD_BYTES);
 /// A pooled outbox buffer larger than this is freed instead of kept.
 const POOLED_BUFFER_CAPACITY_MAX: usize = 256 << 10;
 
 impl Edge {
     pub fn new(id: u16, nr_cores: usize, limits: Limits, net_limits: net::Limits) -> Edge {
+        let frame_len_max = limits.frame_len_max;
         Edge {
             id,
             nr_cores,
@@ -358,6 +363,7 @@ impl Edge {
             links_in: Default::default(),
             next_link_id: 0,
             remote: None,
+            mqtt: crate::mqtt_conn::MqttEdge::new(frame_len_max),
         }
     }
 
@@ -445,6 +451,7 @@ impl Edge {
         let generation = slot.generation;
         *slot = Slot::free();
         slot.generation = generation;
+        self.mqtt.forget(index);
         self.give_buffer(out);
         match rbuf {
             Some(bytes) if parked => self.partial_frame_bytes -= bytes.len(),
@@ -571,8 +578,25 @@ impl Edge {
     /// Appends a frame to a connection's outbox; false when it does not fit
     /// (the caller decides: a DELIVER is resent later, anything else closes).
     pub fn write_frame(&mut self, index: u32, frame: &ServerFrame<'_>) -> bool {
-        let outbox_max = self.limits.outbox_bytes_max;
+        if self.mqtt.is_mqtt(index) {
+            return crate::mqtt_conn::write(self, index, frame);
+        }
         let len = net::encoded_len_server(frame);
+        let delivery = matches!(frame, ServerFrame::Deliver { .. });
+        self.write_encoded(index, len, delivery, |out| encode_server_frame(frame, out))
+    }
+
+    /// Appends `len` bytes written by `encode` to a connection's outbox,
+    /// within `outbox_bytes_max`. What does not fit: a delivery returns
+    /// false (resent later); anything else closes the connection.
+    pub fn write_encoded(
+        &mut self,
+        index: u32,
+        len: usize,
+        delivery: bool,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> bool {
+        let outbox_max = self.limits.outbox_bytes_max;
         let needs_buffer = self.slots[index as usize].out.capacity() == 0;
         let fresh = if needs_buffer {
             Some(self.take_buffer())
@@ -587,7 +611,7 @@ impl Edge {
             return false;
         }
         if slot.out.len() - slot.out_sent as usize + len > outbox_max {
-            if !matches!(frame, ServerFrame::Deliver { .. }) {
+            if !delivery {
                 // Answers are bounded by sends_in_flight_max; overflowing means a
                 // client that does not read its answers at all.
                 tracing::debug!(slot = index, "outbox full: disconnecting");
@@ -596,7 +620,7 @@ impl Edge {
             }
             return false;
         }
-        encode_server_frame(frame, &mut slot.out);
+        encode(&mut slot.out);
         self.wake_slot(index);
         true
     }
@@ -827,6 +851,10 @@ impl Edge {
         let deadline = self.clock_ms.saturating_sub(self.limits.idle_timeout_ms);
         let hello_deadline = self.clock_ms.saturating_sub(self.limits.hello_timeout_ms);
         for index in 0..self.slots.len() as u32 {
+            let deadline = match self.mqtt.keep_alive_timeout_ms(index) {
+                Some(ms) => self.clock_ms.saturating_sub(ms),
+                None => deadline,
+            };
             let slot = &self.slots[index as usize];
             if slot.state == SlotState::AwaitHello && slot.last_activity_ms < hello_deadline {
                 self.fail(index, error_code::IDLE_TIMEOUT, "no HELLO in time");

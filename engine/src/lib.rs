@@ -26,6 +26,8 @@ pub mod lograte;
 pub mod memory;
 pub mod move_cmd;
 pub mod moves;
+pub mod mqtt_conn;
+pub mod mqtt_session;
 pub mod node_tls;
 pub mod pilot;
 pub mod ports;
@@ -140,6 +142,22 @@ struct ServeArgs {
     /// PEM private key for --tls-listen.
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// MQTT 3.1.1 listener (prints `iris mqtt listening on ADDR`): PUBLISH QoS 1 to
+    /// inbox/<user>, SUBSCRIBE inbox/<own user>; user name = user id, password = the
+    /// JWT with --auth jwt (docs/MQTT.md).
+    #[arg(long)]
+    mqtt_listen: Option<std::net::SocketAddr>,
+    /// MQTT 3.1.1 inside TLS (prints `iris mqtt tls listening on ADDR`), with
+    /// --tls-cert and --tls-key.
+    #[arg(long)]
+    mqtt_tls_listen: Option<std::net::SocketAddr>,
+    /// MQTT sessions (user, client id) a process remembers. [default: 100000]
+    #[arg(long)]
+    mqtt_sessions_max: Option<usize>,
+    /// PUBLISH packet ids remembered per MQTT session (a retransmission of an
+    /// older one is stored again). [default: 64]
+    #[arg(long)]
+    mqtt_publish_ids_per_session_max: Option<usize>,
     /// How HELLO is authenticated. `none` only while every client listener is on
     /// loopback (or with --insecure-no-auth). [default: none]
     #[arg(long, value_enum)]
@@ -279,6 +297,14 @@ impl ServeArgs {
              listen_busy_wait_ms => limits.listen_busy_wait_ms,
              on_replica_loss => replication.on_replica_loss,
              replica_loss_timeout_ms => replication.loss_timeout_ms, heartbeat_ms => replication.heartbeat_ms);
+        set!(mqtt_sessions_max => mqtt.sessions_max,
+             mqtt_publish_ids_per_session_max => mqtt.publish_ids_per_session_max);
+        if self.mqtt_listen.is_some() {
+            c.mqtt_listen = self.mqtt_listen;
+        }
+        if self.mqtt_tls_listen.is_some() {
+            c.mqtt_tls_listen = self.mqtt_tls_listen;
+        }
         set!(jwt_leeway_secs => auth.jwt_leeway_secs,
              token_cache_entries => auth.token_cache_entries,
              connections_per_address_max => abuse.connections_per_address_max,

@@ -656,6 +656,9 @@ fn logged_in(c: &mut Core) -> Vec<(u32, u32, Box<str>)> {
             slot.state,
             crate::core::SlotState::Ready | crate::core::SlotState::AwaitWelcome
         );
+        // An MQTT connection is logged in only while it subscribes.
+        let open = open && c.edge.mqtt.receives(index);
+        let slot = c.edge.slot(index);
         if let (true, Some(user)) = (open, &slot.user) {
             out.push((index, slot.generation, Box::from(&**user)));
         }

@@ -85,6 +85,11 @@ struct CoreSpec {
     /// This core's dups of the process's client listeners (plain, TLS).
     client_fd: Option<OwnedFd>,
     tls_fd: Option<OwnedFd>,
+    /// This core's dups of the MQTT listeners (plain, TLS).
+    mqtt_fd: Option<OwnedFd>,
+    mqtt_tls_fd: Option<OwnedFd>,
+    /// The process's MQTT sessions (engine::mqtt_session).
+    mqtt_sessions: Arc<crate::mqtt_session::Sessions>,
     security: Arc<crate::security::Security>,
     addresses: Arc<crate::abuse::Addresses>,
     /// Node-wide count of replication connections (the bound).
@@ -255,6 +260,8 @@ struct Listeners {
     tls: Option<std::net::TcpListener>,
     replication: Option<std::net::TcpListener>,
     link: Option<std::net::TcpListener>,
+    mqtt: Option<std::net::TcpListener>,
+    mqtt_tls: Option<std::net::TcpListener>,
 }
 
 /// The bound addresses of the listeners (port 0 resolved).
@@ -263,6 +270,8 @@ struct Bound {
     tls: Option<SocketAddr>,
     replication: Option<SocketAddr>,
     link: Option<SocketAddr>,
+    mqtt: Option<SocketAddr>,
+    mqtt_tls: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -277,6 +286,8 @@ impl Listeners {
             tls: open(config.tls_listen, "TLS client listener")?,
             replication: open(config.replication.listen, "replication listener")?,
             link: open(link, "node-link listener")?,
+            mqtt: open(config.mqtt_listen, "MQTT listener")?,
+            mqtt_tls: open(config.mqtt_tls_listen, "MQTT TLS listener")?,
         })
     }
 
@@ -294,6 +305,8 @@ impl Listeners {
             tls: addr(&self.tls)?,
             replication: addr(&self.replication)?,
             link: addr(&self.link)?,
+            mqtt: addr(&self.mqtt)?,
+            mqtt_tls: addr(&self.mqtt_tls)?,
         })
     }
 
@@ -325,6 +338,20 @@ impl Listeners {
             dup(&self.replication)?,
             dup(&self.link)?,
         ))
+    }
+
+    /// A core's own descriptors for the MQTT listeners (plain, TLS).
+    fn dup_mqtt(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>), String> {
+        let dup = |l: &Option<std::net::TcpListener>| {
+            l.as_ref()
+                .map(|l| {
+                    l.try_clone()
+                        .map(OwnedFd::from)
+                        .map_err(|e| format!("cannot dup a listening socket: {e}"))
+                })
+                .transpose()
+        };
+        Ok((dup(&self.mqtt)?, dup(&self.mqtt_tls)?))
     }
 }
 
@@ -426,6 +453,7 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     };
     let repl_links = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let addresses = Arc::new(crate::abuse::Addresses::new(config.abuse.clone()));
+    let mqtt_sessions = Arc::new(crate::mqtt_session::Sessions::new(config.mqtt.clone()));
     // With mutual TLS the replication listener is the gateway thread's: no
     // core reads a byte from a peer before its certificate checked out.
     let repl_inbox = match (&node_tls, listeners.replication.take()) {
@@ -465,6 +493,7 @@ pub fn serve(mut config: Config) -> Result<(), String> {
         core_config.tls_listen = bound.tls;
         core_config.replication.listen = bound.replication;
         let (client_fd, tls_fd, replication_fd, link_fd) = listeners.dup()?;
+        let (mqtt_fd, mqtt_tls_fd) = listeners.dup_mqtt()?;
         let spec = CoreSpec {
             cpu: cpus[core % cpus.len()],
             nr_cores,
@@ -472,6 +501,9 @@ pub fn serve(mut config: Config) -> Result<(), String> {
             stats: stats.clone(),
             client_fd,
             tls_fd,
+            mqtt_fd,
+            mqtt_tls_fd,
+            mqtt_sessions: mqtt_sessions.clone(),
             security: security.clone(),
             repl_links: repl_links.clone(),
             addresses: addresses.clone(),
@@ -534,6 +566,12 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     }
     if let Some(tls) = bound.tls {
         println!("iris tls listening on {tls}");
+    }
+    if let Some(mqtt) = bound.mqtt {
+        println!("iris mqtt listening on {mqtt}");
+    }
+    if let Some(mqtt) = bound.mqtt_tls {
+        println!("iris mqtt tls listening on {mqtt}");
     }
     if let Some(r) = bound.replication {
         println!("iris replication listening on {r}");
@@ -740,14 +778,33 @@ async fn core_main(
         repair(&core, Duration::from_millis(repl_config.repair_wait_ms)).await;
     }
     let _ = ready.send(Ok(()));
-    let tls = spec.security.tls.clone();
-    futures_lite::future::zip(
-        acceptor(core.clone(), listener, None),
-        acceptor(core.clone(), tls_listener, tls),
-    )
-    .await;
+    client_acceptors(&core, &mut spec, listener, tls_listener).await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
+}
+
+/// Accepts on the client listeners this core has (Iris plain and TLS,
+/// MQTT plain and TLS) until shutdown.
+async fn client_acceptors(
+    core: &Rc<RefCell<Core>>,
+    spec: &mut CoreSpec,
+    listener: Option<TcpListener>,
+    tls_listener: Option<TcpListener>,
+) {
+    let tls = spec.security.tls.clone();
+    let mqtt = spec.mqtt_fd.take().map(sys::tcp_listener);
+    let mqtt_tls = spec.mqtt_tls_fd.take().map(sys::tcp_listener);
+    futures_lite::future::zip(
+        futures_lite::future::zip(
+            acceptor(core.clone(), listener, None, false),
+            acceptor(core.clone(), tls_listener, tls.clone(), false),
+        ),
+        futures_lite::future::zip(
+            acceptor(core.clone(), mqtt, None, true),
+            acceptor(core.clone(), mqtt_tls, tls, true),
+        ),
+    )
+    .await;
 }
 
 /// A core's state around its shard (an edge core's: `DataShard::none()`).
@@ -759,6 +816,7 @@ fn new_core(spec: &CoreSpec, id: usize, shard: crate::core::DataShard) -> Core {
         spec.config.net_limits(),
     );
     edge.remote = spec.cluster.as_ref().map(|c| c.links());
+    edge.mqtt.sessions = spec.mqtt_sessions.clone();
     let mut repl = crate::repl::ReplState::new(
         spec.config.replication.clone(),
         spec.stats.clone(),
@@ -829,12 +887,7 @@ async fn edge_core_main(
         spawn_links(&core, cluster);
     }
     let _ = ready.send(Ok(()));
-    let tls = spec.security.tls.clone();
-    futures_lite::future::zip(
-        acceptor(core.clone(), listener, None),
-        acceptor(core.clone(), tls_listener, tls),
-    )
-    .await;
+    client_acceptors(&core, &mut spec, listener, tls_listener).await;
     edge_shutdown(core, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
 }
@@ -1032,12 +1085,15 @@ async fn replication_inbox(
 }
 
 /// Accepts client connections until shutdown; a TLS listener's get a TLS
-/// state in their slot.
+/// state in their slot, an MQTT listener's speak MQTT (engine::mqtt_conn).
 async fn acceptor(
     core: Rc<RefCell<Core>>,
     listener: Option<TcpListener>,
     tls: Option<Arc<crate::tls::TlsContext>>,
+    mqtt: bool,
 ) {
+    // Iris's ERROR 7 is bytes neither a TLS nor an MQTT peer can read.
+    let say_refusal = tls.is_none() && !mqtt;
     let Some(listener) = listener else { return };
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -1070,7 +1126,7 @@ async fn acceptor(
                             Ok(true) => key,
                             Ok(false) => 0,
                             Err(turned) => {
-                                if tls.is_none() {
+                                if say_refusal {
                                     refuse_with(stream.as_raw_fd(), turned.reason());
                                 }
                                 continue; // the stream closes as it drops
@@ -1086,7 +1142,9 @@ async fn acceptor(
                             tracing::warn!(error = %e, "cannot keep an accepted connection (file descriptors exhausted?)");
                             last_warning = Some(Instant::now());
                         }
-                        refuse(stream.as_raw_fd());
+                        if say_refusal {
+                            refuse(stream.as_raw_fd());
+                        }
                         core.borrow().addresses.release(ip_key, now_ms());
                         continue;
                     }
@@ -1112,10 +1170,13 @@ async fn acceptor(
                         let slot = c.edge.slot(index);
                         slot.tls = tls_conn;
                         slot.ip_key = ip_key;
+                        if mqtt {
+                            c.edge.mqtt.open(index);
+                        }
                     }
                     None => {
-                        if tls_conn.is_none() {
-                            refuse(fd); // in TLS this would be bytes the peer cannot read
+                        if say_refusal {
+                            refuse(fd); // in TLS or MQTT this would be bytes the peer cannot read
                         }
                         crate::sockets::close(fd);
                         c.addresses.release(ip_key, now_ms());

@@ -23,8 +23,9 @@ impl Security {
             AuthMode::Jwt => SharedKeys::open(config.auth.jwt_keys.as_deref())?,
             AuthMode::None => SharedKeys::open(None)?,
         };
-        let tls = match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
-            (Some(_), Some(cert), Some(key)) => Some(Arc::new(TlsContext::open(cert, key)?)),
+        let tls_listener = config.tls_listen.is_some() || config.mqtt_tls_listen.is_some();
+        let tls = match (tls_listener, &config.tls_cert, &config.tls_key) {
+            (true, Some(cert), Some(key)) => Some(Arc::new(TlsContext::open(cert, key)?)),
             _ => None,
         };
         Ok(Security {
