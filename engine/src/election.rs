@@ -243,11 +243,6 @@ impl Pilot {
         self.leading
     }
 
-    /// The cores' deadline while leading.
-    pub fn deadline_us(&self) -> Option<u64> {
-        self.leading.and(self.lease.map(|l| l.deadline_us))
-    }
-
     fn lose(&mut self, why: String, out: &mut Vec<Action>) {
         if self.leading.take().is_some() {
             out.push(Action::Deadline(0));

@@ -290,12 +290,30 @@ fn log_tail(path: &Path) -> String {
 /// child and its stdout lines, read to the end on a thread so the server never
 /// blocks on a full pipe. Shared by every harness that starts servers.
 pub fn spawn_iris(args: &[String], log_path: &Path) -> (Child, mpsc::Receiver<String>) {
+    spawn_iris_in(None, args, log_path)
+}
+
+/// [`spawn_iris`] inside the network namespace `netns` (`ip netns exec`,
+/// which execs: the child is the server itself).
+pub fn spawn_iris_in(
+    netns: Option<&str>,
+    args: &[String],
+    log_path: &Path,
+) -> (Child, mpsc::Receiver<String>) {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .expect("open server log");
-    let mut child = Command::new(iris_bin())
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(iris_bin());
+            c
+        }
+        None => Command::new(iris_bin()),
+    };
+    let mut child = cmd
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .env(engine::shard::DURABLE_MARK_ENV, "1")

@@ -16,10 +16,9 @@
 //! removed by the test (needs root, as on the test machines); `tc`'s drop
 //! actions are not available here, so routes and links do the cutting.
 
-use crate::{free_loopback_addr, iris_bin, unique_temp_path};
-use std::io::{BufRead, BufReader};
+use crate::{free_loopback_addr, unique_temp_path};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -281,30 +280,7 @@ impl NetLab {
     /// Starts (or restarts) node `i` inside its namespace.
     pub fn start_node(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .expect("node log");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &n.ns])
-            .arg(iris_bin())
-            .args(&n.cmd)
-            .env("RUST_BACKTRACE", "1")
-            .env(engine::shard::DURABLE_MARK_ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn a lab node");
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
+        let (child, rx) = crate::spawn_iris_in(Some(&n.ns), &n.cmd, &n.log);
         wait_ready(&rx, &n.name);
         n.child = Some(child);
     }
