@@ -787,6 +787,15 @@ impl Shard {
 
     /// Cumulative ACK (already checked by the edge against what it delivered).
     pub fn ack(&mut self, user: &str, seq: u64, sink: &mut impl Sink) -> Result<(), ShardError> {
+        if !self.acting() {
+            // A replica's log holds only the primary's records, at the
+            // primary's positions: an ACK logged here (one an edge routed
+            // before it heard of a step-down) would sit where the new
+            // primary writes other records, under the same epoch, and the
+            // logs could no longer be matched. Dropped: the client's next
+            // ACK to the primary covers it, or it gets a redelivery.
+            return Ok(());
+        }
         if !self.holds(user) {
             return Ok(()); // moved away: the owner delivers from its last ACK (a redelivery)
         }
@@ -1987,6 +1996,28 @@ mod tests {
     /// A log written before slot moves holds DEDUP records without slots:
     /// their entries are restated (checkpoint, snapshot) as DEDUP2 with the
     /// slot unknown, and those records replay.
+    #[test]
+    fn a_node_that_stepped_down_logs_no_ack() {
+        let dir = temp_dir("ack-after-step-down");
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
+        let mut sink = Recorder::default();
+        for n in 1..=4 {
+            send(&mut shard, &mut sink, "alice", "bob", n, b"x");
+        }
+        commit(&mut shard, &mut sink);
+        shard.ack("bob", 2, &mut sink).unwrap();
+        let last = shard.wal().last_position();
+        shard.step_down("lost the lease".into(), &mut sink);
+        shard.ack("bob", 4, &mut sink).unwrap();
+        assert_eq!(shard.wal().last_position(), last, "a replica appended");
+        // Past its lease deadline a primary logs none either.
+        shard.promote(shard.epoch() + 1, Mode::Replica, &mut sink);
+        shard.set_lease_deadline(Arc::new(AtomicU64::new(1)));
+        shard.ack("bob", 4, &mut sink).unwrap();
+        assert_eq!(shard.wal().last_position(), last, "appended past the lease");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn old_dedup_records_are_restated_with_the_slot_unknown_and_replay() {
         let dir = temp_dir("old-dedup");
