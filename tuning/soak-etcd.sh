@@ -3,7 +3,9 @@
 # whole fault set: kill -9, SIGSTOP past the lease, SIGTERM, power cuts
 # (kill -9 and the log cut back to its last fsync), and network partitions
 # in namespaces (the primary cut from everyone, from etcd only, from its
-# replica only), under load through an edge; nobody promotes. Then the
+# replica only, from the edge only both ways or one way), under load
+# through an edge; nobody promotes. IRIS_PARTITION_FAULTS=7,8 (numbers in
+# the order of the totals, from 0) draws only those faults. Then the
 # history check (nothing acknowledged lost, nothing twice, per-sender
 # order). The test command runs the same test with 30 rounds
 # (tests/tests/cluster.rs, etcd_partitions_and_faults_lose_no_acknowledged_message).

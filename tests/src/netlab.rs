@@ -12,7 +12,11 @@
 //! namespace, and its peer through the direct link (a host route), so no
 //! forwarding is needed. Faults: [`Cut::Isolate`] (both links down),
 //! [`Cut::Etcd`] (a blackhole route to etcd's address in the node's
-//! namespace: etcd only), [`Cut::Peer`] (the direct link down). Made and
+//! namespace: etcd only), [`Cut::Peer`] (the direct link down),
+//! [`Cut::Edge`] (the edge only, both ways: a blackhole route to the root
+//! side's address in the node's namespace, and a blackhole rule for the
+//! root side's packets to the node; etcd's packets have etcd's address,
+//! so they pass) and [`Cut::EdgeReplies`] (the route alone: one way). Made and
 //! removed by the test (needs root, as on the test machines); `tc`'s drop
 //! actions are not available here, so routes and links do the cutting.
 
@@ -33,6 +37,12 @@ pub enum Cut {
     Etcd,
     /// From its peer only (replication and link).
     Peer,
+    /// From the edge (and the test's admin requests) both ways, etcd and
+    /// the peer still reachable.
+    Edge,
+    /// One way: what the node sends the edge (and the test) is dropped,
+    /// what the edge sends still arrives (SENDs stored, STORED lost).
+    EdgeReplies,
 }
 
 fn run(args: &[&str]) {
@@ -333,6 +343,28 @@ impl NetLab {
                     self.restore_routes(i);
                 }
             }
+            Cut::Edge | Cut::EdgeReplies => {
+                // The edge and the test reach a node from the root side of
+                // its link (10.N.k.1); etcd answers from its own address.
+                let verb = if on { "add" } else { "del" };
+                let root_side = format!("10.{}.{}.1", self.net, i + 1);
+                in_ns(
+                    &n.ns,
+                    &["ip", "route", verb, "blackhole", &format!("{root_side}/32")],
+                );
+                if cut == Cut::Edge {
+                    run(&[
+                        "ip",
+                        "rule",
+                        verb,
+                        "from",
+                        &root_side,
+                        "to",
+                        &n.ip,
+                        "blackhole",
+                    ]);
+                }
+            }
             Cut::Etcd => {
                 let verb = if on { "add" } else { "del" };
                 in_ns(
@@ -430,7 +462,12 @@ impl Drop for NetLab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for n in &self.nodes {
+        for (i, n) in self.nodes.iter().enumerate() {
+            // A rule left by a test that failed mid-cut (rules are global).
+            let root_side = format!("10.{}.{}.1", self.net, i + 1);
+            let _ = Command::new("ip")
+                .args(["rule", "del", "from", &root_side, "to", &n.ip, "blackhole"])
+                .output();
             let _ = Command::new("ip").args(["netns", "del", &n.ns]).output();
             let _ = Command::new("ip")
                 .args(["link", "del", &n.root_if])

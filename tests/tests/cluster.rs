@@ -1192,15 +1192,19 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
 /// network namespaces (tests::netlab): per round, at random (seeded), the
 /// pair's primary is killed with -9, paused past its lease, stopped with
 /// SIGTERM, power-cut (killed, its log cut back to its last fsync), or cut
-/// by a network partition from everyone, from etcd only, or from its replica
-/// only; load runs through an edge all along and nobody promotes. Cut from
+/// by a network partition from everyone, from etcd only, from its replica
+/// only, or from the edge only (both ways, or only its packets to the edge
+/// dropped); load runs through an edge all along and nobody promotes. Cut
+/// from the edge, nothing gets through (checked) and nobody takes over; the
+/// edge holds its clients' requests until a link is back. Cut from
 /// etcd, a primary stops acknowledging at its lease deadline and the
 /// replica is elected; healed (or restarted, or continued), the old primary
 /// steps down and follows by itself. Cut from its replica only, it keeps
 /// its lease and serves alone (`alone` written first). The history check:
 /// nothing acknowledged lost, nothing twice, per-sender order.
-/// IRIS_PARTITION_ROUNDS (default 30) and IRIS_FAULT_SEED replay;
-/// `tuning/soak-etcd.sh` runs 1,000.
+/// IRIS_PARTITION_ROUNDS (default 30) and IRIS_FAULT_SEED replay,
+/// IRIS_PARTITION_FAULTS=7,8 draws only those faults; `tuning/soak-etcd.sh`
+/// runs 1,000.
 #[test]
 fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
     use tests::netlab::{Cut, NetLab};
@@ -1244,8 +1248,21 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
         "isolated",
         "cut from etcd",
         "cut from the replica",
+        "cut from the edge",
+        "cut from the edge one way",
     ];
-    let mut counts = [0usize; 7];
+    // IRIS_PARTITION_FAULTS=7,8 draws only those faults (replays, soaks of one kind).
+    let faults: Vec<usize> = std::env::var("IRIS_PARTITION_FAULTS")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .map(|f| f.trim().parse().expect("IRIS_PARTITION_FAULTS: numbers"))
+                .filter(|&f: &usize| f < names.len())
+                .collect()
+        })
+        .unwrap_or_else(|| (0..names.len()).collect());
+    assert!(!faults.is_empty(), "IRIS_PARTITION_FAULTS names no fault");
+    let mut counts = [0usize; 9];
     let mut cut_records = 0;
     let started = Instant::now();
     for round in 0..rounds {
@@ -1263,7 +1280,7 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
             .expect("primary");
         let r = 1 - p;
         senders[round % 2].wait_stored(20 + next(60) as usize, "before the fault");
-        let fault = next(7) as usize;
+        let fault = faults[next(faults.len() as u64) as usize];
         counts[fault] += 1;
         let what = format!("round {round} ({})", names[fault]);
         match fault {
@@ -1273,7 +1290,39 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
             3 => cut_records += lab.power_cut(p),
             4 => lab.cut(p, Cut::Isolate, true),
             5 => lab.cut(p, Cut::Etcd, true),
-            _ => lab.cut(p, Cut::Peer, true),
+            6 => lab.cut(p, Cut::Peer, true),
+            _ => {
+                // The primary keeps its lease and its replica; only the
+                // edge loses it, for under or over the link's silence
+                // limit (3 s). The edge holds its clients' requests and
+                // sends them again on a new link once the cut heals.
+                let cut = if fault == 7 {
+                    Cut::Edge
+                } else {
+                    Cut::EdgeReplies
+                };
+                let stored = |senders: &[Sender]| -> usize {
+                    senders
+                        .iter()
+                        .map(|s| s.stored.load(Ordering::Relaxed))
+                        .sum()
+                };
+                lab.cut(p, cut, true);
+                let before = stored(&senders);
+                thread::sleep(Duration::from_millis(300 + next(4500)));
+                // The cut is real: no STORED got through it beyond the
+                // answers already past it (at most a window per sender).
+                let through = stored(&senders) - before;
+                assert!(
+                    through <= 4 * senders.len(),
+                    "{what}: {through} STORED through the cut"
+                );
+                lab.cut(p, cut, false);
+                for s in &senders {
+                    s.wait_stored(20, &format!("{what}: after healing"));
+                }
+                continue;
+            }
         }
         if fault == 6 {
             wait(&lab, "the primary serving alone, `alone` written", &|lab| {
