@@ -243,6 +243,22 @@ impl Pilot {
         self.leading
     }
 
+    /// A clean stop (SIGTERM, after the cores answered what was in flight):
+    /// stop acknowledging now, and give back the lease, returned here, so
+    /// that etcd deletes our leader key at once and the replica takes over
+    /// without waiting out the TTL. Revoking it is the caller's (the
+    /// driver's) request; nothing is asked of etcd by this pilot any more.
+    pub fn resign(&mut self) -> (Vec<Action>, Option<i64>) {
+        let mut out = vec![Action::Deadline(0)];
+        if self.allowed_alone {
+            self.allowed_alone = false;
+            out.push(Action::AllowAlone(false));
+        }
+        self.leading = None;
+        self.campaign_next = None;
+        (out, self.lease.take().map(|l| l.id))
+    }
+
     fn lose(&mut self, why: String, out: &mut Vec<Action>) {
         if self.leading.take().is_some() {
             out.push(Action::Deadline(0));
@@ -564,6 +580,17 @@ mod tests {
         assert!(acts.contains(&Action::Serve { epoch: 12 }));
         assert!(acts.contains(&Action::Deadline(800_000)));
         12
+    }
+
+    #[test]
+    fn resigning_stops_acknowledging_and_hands_back_the_lease_once() {
+        let mut p = Pilot::new("a", settings());
+        run_to_leading(&mut p);
+        let (acts, lease) = p.resign();
+        assert_eq!(acts.first(), Some(&Action::Deadline(0)));
+        assert_eq!(lease, Some(7));
+        assert_eq!(p.leading(), None);
+        assert_eq!(p.resign().1, None, "the lease is handed back once");
     }
 
     #[test]

@@ -69,7 +69,7 @@ fn facts(stats: &NodeStats) -> Facts {
     }
 }
 
-/// Runs forever (the process's life).
+/// Runs for the process's life; on a clean stop it hands the lease back first.
 pub async fn run(
     etcd: Etcd,
     keys: PairKeys,
@@ -86,6 +86,13 @@ pub async fn run(
     let mut last_warn: Option<u64> = None;
     let mut last_failure: Option<u64> = None;
     loop {
+        if crate::sys::SHUTDOWN.load(SeqCst)
+            && crate::runtime::cores_drained() >= stats.shards.len()
+        {
+            resign(&etcd, &mut pilot, &stats, &mut last_warn).await;
+            stats.lease_released.store(true, SeqCst);
+            return;
+        }
         let (actions, request) = pilot.step(mono_us(), facts(&stats));
         apply(&stats, actions, &mut last_warn);
         let Some(request) = request else {
@@ -110,6 +117,42 @@ pub async fn run(
         *stats.leader_seen.lock().expect("not poisoned") =
             pilot.seen.as_ref().map(|l| (l.node.clone(), l.epoch));
         *stats.pair_state.lock().expect("not poisoned") = pilot.state().map(|s| s.safety.name());
+    }
+}
+
+/// How long a cleanly stopping node waits for the lease's revocation
+/// (`request_timeout_ms` per endpoint tried, and a little more).
+pub fn resign_wait(e: &crate::config::ElectionConfig) -> Duration {
+    let endpoints = e
+        .etcd
+        .as_deref()
+        .map_or(1, |s| s.split(',').filter(|p| !p.trim().is_empty()).count())
+        .max(1) as u64;
+    Duration::from_millis(endpoints * e.request_timeout_ms + RESIGN_PAUSE.as_millis() as u64 + 100)
+}
+
+/// Between the cores' last acknowledgement under the lease and its
+/// revocation: a core reads the deadline once per turn, and a turn that
+/// read it before the stop ends well within this.
+const RESIGN_PAUSE: Duration = Duration::from_millis(10);
+
+/// SIGTERM, the cores drained: no acknowledgement from now on, then the
+/// lease revoked, which deletes our leader key in etcd; the replica (in
+/// sync, or it would not campaign) is elected within about an observation
+/// period instead of the lease's TTL.
+async fn resign(etcd: &Etcd, pilot: &mut Pilot, stats: &NodeStats, last_warn: &mut Option<u64>) {
+    let (actions, lease) = pilot.resign();
+    apply(stats, actions, last_warn);
+    let Some(lease) = lease else { return };
+    tokio::time::sleep(RESIGN_PAUSE).await;
+    match etcd.revoke(lease).await {
+        Ok(()) => tracing::warn!(
+            lease,
+            "election: stopping; lease handed back, the peer may take over now"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, lease, "election: stopping; could not hand the lease back, it expires by its TTL")
+        }
     }
 }
 

@@ -62,6 +62,12 @@ const EXIT_WAL_FAILED: i32 = 70;
 /// Cores that finished draining their in-flight SENDs during shutdown.
 static DRAINED: AtomicUsize = AtomicUsize::new(0);
 
+/// Cores that answered their SENDs in flight since SIGTERM (or gave up at
+/// `shutdown_drain_ms`).
+pub fn cores_drained() -> usize {
+    DRAINED.load(Ordering::SeqCst)
+}
+
 type Batch = Vec<Mail>;
 
 /// Stops the process when the WAL can no longer promise durability.
@@ -601,6 +607,14 @@ pub fn serve(mut config: Config) -> Result<(), String> {
             Ok(Ok(())) => {}
             Ok(Err(e)) => failure = Some(e),
             Err(e) => failure = Some(format!("executor failed: {e}")),
+        }
+    }
+    if config.replication.elected && sys::SHUTDOWN.load(Ordering::SeqCst) {
+        // The election hands the lease back once the cores drained; the
+        // process exits when it did, or when etcd did not answer in time.
+        let deadline = Instant::now() + crate::pilot::resign_wait(&config.election);
+        while !stats.lease_released.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     failure.map_or(Ok(()), Err)

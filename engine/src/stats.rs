@@ -153,6 +153,9 @@ pub struct NodeStats {
     /// cores stop acknowledging and taking SENDs; u64::MAX without a lease
     /// (manual failover), 0 when the lease is lost. Set by engine::pilot.
     pub lease_deadline_us: Arc<AtomicU64>,
+    /// With etcd, on a clean stop: the lease was handed back (or the attempt
+    /// ended), so the process may exit.
+    pub lease_released: AtomicBool,
     /// Whether the shards may degrade (acknowledge without the replica):
     /// always without etcd; with etcd once the pair's state says `alone`.
     pub alone_allowed: AtomicBool,
@@ -207,6 +210,7 @@ impl NodeStats {
             moves: Default::default(),
             primary_client_addr: Mutex::new(None),
             lease_deadline_us: Arc::new(AtomicU64::new(u64::MAX)),
+            lease_released: AtomicBool::new(false),
             alone_allowed: AtomicBool::new(true),
             demote_requested: AtomicBool::new(false),
             promote_epoch: AtomicU64::new(0),

@@ -404,7 +404,8 @@ impl DevCluster {
     }
 }
 
-fn proc_is_zombie(pid: u32) -> bool {
+/// Whether `pid` is gone or a zombie (exited, not yet reaped).
+pub fn proc_is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')

@@ -132,6 +132,25 @@ impl Etcd {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The value of `key`, read through etcd's JSON gateway (None: absent).
+    pub fn get(&self, key: &str) -> Option<String> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = serde_json::json!({ "key": b64.encode(key) }).to_string();
+        let (status, text) = engine::admin_http::http_with_body(
+            "POST",
+            &self.client,
+            "/v3/kv/range",
+            body.as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("etcd range {key}: {e}"));
+        assert_eq!(status, 200, "etcd range {key}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("etcd JSON");
+        let value = v["kvs"].get(0)?["value"].as_str()?;
+        let bytes = b64.decode(value).expect("etcd value in base64");
+        Some(String::from_utf8(bytes).expect("utf-8 value"))
+    }
 }
 
 impl Drop for Etcd {

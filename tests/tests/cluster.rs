@@ -966,6 +966,51 @@ fn etcd_replaces_a_killed_primary_by_itself() {
     );
 }
 
+/// SIGTERM of the primary: it answers what is in flight, then hands its
+/// lease back, so its leader key is gone from etcd by the time it exits
+/// (the lease's TTL here is 10 s: without the hand-back, the key would
+/// outlive the process by seconds) and the replica takes over without
+/// waiting out the TTL; nothing STORED is lost.
+#[test]
+fn etcd_a_stopped_primary_hands_its_lease_back() {
+    let etcd = tests::etcd::Etcd::start();
+    let mut c = etcd_cluster(&etcd, 1, 1, &["--lease-ttl-ms", "10000"]);
+    let old = c.primary_of("p0");
+    let new = peer_of(&c, &old);
+    let text = std::fs::read_to_string(&c.cluster_file).expect("cluster file");
+    let prefix = text
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd_prefix = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("etcd_prefix in the cluster file");
+    let leader_key = format!("{prefix}/pairs/p0/leader");
+    assert_eq!(etcd.get(&leader_key).as_deref(), Some(old.as_str()));
+    let recipients = users_in("et-p0-", &range(&c, "p0"), 2);
+    let receivers: Vec<_> = recipients
+        .iter()
+        .map(|r| Receiver::start(c.edge(0), r))
+        .collect();
+    let senders: Vec<_> = (0..2)
+        .map(|i| Sender::start(c.edge(0), &format!("ets{i}"), &recipients, 8))
+        .collect();
+    senders[0].wait_stored(200, "before the stop");
+    c.wait_sync(&old);
+    c.terminate(&old);
+    let holder = etcd.get(&leader_key);
+    assert_ne!(
+        holder.as_deref(),
+        Some(old.as_str()),
+        "the stopped primary's leader key outlived it\n{}",
+        c.logs()
+    );
+    c.wait_role(&new, "primary");
+    for s in &senders {
+        s.wait_stored(200, "after the hand-over");
+    }
+    finish_and_check(senders, &recipients, receivers);
+    assert_eq!(etcd.get(&leader_key).as_deref(), Some(new.as_str()));
+}
+
 /// SIGSTOP of the primary past its lease: the replica takes over; on
 /// SIGCONT the old primary finds its lease gone, answers nothing more, and
 /// rejoins as the new primary's replica by itself (nobody restarts it).

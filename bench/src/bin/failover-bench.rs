@@ -1,7 +1,8 @@
 //! failover-bench: how long an edge's clients wait when a pair's primary
 //! dies. Starts `iris dev-cluster --pairs 1 --edges 1`, keeps one client on
 //! the edge sending (one SEND in flight at a time) to a user of the pair,
-//! and per round: a fault on the primary (kill -9, or SIGSTOP), then the
+//! and per round: a fault on the primary (kill -9, SIGSTOP, or SIGTERM: a
+//! clean stop, which with etcd hands the lease back), then the
 //! time to the client's first STORED of a SEND written after the fault.
 //! Without etcd, the replica is promoted through its admin API
 //! `--promote-after` the fault (also timed from the promotion's answer);
@@ -45,7 +46,8 @@ struct Args {
     #[arg(long)]
     etcd: Option<String>,
     /// The fault: `kill9`, `stop` (SIGSTOP for `--stop-for`, then SIGCONT),
-    /// `isolate` or `etcd-cut` (a partition in network namespaces, as root).
+    /// `term` (SIGTERM, a clean stop), `isolate` or `etcd-cut` (a partition
+    /// in network namespaces, as root).
     #[arg(long, default_value = "kill9")]
     fault: String,
     /// How long a stopped primary stays stopped (past its lease).
@@ -122,8 +124,8 @@ fn main() {
         return partition_rounds(&args);
     }
     assert!(
-        args.fault == "kill9" || args.fault == "stop",
-        "--fault kill9, stop, isolate or etcd-cut"
+        matches!(args.fault.as_str(), "kill9" | "stop" | "term"),
+        "--fault kill9, stop, term, isolate or etcd-cut"
     );
     let _ = std::fs::remove_dir_all(&args.dir);
     let mut dev = Command::new(&args.iris);
@@ -231,6 +233,7 @@ fn main() {
         wait("traffic", || last_stored_ns.load(Ordering::SeqCst) > before);
         match (args.fault.as_str(), nodes[primary].child.as_mut()) {
             ("stop", _) => signal(nodes[primary].pid, "-STOP"),
+            ("term", _) => signal(nodes[primary].pid, "-TERM"),
             (_, Some(child)) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -293,8 +296,20 @@ fn main() {
                 }
             }
         }
-        if args.fault == "kill9" || !elected {
-            // The killed node rejoins as the replica.
+        if args.fault == "term" {
+            // Its clean stop ends before it comes back.
+            let pid = nodes[primary].pid;
+            match nodes[primary].child.as_mut() {
+                Some(child) => {
+                    let _ = child.wait();
+                }
+                None => wait("the stopped node to exit", || {
+                    tests::dev_cluster::proc_is_zombie(pid)
+                }),
+            }
+        }
+        if args.fault == "kill9" || args.fault == "term" || !elected {
+            // The killed (or stopped) node rejoins as the replica.
             let log =
                 std::fs::File::create(format!("{}/{}.rejoin.log", args.dir, nodes[primary].name))
                     .expect("log");
