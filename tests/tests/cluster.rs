@@ -1311,6 +1311,13 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
     let mut cut_records = 0;
     let started = Instant::now();
     for round in 0..rounds {
+        if round > 0 && round % 100 == 0 {
+            // Progress for a soak's log.
+            println!(
+                "partition rounds: {round} done in {:.0} s, counts {counts:?}",
+                started.elapsed().as_secs_f64()
+            );
+        }
         wait(&lab, "one primary, the pair in sync", &|lab| {
             let roles = [lab.role(0), lab.role(1)];
             let p = roles.iter().position(|r| r.as_deref() == Some("primary"));
