@@ -571,6 +571,81 @@ fn finish_and_check(
     (stored, received)
 }
 
+/// The load of the fault-round tests: receivers of `n` recipients (users
+/// of `slots` named PREFIX-…) and two senders (PREFIX-s0, PREFIX-s1, a
+/// window of 4 each), all through one edge for the whole run.
+struct Load {
+    recipients: Vec<String>,
+    receivers: Vec<Receiver>,
+    senders: Vec<Sender>,
+}
+
+impl Load {
+    fn start(edge: &str, prefix: &str, slots: &str, n: usize) -> Load {
+        let recipients = users_in(&format!("{prefix}-"), slots, n);
+        let receivers = recipients
+            .iter()
+            .map(|r| Receiver::start(edge, r))
+            .collect();
+        let senders = (0..2)
+            .map(|i| Sender::start(edge, &format!("{prefix}s{i}"), &recipients, 4))
+            .collect();
+        Load {
+            recipients,
+            receivers,
+            senders,
+        }
+    }
+
+    /// Stops it and checks the history (`check`); (acknowledged, read).
+    fn finish(self) -> (usize, usize) {
+        let (stored, received) = finish_and_check(self.senders, &self.recipients, self.receivers);
+        (stored.len(), received.values().map(Vec::len).sum())
+    }
+}
+
+/// Rounds of a fault-round test: the variable `var`, else `default`.
+fn rounds_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Server flags of the fault-round tests: two senders for minutes, beside
+/// the other cluster tests, run over the default per-user rate, and
+/// receivers starved for seconds could let an inbox pass the default
+/// 100,000 (REJECTED 3 or 5 would be right then, but it is not what these
+/// rounds test).
+const ROUNDS_ARGS: [&str; 6] = [
+    "--sends-per-user-per-sec",
+    "1000000",
+    "--send-burst-per-user",
+    "1000000",
+    "--inbox-len-max",
+    "2000000",
+];
+
+/// The closing line of a fault-round test: `label: N (name count, ...; extra)
+/// in S s: acknowledged X, read Y, lost 0, duplicates 0, seed Z` (the soak
+/// scripts print it).
+fn rounds_summary(
+    label: &str,
+    rounds: usize,
+    counts: &[(&str, usize)],
+    extra: &str,
+    started: Instant,
+    (stored, read): (usize, usize),
+    seed: u64,
+) {
+    let counts: Vec<String> = counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
+    println!(
+        "{label}: {rounds} ({}{extra}) in {:.0} s: acknowledged {stored}, read {read}, lost 0, duplicates 0, seed {seed}",
+        counts.join(", "),
+        started.elapsed().as_secs_f64(),
+    );
+}
+
 /// `iris admin move-slots` under load: a slot range of p0 moves to p1 and
 /// back while senders and receivers (through both edges, and connected to
 /// the core nodes themselves) keep going. Senders see only STORED (a SEND
@@ -782,35 +857,13 @@ enum Fault {
 /// (`tuning/soak.sh`).
 #[test]
 fn fault_rounds_lose_no_acknowledged_message() {
-    let rounds: usize = std::env::var("IRIS_FAULT_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
-    let seed = fault_seed();
-    println!("fault rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
-    let mut next = fault_schedule(seed);
-    // Two senders for minutes, beside the other cluster tests: over the
-    // default per-user rate, and receivers starved for seconds could let an
-    // inbox pass the default 100,000 (REJECTED 5 would be right then, but
-    // it is not what these rounds test).
+    let rounds = rounds_from_env("IRIS_FAULT_ROUNDS", 50);
+    let (seed, mut next) = seeded_dice("fault rounds");
     let mut args = FAST.to_vec();
-    args.extend([
-        "--sends-per-user-per-sec",
-        "1000000",
-        "--send-burst-per-user",
-        "1000000",
-        "--inbox-len-max",
-        "2000000",
-    ]);
+    args.extend(ROUNDS_ARGS);
     let mut c = DevCluster::start(1, 1, &args);
-    let recipients = users_in("fr-", &range(&c, "p0"), 3);
-    let receivers: Vec<_> = recipients
-        .iter()
-        .map(|r| Receiver::start(c.edge(0), r))
-        .collect();
-    let senders: Vec<_> = (0..2)
-        .map(|i| Sender::start(c.edge(0), &format!("frs{i}"), &recipients, 4))
-        .collect();
+    let load = Load::start(c.edge(0), "fr", &range(&c, "p0"), 3);
+    let senders = &load.senders;
     let mut counts = [0usize; 3];
     let started = Instant::now();
     for round in 0..rounds {
@@ -847,7 +900,7 @@ fn fault_rounds_lose_no_acknowledged_message() {
             thread::sleep(Duration::from_millis(next(300)));
             c.kill9(&primary);
         }
-        for s in &senders {
+        for s in senders {
             s.wait_stored(
                 20,
                 &format!("round {round} ({fault:?}) after the promotion"),
@@ -856,15 +909,15 @@ fn fault_rounds_lose_no_acknowledged_message() {
         c.restart(&primary);
         c.wait_caught_up(&replica);
     }
-    let (stored, received) = finish_and_check(senders, &recipients, receivers);
-    let read: usize = received.values().map(Vec::len).sum();
-    println!(
-        "fault rounds: {rounds} (kill9 {}, pause {}, term {}) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
-        counts[0],
-        counts[1],
-        counts[2],
-        started.elapsed().as_secs_f64(),
-        stored.len()
+    let names: Vec<_> = ["kill9", "pause", "term"].into_iter().zip(counts).collect();
+    rounds_summary(
+        "fault rounds",
+        rounds,
+        &names,
+        "",
+        started,
+        load.finish(),
+        seed,
     );
 }
 
@@ -1111,6 +1164,14 @@ fn fault_seed() -> u64 {
         })
 }
 
+/// The seed (IRIS_FAULT_SEED, else the clock), printed first so that a
+/// failing run replays, and its dice.
+fn seeded_dice(label: &str) -> (u64, impl FnMut(u64) -> u64) {
+    let seed = fault_seed();
+    println!("{label}: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
+    (seed, fault_schedule(seed))
+}
+
 /// The fault schedule of a seed: `next(n)` in 0..n, xorshift64* (the
 /// test's own dice, nothing more).
 fn fault_schedule(seed: u64) -> impl FnMut(u64) -> u64 {
@@ -1160,23 +1221,12 @@ fn sole_primary(c: &DevCluster, pair: &str) -> (String, String) {
 /// IRIS_FAULT_SEED replay; `tuning/soak.sh` runs 1,000.
 #[test]
 fn etcd_fault_rounds_lose_no_acknowledged_message() {
-    let rounds: usize = std::env::var("IRIS_ETCD_FAULT_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
-    let seed = fault_seed();
-    println!("etcd fault rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
-    let mut next = fault_schedule(seed);
+    let rounds = rounds_from_env("IRIS_ETCD_FAULT_ROUNDS", 50);
+    let (seed, mut next) = seeded_dice("etcd fault rounds");
     let etcd = tests::etcd::Etcd::start();
     let mut c = etcd_cluster(&etcd, 1, 1, &["--inbox-len-max", "2000000"]);
-    let recipients = users_in("efr-", &range(&c, "p0"), 3);
-    let receivers: Vec<_> = recipients
-        .iter()
-        .map(|r| Receiver::start(c.edge(0), r))
-        .collect();
-    let senders: Vec<_> = (0..2)
-        .map(|i| Sender::start(c.edge(0), &format!("efrs{i}"), &recipients, 4))
-        .collect();
+    let load = Load::start(c.edge(0), "efr", &range(&c, "p0"), 3);
+    let senders = &load.senders;
     let mut counts = [0usize; 4];
     let mut cut_records = 0;
     let started = Instant::now();
@@ -1208,7 +1258,7 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
             Fault::PowerCut => cut_records += c.power_cut(&primary),
         }
         c.wait_role(&replica, "primary");
-        for s in &senders {
+        for s in senders {
             s.wait_stored(20, &format!("round {round} ({fault:?}) after the election"));
         }
         match fault {
@@ -1220,16 +1270,19 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
         }
         c.wait_role(&primary, "replica");
     }
-    let (stored, received) = finish_and_check(senders, &recipients, receivers);
-    let read: usize = received.values().map(Vec::len).sum();
-    println!(
-        "etcd fault rounds: {rounds} (kill9 {}, pause {}, term {}, power cut {} with {cut_records} unsynced records cut) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
-        counts[0],
-        counts[1],
-        counts[2],
-        counts[3],
-        started.elapsed().as_secs_f64(),
-        stored.len()
+    let names: Vec<_> = ["kill9", "pause", "term", "power cut"]
+        .into_iter()
+        .zip(counts)
+        .collect();
+    let extra = format!("; {cut_records} unsynced records cut");
+    rounds_summary(
+        "etcd fault rounds",
+        rounds,
+        &names,
+        &extra,
+        started,
+        load.finish(),
+        seed,
     );
 }
 
@@ -1253,31 +1306,13 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
 #[test]
 fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
     use tests::netlab::{Cut, NetLab};
-    let rounds: usize = std::env::var("IRIS_PARTITION_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
-    let seed = fault_seed();
-    println!("partition rounds: seed {seed} (IRIS_FAULT_SEED={seed} replays the same faults)");
-    let mut next = fault_schedule(seed);
+    let rounds = rounds_from_env("IRIS_PARTITION_ROUNDS", 30);
+    let (seed, mut next) = seeded_dice("partition rounds");
     let mut args = FAST.to_vec();
-    args.extend([
-        "--sends-per-user-per-sec",
-        "1000000",
-        "--send-burst-per-user",
-        "1000000",
-        "--inbox-len-max",
-        "2000000",
-    ]);
+    args.extend(ROUNDS_ARGS);
     let mut lab = NetLab::start(&args);
-    let recipients = users_in("np-", "0-16383", 3);
-    let receivers: Vec<_> = recipients
-        .iter()
-        .map(|r| Receiver::start(&lab.edge_addr, r))
-        .collect();
-    let senders: Vec<_> = (0..2)
-        .map(|i| Sender::start(&lab.edge_addr, &format!("nps{i}"), &recipients, 4))
-        .collect();
+    let load = Load::start(&lab.edge_addr, "np", "0-16383", 3);
+    let senders = &load.senders;
     fn wait(lab: &NetLab, what: &str, cond: &dyn Fn(&NetLab) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !cond(lab) {
@@ -1360,17 +1395,17 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
                         .sum()
                 };
                 lab.cut(p, cut, true);
-                let before = stored(&senders);
+                let before = stored(senders);
                 thread::sleep(Duration::from_millis(300 + next(4500)));
                 // The cut is real: no STORED got through it beyond the
                 // answers already past it (at most a window per sender).
-                let through = stored(&senders) - before;
+                let through = stored(senders) - before;
                 assert!(
                     through <= 4 * senders.len(),
                     "{what}: {through} STORED through the cut"
                 );
                 lab.cut(p, cut, false);
-                for s in &senders {
+                for s in senders {
                     s.wait_stored(20, &format!("{what}: after healing"));
                 }
                 continue;
@@ -1381,7 +1416,7 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
                 let s = lab.stats(p);
                 s["mode"] == "degraded" && s["election"]["state"] == "alone"
             });
-            for s in &senders {
+            for s in senders {
                 s.wait_stored(20, &format!("{what}: served alone"));
             }
             lab.cut(p, Cut::Peer, false);
@@ -1390,7 +1425,7 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
         wait(&lab, "the replica elected", &|lab| {
             lab.role(r).as_deref() == Some("primary")
         });
-        for s in &senders {
+        for s in senders {
             s.wait_stored(20, &format!("{what}: after the election"));
         }
         match fault {
@@ -1406,17 +1441,15 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
             lab.role(p).as_deref() == Some("replica")
         });
     }
-    let (stored, received) = finish_and_check(senders, &recipients, receivers);
-    let read: usize = received.values().map(Vec::len).sum();
-    let summary: Vec<String> = names
-        .iter()
-        .zip(counts)
-        .map(|(n, c)| format!("{n} {c}"))
-        .collect();
-    println!(
-        "partition rounds: {rounds} ({}; {cut_records} unsynced records cut) in {:.0} s: acknowledged {}, read {read}, lost 0, duplicates 0, seed {seed}",
-        summary.join(", "),
-        started.elapsed().as_secs_f64(),
-        stored.len()
+    let names: Vec<_> = names.into_iter().zip(counts).collect();
+    let extra = format!("; {cut_records} unsynced records cut");
+    rounds_summary(
+        "partition rounds",
+        rounds,
+        &names,
+        &extra,
+        started,
+        load.finish(),
+        seed,
     );
 }
