@@ -203,6 +203,16 @@ pub enum ShardError {
         position: u64,
         why: String,
     },
+    /// A record from the primary that this replica's state cannot take:
+    /// the two logs differ before it, which the sync on connect exists to
+    /// prevent (our own broken invariant). Refused, not logged: the
+    /// replica stays as it was, and says so at every attempt.
+    #[error("shard {shard}: the primary's record at position {position} does not fit this replica's state ({why}): the logs diverged before it; a full resync is needed (restart this node with an empty data directory)")]
+    Diverged {
+        shard: usize,
+        position: u64,
+        why: String,
+    },
 }
 
 /// Bytes of one shard's part of a slot move (`export_slots`): the range's
@@ -939,6 +949,20 @@ impl Shard {
                 position: rec.position,
                 why: e.to_string(),
             })?;
+        let valid = match &decoded {
+            Decoded::Slots(r) => match &self.ownership {
+                Some(o) if !o.table.valid(r) => Err(format!(
+                    "slot decision {r:?} names a pair not in the cluster file"
+                )),
+                _ => Ok(()),
+            },
+            other => self.live.check(other),
+        };
+        valid.map_err(|why| ShardError::Diverged {
+            shard,
+            position: rec.position,
+            why,
+        })?;
         self.wal
             .append_at(rec.position, rec.epoch, rec.record_type, rec.payload)
             .map_err(|source| ShardError::Wal { shard, source })?;
@@ -1518,6 +1542,23 @@ impl Live {
         self.dedup.remove_slots(first, last);
     }
 
+    /// Whether `apply` would take this record, without changing anything:
+    /// a replica checks a record from its primary before logging it, so a
+    /// record its state cannot take (the two logs differ: a broken
+    /// invariant) is refused, not logged.
+    fn check(&self, rec: &Decoded<'_>) -> Result<(), String> {
+        if let Decoded::Msg(m) = rec {
+            let last_seq = self.inboxes.get(m.recipient).map_or(0, |i| i.last_seq);
+            if m.seq > last_seq + 1 {
+                return Err(format!(
+                    "seq {} for {} after {last_seq}",
+                    m.seq, m.recipient
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn inbox_entry(&mut self, user: &str) -> &mut Inbox {
         if !self.inboxes.contains_key(user) {
             self.add_user(user);
@@ -2015,6 +2056,47 @@ mod tests {
         shard.set_lease_deadline(Arc::new(AtomicU64::new(1)));
         shard.ack("bob", 4, &mut sink).unwrap();
         assert_eq!(shard.wal().last_position(), last, "appended past the lease");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_replica_refuses_a_record_its_state_cannot_take_without_logging_it() {
+        let dir = temp_dir("diverged");
+        let (mut replica, _) = Shard::open(0, &dir, &limits(), None).unwrap();
+        replica.become_replica("test".into());
+        let mut payload = Vec::new();
+        let msg = |seq: u64, payload: &mut Vec<u8>| {
+            let m = MsgRecord {
+                recipient: "bob",
+                seq,
+                sender: "alice",
+                msg_id: id(seq),
+                sent_ms: 1,
+                body: b"x",
+            };
+            record::encode_msg(&m, payload);
+        };
+        fn rec(position: u64, payload: &[u8]) -> wal::Record<'_> {
+            wal::Record {
+                position,
+                epoch: 1,
+                record_type: record::MSG,
+                payload,
+            }
+        }
+        msg(1, &mut payload);
+        replica.apply_replicated(&rec(1, &payload)).unwrap();
+        msg(3, &mut payload);
+        let err = replica.apply_replicated(&rec(2, &payload)).unwrap_err();
+        assert!(
+            matches!(err, ShardError::Diverged { position: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            replica.wal().last_position(),
+            1,
+            "the refused record was logged"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
