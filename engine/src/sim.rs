@@ -485,7 +485,9 @@ struct Node {
 
 impl Node {
     fn local(&self, true_us: u64) -> u64 {
-        let drift = (true_us as i128 * self.drift_ppm as i128 / 1_000_000) as i64;
+        // In i64: a run's 15 s at 2 % is 3e11, far from overflow (the 128-bit
+        // division it used to be took a sixth of the run time).
+        let drift = true_us as i64 * self.drift_ppm / 1_000_000;
         (self.clock_offset as i64 + true_us as i64 + drift) as u64
     }
 
