@@ -17,15 +17,18 @@
 //!   bumped by every write, the `create` txn (leader key's create_revision
 //!   == 0, with the state put in the same revision) and the guarded put
 //!   (leader key's create_revision == epoch), as `etcd.rs` sends them.
-//! - a node: one shard whose log is a list of (epoch, msg_id, sender, seq)
-//!   with a written length and a durable (fsynced) length; the rules of
+//! - a node: one shard whose log is a list of records (epoch, kind, msg_id,
+//!   sender, seq), messages (MSG) and users' cumulative ACKs (ACK), with a
+//!   written length and a durable (fsynced) length; the rules of
 //!   `shard.rs` (`lease_valid`, `on_durable`, `commit_position`, msg_id
-//!   dedup, `step_down`, `promote`, `fence`) and of `repl.rs` (`tick`,
-//!   `update_mode`, `publish`'s `synced`/`wants_alone`, the sync on connect
-//!   of `plan`: partial, or truncate to the common prefix and re-submit the
-//!   dropped messages; acks of the durable position; heartbeats; read
-//!   timeouts of `loss_timeout`; reconnects with capped backoff; a fenced
-//!   node steps down and follows).
+//!   dedup, `ack`, `step_down`, `promote`, `fence`) and of `repl.rs`
+//!   (`tick`, `update_mode`, `publish`'s `synced`/`wants_alone`, the sync
+//!   on connect of `plan`: partial, or truncate to the common prefix and
+//!   re-submit the dropped messages, MSG records only as in
+//!   `truncate_and_rebuild`; the replica taking the primary's epoch from
+//!   WELCOME and heartbeats as `set_epoch` does; acks of the durable
+//!   position; heartbeats; read timeouts of `loss_timeout`; reconnects with
+//!   capped backoff; a fenced node steps down and follows).
 //! - the sync on connect is `plan`'s rule: the common prefix of a diverged
 //!   replica ends at the last record of the replica's last epoch that the
 //!   primary holds; without one, a full sync. The rule `plan` had before
@@ -40,13 +43,33 @@
 //!   by the read timeout as in `repl.rs`.
 //! - clients: one message at a time per sender, retried with the same
 //!   msg_id against either node of its pair until some node answers STORED.
+//! - ACKs: each client is also a receiver that sends, every 100 to 300 ms,
+//!   a cumulative ACK of its last STORED seq to the node that last answered
+//!   it STORED, through the same faulty network: like an edge that has not
+//!   heard of a failover yet, it may reach a node that stepped down, a
+//!   restarted node following the new primary, or a primary past its
+//!   lease. A node logs it as `Shard::ack` does since 434655c: only as an
+//!   acting primary (role primary, lease valid), and only if it
+//!   acknowledges more than the log holds for that user. ACK records are
+//!   positions like any other (the sync on connect and the replica's log
+//!   equality count them) but not messages (msg_id dedup, STORED, the
+//!   final log's message checks and re-submission skip them). Before
+//!   434655c `ack` logged it whatever the node's role: a node that had
+//!   stepped down appended ACK records where the new primary wrote other
+//!   records of the same epoch (the one the replica took from the WELCOME,
+//!   or the old one when a power cut had cost it records the new primary
+//!   holds), so the logs matched by epoch but not by content.
+//!   [`Plants::ack_logged_by_any_node`] runs that rule and its test shows
+//!   the checker catching it (a replica's log differing from the
+//!   primary's).
 //!
 //! Not modelled: the WAL's bytes (`wal::sim` covers torn records and
 //! recovery), checkpoints and full-sync snapshots as records (a full sync
 //! copies the primary's log), crash repair by FETCH (`repair` runs only for
 //! nodes that are not elected), several shards per node, edges and their
 //! links, recipients' delivery windows (a message is "delivered" when it is
-//! in the final primary's log), etcd itself failing (it is one linearizable
+//! in the final primary's log; an ACK carries a user and a seq, and no
+//! inbox checks it against deliveries), etcd itself failing (it is one linearizable
 //! store here; only the network to it fails), and wall-clock jumps: every
 //! deadline is on the node's monotonic clock (`mono_us`), which the model
 //! lets drift by up to `DRIFT_PPM_MAX` but never go back, and the only
@@ -59,7 +82,7 @@
 //! holding every message STORED before in its pair; after healing and
 //! settling, one acting primary per pair whose log holds every STORED
 //! msg_id once and each sender's STORED messages in order, a replica's log
-//! equal to it, and no client left with a message not STORED.
+//! (ACK records included) equal to it, and no client left with a message not STORED.
 //!
 //! Run: `cargo test --release -p engine --lib sim::` (`SEEDS` seeds, about
 //! 15 s on 2 cores, or `IRIS_SIM_SEEDS=N`); replay one: `IRIS_SIM_SEED=N`
@@ -98,6 +121,11 @@ const HEARTBEAT_US: u64 = 100_000;
 const BACKOFF_MIN_US: u64 = 100_000;
 const BACKOFF_MAX_US: u64 = 800_000;
 const CLIENT_TIMEOUT_US: u64 = 400_000;
+/// A client's cumulative ACK, every ACK_EVERY_US / 2 .. 3 * ACK_EVERY_US / 2
+/// (about one per message STORED; more often costs run time and finds no
+/// more: the planted ACK bug turns red on about a quarter of the seeds at
+/// 50 ms as at 200 ms).
+const ACK_EVERY_US: u64 = 200_000;
 
 /// Bugs planted in the model on purpose, to show the checker turns red.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -117,6 +145,8 @@ pub struct Plants {
     /// The sync on connect matches every epoch of the replica's log (an
     /// ideal HELLO carrying them all), instead of `plan`'s rule.
     pub plan_by_all_epochs: bool,
+    /// Shard::ack before 434655c: an ACK is logged whatever the node's role.
+    pub ack_logged_by_any_node: bool,
 }
 
 fn settings(may_serve_alone: bool) -> Settings {
@@ -300,9 +330,22 @@ enum Ep {
     Client(usize),
 }
 
+/// What a log record is. A MSG is a client's message; an ACK is a user's
+/// cumulative ACK (`Shard::ack`'s record): its `sender` is the acking user,
+/// its `seq` the seq acknowledged, its `msg_id` 0. ACKs are positions in
+/// the log like any record (the sync on connect and the replica's log
+/// equality count them), but no message: msg_id dedup, STORED, the final
+/// log's message checks and a truncated tail's re-submission skip them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Msg,
+    Ack,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     epoch: u64,
+    kind: Kind,
     msg_id: u64,
     sender: u32,
     seq: u32,
@@ -366,6 +409,11 @@ enum Body {
     Send {
         client: usize,
         entry: Entry,
+    },
+    /// A user's cumulative ACK (no answer).
+    ClientAck {
+        user: u32,
+        seq: u32,
     },
     Answer {
         msg_id: u64,
@@ -459,6 +507,8 @@ struct Node {
     alone_until: u64,
     waiting: VecDeque<(u64, u64, Option<usize>)>,
     dedup: BTreeMap<u64, u64>,
+    /// User → the highest seq of its ACKs in the log (the inboxes' `acked`).
+    acks: BTreeMap<u32, u32>,
     fsync: Option<(u64, usize)>,
     link: Option<Link>,
     follow: Option<Follow>,
@@ -485,7 +535,9 @@ struct Node {
 
 impl Node {
     fn local(&self, true_us: u64) -> u64 {
-        let drift = (true_us as i128 * self.drift_ppm as i128 / 1_000_000) as i64;
+        // In i64: a run's 15 s at 2 % is 3e11, far from overflow (the 128-bit
+        // division it used to be took a sixth of the run time).
+        let drift = true_us as i64 * self.drift_ppm / 1_000_000;
         (self.clock_offset as i64 + true_us as i64 + drift) as u64
     }
 
@@ -513,21 +565,32 @@ impl Node {
         }
     }
 
-    fn rebuild_dedup(&mut self) {
-        self.dedup = self
-            .disk
-            .log
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.msg_id, i as u64 + 1))
-            .collect();
+    /// Shard::replay: the msg_id dedup and the ACKed seqs, from the log.
+    fn replay(&mut self) {
+        self.dedup.clear();
+        self.acks.clear();
+        for i in 0..self.disk.log.len() {
+            self.index(i);
+        }
+    }
+
+    fn index(&mut self, i: usize) {
+        let e = self.disk.log[i];
+        match e.kind {
+            Kind::Msg => {
+                self.dedup.insert(e.msg_id, i as u64 + 1);
+            }
+            Kind::Ack => {
+                let acked = self.acks.entry(e.sender).or_default();
+                *acked = (*acked).max(e.seq);
+            }
+        }
     }
 
     fn append(&mut self, e: Entry) -> u64 {
         self.disk.log.push(e);
-        let pos = self.last();
-        self.dedup.insert(e.msg_id, pos);
-        pos
+        self.index(self.disk.log.len() - 1);
+        self.last()
     }
 
     /// A new process on the same disk: every in-memory field starts over.
@@ -542,7 +605,7 @@ impl Node {
         self.replica_acked = 0;
         self.alone_until = 0;
         self.waiting.clear();
-        self.rebuild_dedup();
+        self.replay();
         self.fsync = None;
         self.link = None;
         self.follow = None;
@@ -586,6 +649,11 @@ struct Client {
     waiting_until: Option<u64>,
     next_try: u64,
     stored: u64,
+    /// As a receiver: the seq it ACKs (its last STORED), and the node it
+    /// takes for its pair's primary (the last to answer it STORED).
+    acked: u32,
+    ack_to: Option<usize>,
+    next_ack: u64,
 }
 
 // --------------------------------------------------------------- faults
@@ -670,6 +738,7 @@ impl World {
                 alone_until: 0,
                 waiting: VecDeque::new(),
                 dedup: BTreeMap::new(),
+                acks: BTreeMap::new(),
                 fsync: None,
                 link: None,
                 follow: None,
@@ -701,6 +770,9 @@ impl World {
                 waiting_until: None,
                 next_try: 0,
                 stored: 0,
+                acked: 0,
+                ack_to: None,
+                next_ack: 0,
             })
             .collect();
         let mut w = World {
@@ -980,6 +1052,7 @@ impl World {
         match p.body {
             Body::EtcdRep { req_id, res } => self.on_etcd_reply(n, req_id, res),
             Body::Send { client, entry } => self.on_send(n, Some(client), entry),
+            Body::ClientAck { user, seq } => self.on_client_ack(n, user, seq),
             Body::Repl { session, seq, msg } => self.on_repl(n, p.from, session, seq, msg),
             _ => {}
         }
@@ -1010,6 +1083,37 @@ impl World {
         };
         self.nodes[n].waiting.push_back((pos, e.msg_id, client));
         self.release(n);
+    }
+
+    /// Shard::ack: logged (not waited for, not answered) only by an acting
+    /// primary, and only if it acknowledges more than the log holds for the
+    /// user. A node that is not one (stepped down, a replica that took the
+    /// new epoch from a WELCOME, a primary past its lease) would append it
+    /// where the primary writes other records, perhaps under the same epoch.
+    fn on_client_ack(&mut self, n: usize, user: u32, seq: u32) {
+        let local = self.nodes[n].local(self.now);
+        let node = &self.nodes[n];
+        let acting = node.role == Role::Primary && node.lease_valid(local);
+        if !acting && !self.plants.ack_logged_by_any_node {
+            return;
+        }
+        if node.acks.get(&user).is_some_and(|&acked| seq <= acked) {
+            return;
+        }
+        let epoch = node.epoch;
+        let pos = self.nodes[n].append(Entry {
+            epoch,
+            kind: Kind::Ack,
+            msg_id: 0,
+            sender: user,
+            seq,
+        });
+        self.log(|| {
+            format!(
+                "{} logs ACK {user}/{seq} at {pos} epoch {epoch} (acting: {acting})",
+                self.nodes[n].name
+            )
+        });
     }
 
     /// Shard::on_durable: STORED for what the commit position covers.
@@ -1274,15 +1378,17 @@ impl World {
                                 self.now, node.name
                             );
                         }
-                        node.resubmit.extend(tail);
+                        // truncate_and_rebuild re-submits MSG records only.
+                        let msgs = tail.into_iter().filter(|e| e.kind == Kind::Msg);
+                        node.resubmit.extend(msgs);
                     }
                     node.disk.durable = node.disk.durable.min(keep);
-                    node.rebuild_dedup();
+                    node.replay();
                 }
                 if let Some(log) = full {
                     node.disk.durable = 0;
                     node.disk.log = log;
-                    node.rebuild_dedup();
+                    node.replay();
                 }
             }
             ReplMsg::Records { first, entries } => {
@@ -1553,7 +1659,10 @@ impl World {
                 cl.stored += 1;
                 cl.waiting_until = None;
                 cl.next_try = self.now + self.rng.below(20_000);
-                let _ = cur;
+                cl.acked = cur.seq;
+                if let Ep::Node(n) = p.from {
+                    cl.ack_to = Some(n);
+                }
             }
             Answer::NotPrimary | Answer::Rejected => {
                 cl.waiting_until = None;
@@ -1563,7 +1672,23 @@ impl World {
         }
     }
 
+    /// The client as a receiver: a cumulative ACK of its last STORED seq,
+    /// sent now and then to the node it takes for the primary, which may be
+    /// stale (an edge routes ACKs to a node until it hears of another).
+    fn client_ack(&mut self, c: usize) {
+        let cl = &self.clients[c];
+        let Some(node) = cl.ack_to.filter(|_| self.now >= cl.next_ack) else {
+            return;
+        };
+        let (user, seq) = (cl.sender, cl.acked);
+        let jitter = self.rng.below(ACK_EVERY_US);
+        self.clients[c].next_ack = self.now + ACK_EVERY_US / 2 + jitter;
+        let body = Body::ClientAck { user, seq };
+        self.send(Ep::Client(c), Ep::Node(node), body);
+    }
+
     fn client_step(&mut self, c: usize, new_messages: bool) {
+        self.client_ack(c);
         let now = self.now;
         let cl = &mut self.clients[c];
         if let Some(until) = cl.waiting_until {
@@ -1582,6 +1707,7 @@ impl World {
             }
             cl.current = Some(Entry {
                 epoch: 0,
+                kind: Kind::Msg,
                 msg_id: ((cl.sender as u64) << 32) | cl.next_seq as u64,
                 sender: cl.sender,
                 seq: cl.next_seq,
@@ -1709,7 +1835,9 @@ impl World {
             let log = &self.nodes[p].disk.log;
             let mut at: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
             for (i, e) in log.iter().enumerate() {
-                at.entry(e.msg_id).or_default().push(i);
+                if e.kind == Kind::Msg {
+                    at.entry(e.msg_id).or_default().push(i);
+                }
             }
             if let Some((id, _)) = at.iter().find(|(_, v)| v.len() > 1) {
                 return Err(format!("pair {pair}: msg {id:#x} twice in the final log"));
@@ -1727,7 +1855,7 @@ impl World {
             }
             // Per sender, STORED messages in the order they were sent.
             let mut last_seq: BTreeMap<u32, u32> = BTreeMap::new();
-            for e in log {
+            for e in log.iter().filter(|e| e.kind == Kind::Msg) {
                 let stored = self.stored.iter().any(|s| s.msg_id == e.msg_id);
                 if !stored {
                     continue;
@@ -1865,6 +1993,17 @@ mod tests {
     fn the_common_prefix_by_epoch_bound_is_caught() {
         caught(Plants {
             plan_as_repl: true,
+            ..Plants::default()
+        });
+    }
+
+    /// Shard::ack before 434655c: a node that is not an acting primary logs
+    /// an ACK routed to it, where the primary holds another record of the
+    /// same epoch, and the two logs no longer match.
+    #[test]
+    fn an_ack_logged_by_a_node_not_acting_is_caught() {
+        caught(Plants {
+            ack_logged_by_any_node: true,
             ..Plants::default()
         });
     }
