@@ -1605,10 +1605,28 @@ mod tests {
         generation: 1,
     };
 
-    fn temp_dir(name: &str) -> std::path::PathBuf {
+    /// A test's directory, removed when dropped: declared before the
+    /// shards that use it, it outlives them (a live shard's WAL thread may
+    /// still be making its spare segment there).
+    struct TempDir(std::path::PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
         let dir = std::env::temp_dir().join(format!("iris-shard-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        dir
+        TempDir(dir)
     }
 
     fn limits() -> Limits {
@@ -1667,7 +1685,6 @@ mod tests {
             vec![(1, id(2))],
             "only carol's connection receives"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1687,7 +1704,6 @@ mod tests {
         commit(&mut shard, &mut sink);
         assert_eq!(sink.stored, vec![id(1), id(2), id(3)]);
         assert_eq!(sink.delivered, vec![(1, id(1)), (2, id(2)), (3, id(3))]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1706,7 +1722,6 @@ mod tests {
         send(&mut shard, &mut sink, "carol", "bob", 7, b"x");
         commit(&mut shard, &mut sink);
         assert_eq!(sink.delivered, vec![(1, id(7)), (2, id(7))]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1732,7 +1747,6 @@ mod tests {
         commit(&mut shard, &mut sink);
         assert_eq!(sink.delivered.last(), Some(&(6, id(6))));
         assert_eq!(sink.delivered.len(), 4);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1752,7 +1766,6 @@ mod tests {
         assert_eq!(sink.delivered.len(), 2);
         shard.ack("bob", 2, &mut sink).unwrap();
         assert_eq!(sink.delivered.len(), 4);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1768,7 +1781,6 @@ mod tests {
             send(&mut shard, &mut sink, "alice", "bob", n, b"b");
         }
         assert_eq!(sink.rejected, vec![(id(3), reject_code::INBOX_FULL)]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A consumed workload keeps the WAL's disk use bounded: checkpoints let
@@ -1806,7 +1818,6 @@ mod tests {
         send(&mut shard, &mut sink, "alice", "bob", 5, &body); // dedup survived the checkpoint
         commit(&mut shard, &mut sink);
         assert_eq!(sink.delivered.len(), 10);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Tenures too short to reach a checkpoint on their own still add up: a
@@ -1843,7 +1854,6 @@ mod tests {
             shard.wal().first_position() > 1,
             "retention never trimmed the log"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn ownership(own_pair: u16) -> Ownership {
@@ -1988,8 +1998,6 @@ mod tests {
         assert_eq!(src_own.table.get(first).owner, 1);
         assert!(dst_own.takes_sends(last) && !dst_own.takes_sends(last + 1));
         assert_eq!((src.users(), dst.users()), (1, 3));
-        std::fs::remove_dir_all(&src_dir).unwrap();
-        std::fs::remove_dir_all(&dst_dir).unwrap();
     }
 
     #[test]
@@ -2031,7 +2039,6 @@ mod tests {
         ));
         assert_eq!(shard.wal().last_position(), before, "nothing was logged");
         shard.import_slots(0, 8191, &record(&user, 1)).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A log written before slot moves holds DEDUP records without slots:
@@ -2056,7 +2063,6 @@ mod tests {
         shard.set_lease_deadline(Arc::new(AtomicU64::new(1)));
         shard.ack("bob", 4, &mut sink).unwrap();
         assert_eq!(shard.wal().last_position(), last, "appended past the lease");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -2097,7 +2103,6 @@ mod tests {
             1,
             "the refused record was logged"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -2140,6 +2145,5 @@ mod tests {
             at += len;
         }
         assert_eq!(dedup2, 1);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
