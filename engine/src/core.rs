@@ -167,10 +167,18 @@ pub struct Slot {
     /// Highest DELIVER seq written to this connection (an ACK above it is a violation).
     pub delivered_seq_max: u64,
     pub last_activity_ms: u64,
-    /// DELIVERs did not fit the outbox since this time (ms): later ones are
-    /// dropped until it drains; the shard resends them after `Resume`.
-    /// (0: not blocked; the clock is never 0.)
-    pub deliver_blocked_since_ms: u64,
+    /// DELIVERs did not fit the outbox since this time (the core's clock in
+    /// ms, its low 32 bits: compared by wrapping difference, and a block
+    /// ends within `SLOW_READER_TIMEOUT_MS`): later ones are dropped until it
+    /// drains; the shard resends them after `Resume`. (0: not blocked; a
+    /// clock reading of 0 is taken as 1.)
+    pub deliver_blocked_since_ms: u32,
+    /// The client's last ACK as a distance below `delivered_seq_max`
+    /// (`ACK_UNKNOWN`: none yet). Sent again when the connection's login is
+    /// registered at a new primary: an ACK lost with the old one would
+    /// otherwise leave the new one's delivery window full of messages the
+    /// client already has, and the client with nothing left to ACK.
+    pub ack_lag: u32,
     /// After a rewind: the only DELIVER seq accepted next (older mail in
     /// flight from the shard is dropped, so order holds).
     /// (0: any; seqs start at 1.)
@@ -187,8 +195,31 @@ const _: () = assert!(SYNCS_PER_CONN_MAX < 0x80);
 pub const SLOT_BYTES_MAX: usize = 136;
 const _: () = assert!(std::mem::size_of::<Slot>() <= SLOT_BYTES_MAX);
 
+/// `Slot::ack_lag` when the connection has not ACKed (or too long ago).
+pub const ACK_UNKNOWN: u32 = u32::MAX;
+
+/// The low 32 bits of a clock in ms, never 0 (see `Slot::deliver_blocked_since_ms`).
+fn clock32(clock_ms: u64) -> u32 {
+    (clock_ms as u32).max(1)
+}
+
 impl Slot {
     const SYNC_ACKED: u8 = 0x80;
+
+    /// The client ACKed `seq` (at most `delivered_seq_max`, checked by the caller).
+    pub fn note_acked(&mut self, seq: u64) {
+        let lag = self.delivered_seq_max.saturating_sub(seq);
+        // Too far below to hold: unknown (an ACK sent again must never be
+        // above what the client acknowledged).
+        self.ack_lag = u32::try_from(lag).unwrap_or(ACK_UNKNOWN);
+    }
+
+    /// The client's last ACK, if known.
+    pub fn acked_seq(&self) -> Option<u64> {
+        (self.ack_lag != ACK_UNKNOWN)
+            .then(|| self.delivered_seq_max - u64::from(self.ack_lag))
+            .filter(|&seq| seq > 0)
+    }
 
     /// An ACK of this connection went to its user's shard.
     pub fn note_ack(&mut self) {
@@ -237,6 +268,7 @@ impl Slot {
             delivered_seq_max: 0,
             last_activity_ms: 0,
             deliver_blocked_since_ms: 0,
+            ack_lag: ACK_UNKNOWN,
             deliver_expected_seq: 0,
         }
     }
@@ -647,13 +679,12 @@ impl Edge {
     /// Disconnects readers whose outbox stayed full past the idle timeout:
     /// a recipient that does not read (its messages stay in the inbox).
     pub fn expire_stuck_readers(&mut self) {
-        let deadline = self
-            .clock_ms
-            .saturating_sub(self.limits.idle_timeout_ms.min(SLOW_READER_TIMEOUT_MS));
+        let timeout = self.limits.idle_timeout_ms.min(SLOW_READER_TIMEOUT_MS) as u32;
+        let now = clock32(self.clock_ms);
         for index in 0..self.slots.len() as u32 {
             let slot = &mut self.slots[index as usize];
             let blocked = slot.deliver_blocked_since_ms;
-            if blocked != 0 && blocked < deadline && !slot.kill {
+            if blocked != 0 && now.wrapping_sub(blocked) > timeout && !slot.kill {
                 tracing::debug!("a recipient that does not read: disconnected");
                 slot.kill = true;
                 self.wake_slot(index);
@@ -818,13 +849,18 @@ impl Edge {
         };
         if self.write_frame(conn.slot, &frame) {
             let slot = &mut self.slots[conn.slot as usize];
-            slot.delivered_seq_max = slot.delivered_seq_max.max(seq);
+            if seq > slot.delivered_seq_max {
+                let step = u32::try_from(seq - slot.delivered_seq_max).unwrap_or(ACK_UNKNOWN);
+                // Saturates at ACK_UNKNOWN, which stays unknown.
+                slot.ack_lag = slot.ack_lag.saturating_add(step);
+                slot.delivered_seq_max = seq;
+            }
             slot.deliver_expected_seq = 0;
             return;
         }
         let clock_ms = self.clock_ms;
         let slot = &mut self.slots[conn.slot as usize];
-        slot.deliver_blocked_since_ms = clock_ms.max(1);
+        slot.deliver_blocked_since_ms = clock32(clock_ms);
         slot.deliver_expected_seq = seq;
         tracing::debug!(
             slot = conn.slot,

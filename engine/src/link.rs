@@ -674,6 +674,11 @@ fn login_frames(c: &mut Core, index: u32, generation: u32, user: &str, frames: &
         slot: index,
         generation,
     };
+    // The client's last ACK first (it may have been lost with the old
+    // primary): the login then delivers from there.
+    if let Some(seq) = c.edge.slot(index).acked_seq() {
+        proto::encode(&Msg::Ack { seq, user }, frames);
+    }
     proto::encode(&Msg::Login { conn, user }, frames);
     let (blocked, expected) = {
         let slot = c.edge.slot(index);
@@ -773,6 +778,9 @@ pub fn rehome(c: &mut Core, first: u16, last: u16) {
             slot: index,
             generation,
         };
+        if let Some(seq) = c.edge.slot(index).acked_seq() {
+            c.route_ack(&user, seq);
+        }
         c.route_login(conn, &user);
         let (blocked, expected) = {
             let slot = c.edge.slot(index);
