@@ -476,6 +476,11 @@ impl Drop for NetLab {
         let _ = Command::new("ip")
             .args(["addr", "del", &format!("{}/32", self.etcd_ip), "dev", "lo"])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // The nodes' logs, for the failure's diagnosis.
+            eprintln!("netlab: logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

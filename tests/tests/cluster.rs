@@ -98,6 +98,7 @@ impl Sender {
 /// A recipient that receives and ACKs until told to stop and quiet.
 struct Receiver {
     stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
     handle: thread::JoinHandle<Vec<(u64, MsgId, String)>>,
 }
 
@@ -105,7 +106,8 @@ impl Receiver {
     fn start(addr: &str, me: &str) -> Receiver {
         let (addr, me) = (addr.to_string(), me.to_string());
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let received = Arc::new(AtomicUsize::new(0));
+        let (stop2, received2) = (stop.clone(), received.clone());
         let handle = thread::spawn(move || {
             let (mut client, _) = connect(&addr, &me);
             let mut got = Vec::new();
@@ -114,6 +116,7 @@ impl Receiver {
                 match client.recv(Duration::from_millis(300)) {
                     Ok(Some(Event::Deliver(d))) => {
                         got.push((d.seq, d.msg_id, String::from_utf8(d.body).expect("utf-8")));
+                        received2.fetch_add(1, Ordering::Relaxed);
                         unacked += 1;
                         if unacked >= 64 {
                             client.ack(d.seq).expect("ack");
@@ -138,7 +141,21 @@ impl Receiver {
                 }
             }
         });
-        Receiver { stop, handle }
+        Receiver {
+            stop,
+            received,
+            handle,
+        }
+    }
+
+    /// Waits for `n` more deliveries (while senders send to this user).
+    fn wait_received(&self, n: usize, what: &str) {
+        let start = self.received.load(Ordering::Relaxed);
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while self.received.load(Ordering::Relaxed) < start + n {
+            assert!(Instant::now() < deadline, "{what}: deliveries stalled");
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn finish(self) -> Vec<(u64, MsgId, String)> {
@@ -597,6 +614,16 @@ impl Load {
         }
     }
 
+    /// Senders store and every receiver receives again (after a fault).
+    fn wait_flowing(&self, what: &str) {
+        for s in &self.senders {
+            s.wait_stored(20, what);
+        }
+        for (r, user) in self.receivers.iter().zip(&self.recipients) {
+            r.wait_received(1, &format!("{what}: {user}"));
+        }
+    }
+
     /// Stops it and checks the history (`check`); (acknowledged, read).
     fn finish(self) -> (usize, usize) {
         let (stored, received) = finish_and_check(self.senders, &self.recipients, self.receivers);
@@ -844,6 +871,67 @@ enum Fault {
     PowerCut,
 }
 
+/// A client's ACK lost with the old primary: the receiver got a whole
+/// delivery window (512) and ACKed it, but the primary was paused and then
+/// killed before it took the ACK, so the new primary's window is full of
+/// messages the client already has and the client has nothing left to
+/// ACK. The edge remembers the client's last ACK and sends it to the new
+/// primary with the login, so delivery goes on (before: it stopped for
+/// good, found by the partition soak).
+#[test]
+fn an_ack_lost_with_the_old_primary_does_not_stop_deliveries() {
+    let mut c = DevCluster::start(1, 1, &FAST);
+    let old = c.primary_of("p0");
+    let new = peer_of(&c, &old);
+    let user = users_in("ackl-", &range(&c, "p0"), 1).remove(0);
+    let (mut sender, _) = connect(c.edge(0), "ackl-sender");
+    let total = 1200u64;
+    let mut unanswered = 0;
+    for i in 0..total {
+        sender
+            .send(new_msg_id(), &user, format!("m{i}").as_bytes())
+            .expect("send");
+        unanswered += 1;
+        if unanswered == 64 || i + 1 == total {
+            sender.flush().expect("flush");
+            while unanswered > 0 {
+                match sender.recv(ANSWER_TIMEOUT) {
+                    Ok(Some(Event::Stored { .. })) => unanswered -= 1,
+                    other => panic!("expected STORED, got {other:?}"),
+                }
+            }
+        }
+    }
+    let (mut receiver, _) = connect(c.edge(0), &user);
+    let mut last = 0;
+    loop {
+        match receiver.recv(Duration::from_millis(500)) {
+            Ok(Some(Event::Deliver(d))) => {
+                assert_eq!(d.seq, last + 1);
+                last = d.seq;
+            }
+            Ok(None) => break,
+            other => panic!("expected DELIVER, got {other:?}"),
+        }
+    }
+    assert_eq!(last, 512, "one delivery window, unacknowledged");
+    c.wait_caught_up(&old);
+    c.signal(&old, "-STOP");
+    receiver.ack(last).expect("ack");
+    receiver.flush().expect("flush");
+    // The edge passes it on to the paused primary, which never reads it.
+    thread::sleep(Duration::from_millis(300));
+    c.kill9(&old);
+    c.promote(&new);
+    match receiver.recv(ANSWER_TIMEOUT) {
+        Ok(Some(Event::Deliver(d))) => assert_eq!(d.seq, 513, "{}", c.logs()),
+        other => panic!(
+            "deliveries stopped after the failover: {other:?}\n{}",
+            c.logs()
+        ),
+    }
+}
+
 /// Jepsen-style rounds on a real cluster (one pair, one edge): senders and
 /// receivers run through the edge the whole time while, round after round, a
 /// fault hits the pair's current primary, the replica is promoted (by the
@@ -900,12 +988,7 @@ fn fault_rounds_lose_no_acknowledged_message() {
             thread::sleep(Duration::from_millis(next(300)));
             c.kill9(&primary);
         }
-        for s in senders {
-            s.wait_stored(
-                20,
-                &format!("round {round} ({fault:?}) after the promotion"),
-            );
-        }
+        load.wait_flowing(&format!("round {round} ({fault:?}) after the promotion"));
         c.restart(&primary);
         c.wait_caught_up(&replica);
     }
@@ -1258,9 +1341,7 @@ fn etcd_fault_rounds_lose_no_acknowledged_message() {
             Fault::PowerCut => cut_records += c.power_cut(&primary),
         }
         c.wait_role(&replica, "primary");
-        for s in senders {
-            s.wait_stored(20, &format!("round {round} ({fault:?}) after the election"));
-        }
+        load.wait_flowing(&format!("round {round} ({fault:?}) after the election"));
         match fault {
             Fault::Pause => {
                 thread::sleep(Duration::from_millis(next(300)));
@@ -1405,9 +1486,7 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
                     "{what}: {through} STORED through the cut"
                 );
                 lab.cut(p, cut, false);
-                for s in senders {
-                    s.wait_stored(20, &format!("{what}: after healing"));
-                }
+                load.wait_flowing(&format!("{what}: after healing"));
                 continue;
             }
         }
@@ -1416,18 +1495,14 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
                 let s = lab.stats(p);
                 s["mode"] == "degraded" && s["election"]["state"] == "alone"
             });
-            for s in senders {
-                s.wait_stored(20, &format!("{what}: served alone"));
-            }
+            load.wait_flowing(&format!("{what}: served alone"));
             lab.cut(p, Cut::Peer, false);
             continue;
         }
         wait(&lab, "the replica elected", &|lab| {
             lab.role(r).as_deref() == Some("primary")
         });
-        for s in senders {
-            s.wait_stored(20, &format!("{what}: after the election"));
-        }
+        load.wait_flowing(&format!("{what}: after the election"));
         match fault {
             0 | 2 | 3 => lab.start_node(p),
             1 => {
