@@ -81,17 +81,23 @@ impl Sender {
     }
 
     fn wait_stored(&self, n: usize, what: &str) {
-        let start = self.stored.load(Ordering::Relaxed);
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        while self.stored.load(Ordering::Relaxed) < start + n {
-            assert!(Instant::now() < deadline, "{what}: the load stalled");
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_more(&self.stored, n, &format!("{what}: the load stalled"));
     }
 
     fn finish(self) -> Vec<(MsgId, String, String)> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("sender thread")
+    }
+}
+
+/// Waits until `counter` has grown by `n`, failing with `stalled` after
+/// ANSWER_TIMEOUT.
+fn wait_for_more(counter: &AtomicUsize, n: usize, stalled: &str) {
+    let start = counter.load(Ordering::Relaxed);
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    while counter.load(Ordering::Relaxed) < start + n {
+        assert!(Instant::now() < deadline, "{stalled}");
+        thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -150,12 +156,7 @@ impl Receiver {
 
     /// Waits for `n` more deliveries (while senders send to this user).
     fn wait_received(&self, n: usize, what: &str) {
-        let start = self.received.load(Ordering::Relaxed);
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        while self.received.load(Ordering::Relaxed) < start + n {
-            assert!(Instant::now() < deadline, "{what}: deliveries stalled");
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_more(&self.received, n, &format!("{what}: deliveries stalled"));
     }
 
     fn finish(self) -> Vec<(u64, MsgId, String)> {
