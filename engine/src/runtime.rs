@@ -329,15 +329,7 @@ impl Listeners {
         ),
         String,
     > {
-        let dup = |l: &Option<std::net::TcpListener>| {
-            l.as_ref()
-                .map(|l| {
-                    l.try_clone()
-                        .map(OwnedFd::from)
-                        .map_err(|e| format!("cannot dup a listening socket: {e}"))
-                })
-                .transpose()
-        };
+        let dup = dup_listener;
         Ok((
             dup(&self.client)?,
             dup(&self.tls)?,
@@ -348,15 +340,7 @@ impl Listeners {
 
     /// A core's own descriptors for the MQTT listeners (plain, TLS).
     fn dup_mqtt(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>), String> {
-        let dup = |l: &Option<std::net::TcpListener>| {
-            l.as_ref()
-                .map(|l| {
-                    l.try_clone()
-                        .map(OwnedFd::from)
-                        .map_err(|e| format!("cannot dup a listening socket: {e}"))
-                })
-                .transpose()
-        };
+        let dup = dup_listener;
         Ok((dup(&self.mqtt)?, dup(&self.mqtt_tls)?))
     }
 }
@@ -383,6 +367,17 @@ pub fn persist_epoch(data: &Path, epoch: u64) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, data.join("epoch"))?;
     std::fs::File::open(data)?.sync_all()
+}
+
+/// A core's own descriptor for a listening socket, if there is one.
+fn dup_listener(l: &Option<std::net::TcpListener>) -> Result<Option<OwnedFd>, String> {
+    l.as_ref()
+        .map(|l| {
+            l.try_clone()
+                .map(OwnedFd::from)
+                .map_err(|e| format!("cannot dup a listening socket: {e}"))
+        })
+        .transpose()
 }
 
 /// Runs `iris serve` until SIGTERM/SIGINT.
