@@ -43,6 +43,10 @@ pub struct DevClusterArgs {
     /// each pair's primary is elected there, and a dead one is replaced.
     #[arg(long)]
     pub etcd: Option<String>,
+    /// An MQTT 3.1.1 listener on every edge too (docs/MQTT.md), on a port of
+    /// its own: the JSON line gives each edge's `mqtt` address.
+    #[arg(long)]
+    pub mqtt: bool,
     /// More `iris serve` flags for every node and edge (after `--`).
     #[arg(last = true)]
     pub serve_args: Vec<String>,
@@ -123,7 +127,8 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot open {PORT_LOCK}: {e}"))?;
     lock.lock()
         .map_err(|e| format!("cannot lock {PORT_LOCK}: {e}"))?;
-    let ports = free_ports(args.pairs * 8 + args.edges * 2)?;
+    let per_edge = if args.mqtt { 3 } else { 2 };
+    let ports = free_ports(args.pairs * 8 + args.edges * per_edge)?;
     let mut next = ports.into_iter();
     let mut text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
     if let Some(etcd) = &args.etcd {
@@ -241,9 +246,16 @@ fn start_all(
             "--admin".into(),
             admin,
         ];
+        let mut edge = json!({"name": name, "client": client});
+        if args.mqtt {
+            let mqtt = format!("127.0.0.1:{}", ports.next().expect("counted"));
+            cmd.extend(["--mqtt-listen".into(), mqtt.clone()]);
+            edge["mqtt"] = mqtt.into();
+        }
         common(&mut cmd, &name);
         let child = start(dir, &name, &cmd)?;
-        edges.push(json!({"name": name, "pid": child.id(), "client": client}));
+        edge["pid"] = child.id().into();
+        edges.push(edge);
         started.push(Started { name, child, cmd });
     }
     let elected = spec.etcd.is_some();

@@ -30,6 +30,8 @@ pub struct DevCluster {
     pub cluster_file: PathBuf,
     child: Child,
     pub edges: Vec<(String, u32, String)>,
+    /// Each edge's MQTT address (`dev-cluster --mqtt`).
+    pub edge_mqtt: Vec<Option<String>>,
     pub nodes: Vec<ClusterNode>,
     /// Pair name → its slot ranges as written in the cluster file.
     pub slots: HashMap<String, Vec<String>>,
@@ -91,6 +93,12 @@ impl DevCluster {
                 )
             })
             .collect();
+        let edge_mqtt = v["edges"]
+            .as_array()
+            .expect("edges")
+            .iter()
+            .map(|e| e["mqtt"].as_str().map(str::to_string))
+            .collect();
         let mut nodes = Vec::new();
         let mut slots = HashMap::new();
         for p in v["pairs"].as_array().expect("pairs") {
@@ -125,6 +133,7 @@ impl DevCluster {
             cluster_file: PathBuf::from(v["cluster"].as_str().expect("cluster")),
             child,
             edges,
+            edge_mqtt,
             nodes,
             slots,
             started_elsewhere: Vec::new(),
@@ -133,6 +142,13 @@ impl DevCluster {
 
     pub fn edge(&self, i: usize) -> &str {
         &self.edges[i].2
+    }
+
+    /// Edge `i`'s MQTT listener (the cluster was started with `--mqtt`).
+    pub fn edge_mqtt(&self, i: usize) -> &str {
+        self.edge_mqtt[i]
+            .as_deref()
+            .expect("an MQTT listener: start the cluster with --mqtt")
     }
 
     pub fn node(&self, name: &str) -> &ClusterNode {

@@ -11,6 +11,7 @@
 pub mod dev_cluster;
 pub mod etcd;
 pub mod netlab;
+pub mod python;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

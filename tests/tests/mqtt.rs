@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::Duration;
+use tests::python::{ensure_paho, python};
 use tests::*;
 
-/// The paho-mqtt the tests install when it is missing (its 2.x callback API).
-const PAHO_REQUIREMENT: &str = "paho-mqtt>=2,<3";
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
@@ -54,42 +53,6 @@ fn ensure_mosquitto_clients() {
         assert!(
             out.status.success(),
             "apt-get install mosquitto-clients failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn ensure_paho() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let check =
-            "import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith('2.') else 1)";
-        let ok = Command::new(python())
-            .args(["-c", check])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return;
-        }
-        let out = Command::new(python())
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(PAHO_REQUIREMENT)
-            .output()
-            .expect("run pip (the MQTT tests need paho-mqtt)");
-        assert!(
-            out.status.success(),
-            "pip install {PAHO_REQUIREMENT} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     });

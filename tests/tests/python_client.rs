@@ -4,36 +4,13 @@
 //! from this build's binary: sending, offline delivery, dedup, reconnect
 //! across a server restart, TLS with JWT logins, the asyncio client.
 
-use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn python_client_suite_passes_against_this_build() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root");
-    let package = root.join("clients/python");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let install = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg(&package)
-        .arg("pytest")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{python} not runnable (the Python client needs Python 3.9+): {e}")
-        });
-    assert!(
-        install.status.success(),
-        "pip install ./clients/python pytest failed:\n{}{}",
-        String::from_utf8_lossy(&install.stdout),
-        String::from_utf8_lossy(&install.stderr)
-    );
+    tests::python::ensure_iris_client();
+    let package = tests::python::client_package();
+    let python = tests::python::python();
     let out = Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .current_dir(&package)
