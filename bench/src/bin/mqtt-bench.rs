@@ -2,34 +2,41 @@
 //! comparison of Iris's `--mqtt-listen` with Mosquitto (bench/mqtt/compare.sh,
 //! BENCHMARKS.md) on the same load shape.
 //!
-//! C connections (one thread each, blocking sockets: the same driver cost
-//! for every broker), each keeping W QoS 1 PUBLISHes of S bytes in flight:
-//! a new one as soon as a PUBACK comes. Sender `s<run>-<i>` publishes to
-//! `inbox/r<run>-<i>` (an Iris inbox; on Mosquitto a topic without
-//! subscribers). Phases: warm-up (not counted), the measured `--duration`
-//! (PUBACKs counted and their latency, PUBLISH written to PUBACK read,
-//! recorded), then the connections stop. One JSON object on stdout.
+//! C connections spread over T driver threads (`--threads`, default 1), each
+//! thread an epoll loop over its non-blocking sockets (`bench::poller`, as
+//! `iris-bench` drives Iris's own protocol): the same driver cost for every
+//! broker, and no thread per connection to wake. Each connection keeps W QoS 1
+//! PUBLISHes of S bytes in flight: a new one as soon as a PUBACK comes. Sender
+//! `s<run>-<i>` publishes to `inbox/r<run>-<i>` (an Iris inbox; on Mosquitto a
+//! topic without subscribers). Phases: warm-up (not counted), the measured
+//! `--duration` (PUBACKs counted and their latency, PUBLISH queued to PUBACK
+//! decoded, recorded), then the connections stop. One JSON object on stdout.
 //!
 //! Every frame goes through the `mqtt` codec the server uses; only loopback
 //! addresses are accepted.
 
+use bench::conn::{Conn, Stream};
+use bench::poller::{Event, Poller};
 use bench::stats::{parse_duration, LatencyHist};
 use clap::Parser;
 use mqtt::{Connect, Packet, Publish, QoS};
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Connections a run may open (one thread each).
+/// Connections a run may open.
 const CONNS_MAX: usize = 1024;
+/// Driver threads a run may start.
+const THREADS_MAX: usize = 64;
 /// PUBLISHes one connection may keep in flight (distinct packet ids).
 const INFLIGHT_MAX: usize = 4096;
-/// Read timeout of a connection: a broker silent this long fails the run.
+/// A connection silent this long while it waits for an answer fails the run.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one epoll wait sleeps at most (the phase is checked between).
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Parser)]
 #[command(
@@ -41,9 +48,12 @@ struct Args {
     /// The broker's MQTT address (loopback only).
     #[arg(long)]
     addr: SocketAddr,
-    /// Connections, each with its own sender (one thread each).
+    /// Connections, each with its own sender.
     #[arg(long, default_value_t = 64)]
     conns: usize,
+    /// Driver threads (epoll loops) the connections are spread over.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// QoS 1 PUBLISHes each connection keeps in flight.
     #[arg(long, default_value_t = 16)]
     inflight: usize,
@@ -72,9 +82,9 @@ const PHASE_WARMUP: u8 = 0;
 const PHASE_MEASURE: u8 = 1;
 const PHASE_STOP: u8 = 2;
 
-/// What one connection counted.
+/// What one driver thread counted over its connections.
 #[derive(Default)]
-struct ConnReport {
+struct ThreadReport {
     pubacks_measured: u64,
     pubacks_total: u64,
     latency: LatencyHist,
@@ -90,27 +100,23 @@ fn main() -> ExitCode {
     let run = std::process::id();
     let phase = Arc::new(AtomicU8::new(PHASE_WARMUP));
     let failed = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..args.conns)
-        .map(|i| {
+    let threads: Vec<_> = (0..args.threads)
+        .map(|t| {
             let (phase, failed) = (phase.clone(), failed.clone());
+            let mine: Vec<usize> = (t..args.conns).step_by(args.threads).collect();
             let (addr, inflight, size) = (args.addr, args.inflight, args.size);
             let password = args.password.clone();
             std::thread::spawn(move || {
-                let user = format!("s{run}-{i}");
-                let topic = format!("inbox/r{run}-{i}");
-                let mut report = ConnReport::default();
-                let result = drive(
+                let mut report = ThreadReport::default();
+                let spec = Load {
                     addr,
-                    &user,
-                    &password,
-                    &topic,
+                    run,
+                    password: &password,
                     inflight,
                     size,
-                    &phase,
-                    &mut report,
-                );
-                if let Err(e) = result {
-                    report.error = Some(format!("{user}: {e}"));
+                };
+                if let Err(e) = drive(&spec, &mine, &phase, &mut report) {
+                    report.error = Some(e);
                     failed.store(true, Ordering::Relaxed);
                 }
                 report
@@ -128,7 +134,7 @@ fn main() -> ExitCode {
     let mut latency = LatencyHist::new();
     let (mut pubacks, mut total, mut errors) = (0u64, 0u64, Vec::new());
     for t in threads {
-        let report = t.join().expect("a connection thread panicked");
+        let report = t.join().expect("a driver thread panicked");
         pubacks += report.pubacks_measured;
         total += report.pubacks_total;
         latency.merge(&report.latency);
@@ -145,6 +151,7 @@ fn main() -> ExitCode {
         "label": args.label,
         "addr": args.addr.to_string(),
         "conns": args.conns,
+        "threads": args.threads,
         "inflight": args.inflight,
         "size": args.size,
         "warmup_s": args.warmup.as_secs_f64(),
@@ -175,6 +182,11 @@ fn check(args: &Args) -> Result<(), String> {
     if !(1..=CONNS_MAX).contains(&args.conns) {
         return Err(format!("--conns must be 1..={CONNS_MAX}"));
     }
+    if !(1..=THREADS_MAX).contains(&args.threads) || args.threads > args.conns {
+        return Err(format!(
+            "--threads must be 1..={THREADS_MAX} and at most --conns"
+        ));
+    }
     if !(1..=INFLIGHT_MAX).contains(&args.inflight) {
         return Err(format!("--inflight must be 1..={INFLIGHT_MAX}"));
     }
@@ -184,49 +196,33 @@ fn check(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// One connection: CONNECT, then W PUBLISHes in flight until the phase is STOP.
-#[allow(clippy::too_many_arguments)]
-fn drive(
+/// What every connection of a run shares.
+struct Load<'a> {
     addr: SocketAddr,
-    user: &str,
-    password: &str,
-    topic: &str,
+    run: u32,
+    password: &'a str,
     inflight: usize,
     size: usize,
-    phase: &AtomicU8,
-    report: &mut ConnReport,
-) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(READ_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let limits = mqtt::Limits::default();
-    let mut out = Vec::new();
-    mqtt::encode(
-        &Packet::Connect(Connect {
-            clean_session: true,
-            keep_alive: 60,
-            client_id: user,
-            will: None,
-            username: Some(user),
-            password: Some(password.as_bytes()),
-        }),
-        &mut out,
-    );
-    stream.write_all(&out).map_err(|e| format!("write: {e}"))?;
-    let mut buf = Vec::new();
-    match next_packet(&mut stream, &mut buf, &limits)? {
-        Owned::ConnAck(0) => {}
-        other => return Err(format!("CONNECT answered {}", other.describe())),
-    }
-    let payload = vec![b'x'; size];
-    let mut sent_at: HashMap<u16, (Instant, u8)> = HashMap::default();
-    let mut next_id: u16 = 0;
-    let mut publish = |sent_at: &mut HashMap<u16, (Instant, u8)>, out: &mut Vec<u8>| {
+}
+
+/// One connection of a driver thread.
+struct MqttConn {
+    conn: Conn,
+    user: String,
+    topic: String,
+    connected: bool,
+    /// Packet id → when its PUBLISH was queued, and the phase then.
+    sent_at: HashMap<u16, (Instant, u8)>,
+    next_id: u16,
+    last_read: Instant,
+}
+
+impl MqttConn {
+    /// Queues one QoS 1 PUBLISH under a packet id not in flight.
+    fn publish(&mut self, payload: &[u8], phase: u8) {
         loop {
-            next_id = next_id.wrapping_add(1).max(1);
-            if !sent_at.contains_key(&next_id) {
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if !self.sent_at.contains_key(&self.next_id) {
                 break;
             }
         }
@@ -235,88 +231,145 @@ fn drive(
                 dup: false,
                 qos: QoS::AtLeastOnce,
                 retain: false,
-                topic,
-                packet_id: next_id,
-                payload: &payload,
+                topic: &self.topic,
+                packet_id: self.next_id,
+                payload,
             }),
-            out,
+            &mut self.conn.wbuf,
         );
-        sent_at.insert(next_id, (Instant::now(), phase.load(Ordering::Relaxed)));
-    };
-    out.clear();
-    for _ in 0..inflight {
-        publish(&mut sent_at, &mut out);
+        self.sent_at.insert(self.next_id, (Instant::now(), phase));
     }
-    stream.write_all(&out).map_err(|e| format!("write: {e}"))?;
+}
+
+/// One driver thread: connects its connections (CONNECT each), then keeps
+/// W PUBLISHes in flight on each until the phase is STOP.
+fn drive(
+    load: &Load<'_>,
+    indexes: &[usize],
+    phase: &AtomicU8,
+    report: &mut ThreadReport,
+) -> Result<(), String> {
+    let mut poller = Poller::new().map_err(|e| format!("epoll: {e}"))?;
+    let payload = vec![b'x'; load.size];
+    let limits = mqtt::Limits::default();
+    let mut conns = Vec::with_capacity(indexes.len());
+    for (token, &i) in indexes.iter().enumerate() {
+        let user = format!("s{}-{i}", load.run);
+        let tcp = TcpStream::connect(load.addr).map_err(|e| format!("{user}: connect: {e}"))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let conn = Conn::register(Stream::Plain(tcp), token as u64, &poller)
+            .map_err(|e| format!("{user}: register: {e}"))?;
+        let mut c = MqttConn {
+            conn,
+            topic: format!("inbox/r{}-{i}", load.run),
+            user,
+            connected: false,
+            sent_at: HashMap::with_capacity(load.inflight),
+            next_id: 0,
+            last_read: Instant::now(),
+        };
+        mqtt::encode(
+            &Packet::Connect(Connect {
+                clean_session: true,
+                keep_alive: 60,
+                client_id: &c.user,
+                will: None,
+                username: Some(&c.user),
+                password: Some(load.password.as_bytes()),
+            }),
+            &mut c.conn.wbuf,
+        );
+        c.conn.flush(&poller)?;
+        conns.push(c);
+    }
+    let mut events: Vec<Event> = Vec::new();
     loop {
         let now_phase = phase.load(Ordering::Relaxed);
         if now_phase == PHASE_STOP {
-            let mut bye = Vec::new();
-            mqtt::encode(&Packet::Disconnect, &mut bye);
-            let _ = stream.write_all(&bye);
+            for c in &mut conns {
+                mqtt::encode(&Packet::Disconnect, &mut c.conn.wbuf);
+                let _ = c.conn.flush(&poller);
+                c.conn.deregister(&poller);
+            }
             return Ok(());
         }
-        match next_packet(&mut stream, &mut buf, &limits)? {
-            Owned::PubAck(id) => {
-                let (at, sent_phase) = sent_at
-                    .remove(&id)
-                    .ok_or_else(|| format!("PUBACK for packet id {id} not in flight"))?;
-                report.pubacks_total += 1;
-                if sent_phase == PHASE_MEASURE && now_phase == PHASE_MEASURE {
-                    report.pubacks_measured += 1;
-                    report.latency.record_ns(at.elapsed().as_nanos() as u64);
-                }
-                out.clear();
-                publish(&mut sent_at, &mut out);
-                stream.write_all(&out).map_err(|e| format!("write: {e}"))?;
+        poller
+            .wait(POLL_INTERVAL, &mut events)
+            .map_err(|e| format!("epoll: {e}"))?;
+        let now = Instant::now();
+        for ev in &events {
+            let c = &mut conns[ev.token as usize];
+            if ev.readable || ev.closed {
+                c.conn.fill().map_err(|e| format!("{}: {e}", c.user))?;
+                c.last_read = now;
+                let used = answers(c, &limits, &payload, now_phase, load.inflight, report)?;
+                c.conn.consume(used);
             }
-            other => return Err(format!("unexpected {}", other.describe())),
+            c.conn
+                .flush(&poller)
+                .map_err(|e| format!("{}: {e}", c.user))?;
+        }
+        for c in &conns {
+            let waiting = !c.sent_at.is_empty() || !c.connected;
+            if waiting && now.duration_since(c.last_read) > READ_TIMEOUT {
+                return Err(format!(
+                    "{}: the broker was silent for {READ_TIMEOUT:?}",
+                    c.user
+                ));
+            }
         }
     }
 }
 
-/// A packet the driver expects, owned.
-#[derive(Debug)]
-enum Owned {
-    ConnAck(u8),
-    PubAck(u16),
-    Other(mqtt::PacketType),
-}
-
-impl Owned {
-    fn describe(&self) -> String {
-        match self {
-            Owned::ConnAck(code) => format!("CONNACK {code}"),
-            Owned::PubAck(id) => format!("PUBACK {id}"),
-            Owned::Other(kind) => format!("{kind:?}"),
-        }
-    }
-}
-
-fn next_packet(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
+/// Handles the packets in `c`'s read buffer; returns the bytes they took.
+fn answers(
+    c: &mut MqttConn,
     limits: &mqtt::Limits,
-) -> Result<Owned, String> {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match mqtt::decode(buf, limits) {
-            Ok(Some((packet, used))) => {
-                let owned = match packet {
-                    Packet::ConnAck(c) => Owned::ConnAck(c.code as u8),
-                    Packet::PubAck { packet_id } => Owned::PubAck(packet_id),
-                    other => Owned::Other(other.packet_type()),
-                };
-                buf.drain(..used);
-                return Ok(owned);
+    payload: &[u8],
+    now_phase: u8,
+    inflight: usize,
+    report: &mut ThreadReport,
+) -> Result<usize, String> {
+    let mut used = 0;
+    let mut acked = Vec::new();
+    let mut connack = None;
+    {
+        let unread = c.conn.unread();
+        while let Some((packet, n)) = mqtt::decode(&unread[used..], limits)
+            .map_err(|e| format!("{}: bad bytes from the broker: {e}", c.user))?
+        {
+            used += n;
+            match packet {
+                Packet::ConnAck(a) if !c.connected && connack.is_none() => {
+                    connack = Some(a.code as u8)
+                }
+                Packet::PubAck { packet_id } if c.connected || connack == Some(0) => {
+                    acked.push(packet_id)
+                }
+                other => return Err(format!("{}: unexpected {:?}", c.user, other.packet_type())),
             }
-            Ok(None) => {}
-            Err(e) => return Err(format!("bad bytes from the broker: {e}")),
         }
-        let n = stream.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("the broker closed the connection".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
+    if let Some(code) = connack {
+        if code != 0 {
+            return Err(format!("{}: CONNECT answered CONNACK {code}", c.user));
+        }
+        c.connected = true;
+        for _ in 0..inflight {
+            c.publish(payload, now_phase);
+        }
+    }
+    for id in acked {
+        let (at, sent_phase) = c
+            .sent_at
+            .remove(&id)
+            .ok_or_else(|| format!("{}: PUBACK for packet id {id} not in flight", c.user))?;
+        report.pubacks_total += 1;
+        if sent_phase == PHASE_MEASURE && now_phase == PHASE_MEASURE {
+            report.pubacks_measured += 1;
+            report.latency.record_ns(at.elapsed().as_nanos() as u64);
+        }
+        c.publish(payload, now_phase);
+    }
+    Ok(used)
 }
