@@ -58,8 +58,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ElectionConfig {
-    /// etcd endpoints, comma-separated `http://HOST:PORT` (also `etcd` in the cluster file).
+    /// etcd endpoints, comma-separated `http://HOST:PORT`, or all
+    /// `https://HOST:PORT` with `etcd_ca` (also `etcd` in the cluster file).
     pub etcd: Option<String>,
+    /// With https endpoints: the PEM CA that signed etcd's server certificate.
+    pub etcd_ca: Option<PathBuf>,
+    /// With https endpoints: this node's PEM client certificate for etcd's
+    /// `--client-cert-auth` (with `etcd_key`).
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key of `etcd_cert` (PEM).
+    pub etcd_key: Option<PathBuf>,
     /// Key prefix of this cluster in etcd (also `etcd_prefix` in the cluster file).
     pub prefix: Option<String>,
     /// The leader's lease TTL: a dead primary is replaced within about this long.
@@ -78,6 +86,9 @@ impl Default for ElectionConfig {
     fn default() -> Self {
         ElectionConfig {
             etcd: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
             prefix: None,
             lease_ttl_ms: 1000,
             lease_margin_ms: 200,
@@ -549,6 +560,28 @@ mod tests {
         let zero: Config =
             toml::from_str("mqtt_listen = \"127.0.0.1:1883\"\n[mqtt]\nsessions_max = 0").unwrap();
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn etcd_over_https_takes_a_ca_and_a_client_certificate() {
+        let text = "[election]\netcd = \"https://10.0.0.9:2379\"\netcd_ca = \"ca.pem\"\n\
+                    etcd_cert = \"n.pem\"\netcd_key = \"n.key\"\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.election.etcd_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(c.election.etcd_cert, Some(PathBuf::from("n.pem")));
+        assert_eq!(c.election.etcd_key, Some(PathBuf::from("n.key")));
+        // A certificate without its CA, or without its key, is refused
+        // before any file is read.
+        let mut e = c.election.clone();
+        e.etcd_ca = None;
+        assert!(crate::pilot::client(&e)
+            .unwrap_err()
+            .contains("need etcd_ca"));
+        let mut e = c.election.clone();
+        e.etcd_key = None;
+        assert!(crate::pilot::client(&e)
+            .unwrap_err()
+            .contains("go together"));
     }
 
     #[test]

@@ -7,15 +7,23 @@
 //! speaks the same API (leases, transactions, watches) as JSON, and hyper
 //! carries it.
 //!
+//! Endpoints are `http://` or, with [`EtcdTls`] (a CA file, and a client
+//! certificate when etcd runs with `--client-cert-auth`), `https://`: TLS
+//! 1.2 or 1.3 through rustls under the tokio stream, the server's
+//! certificate checked against that CA and the endpoint's host name.
+//!
 //! Every call is bounded: a deadline per request and a cap on the bytes of
 //! an answer. Errors say whose fault they are: etcd unreachable or slow
-//! ([`EtcdError::Unreachable`], [`EtcdError::Timeout`]) or an answer we
-//! cannot read ([`EtcdError::Malformed`], [`EtcdError::Status`]).
+//! ([`EtcdError::Unreachable`], [`EtcdError::Timeout`]), a TLS handshake
+//! that failed ([`EtcdError::Tls`]: a certificate or CA that does not fit)
+//! or an answer we cannot read ([`EtcdError::Malformed`], [`EtcdError::Status`]).
 
 use base64::Engine as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes of one answer from etcd (a range of one key, a txn, a lease call).
@@ -27,6 +35,8 @@ pub const WATCH_LINE_BYTES_MAX: usize = 1 << 20;
 pub enum EtcdError {
     #[error("etcd at {addr} unreachable: {why}")]
     Unreachable { addr: String, why: String },
+    #[error("TLS with etcd at {addr} failed: {why}")]
+    Tls { addr: String, why: String },
     #[error("etcd did not answer {path} within {ms} ms")]
     Timeout { path: &'static str, ms: u64 },
     #[error("etcd answered {path} with HTTP {status}: {body}")]
@@ -59,10 +69,54 @@ pub enum WatchEvent {
 }
 
 /// The endpoints of one etcd cluster; calls go to the first that answers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Etcd {
+    /// `HOST:PORT` of each endpoint.
     endpoints: Vec<String>,
     timeout: Duration,
+    /// Set when the endpoints are https.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("timeout", &self.timeout)
+            .field("https", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// How this node speaks TLS to etcd: the CA that signed etcd's server
+/// certificate, and this node's client certificate and key (for etcd's
+/// `--client-cert-auth`; optional otherwise).
+pub struct EtcdTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl EtcdTls {
+    pub fn load(ca: &Path, cert_key: Option<(&Path, &Path)>) -> Result<EtcdTls, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::tls::load_certs(ca)? {
+            roots
+                .add(c)
+                .map_err(|e| format!("etcd CA {}: {e}", ca.display()))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let config = match cert_key {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(crate::tls::load_certs(cert)?, crate::tls::load_key(key)?)
+                .map_err(|e| format!("etcd client certificate and key do not go together: {e}"))?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(EtcdTls {
+            config: Arc::new(config),
+        })
+    }
 }
 
 fn b64(s: &str) -> String {
@@ -104,38 +158,60 @@ fn kv_of(path: &'static str, v: &Value) -> Result<Kv, EtcdError> {
     })
 }
 
-/// `http://HOST:PORT` (or `HOST:PORT`) → `HOST:PORT`.
-fn authority(endpoint: &str) -> Result<String, String> {
-    let rest = endpoint
-        .strip_prefix("http://")
-        .unwrap_or(endpoint)
-        .trim_end_matches('/');
-    if endpoint.starts_with("https://") {
-        return Err(format!(
-            "etcd endpoint {endpoint}: https is not supported yet; use http on a trusted network"
-        ));
-    }
+/// `http://HOST:PORT` (or `HOST:PORT`) or `https://HOST:PORT` → `HOST:PORT`
+/// and whether it is https.
+fn authority(endpoint: &str) -> Result<(String, bool), String> {
+    let (rest, https) = match endpoint.strip_prefix("https://") {
+        Some(rest) => (rest, true),
+        None => (endpoint.strip_prefix("http://").unwrap_or(endpoint), false),
+    };
+    let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
         return Err(format!(
-            "etcd endpoint {endpoint:?} is not http://HOST:PORT"
+            "etcd endpoint {endpoint:?} is not http://HOST:PORT or https://HOST:PORT"
         ));
     }
-    Ok(rest.to_string())
+    Ok((rest.to_string(), https))
 }
 
 impl Etcd {
-    /// `endpoints`: comma-separated `http://HOST:PORT`.
-    pub fn new(endpoints: &str, timeout: Duration) -> Result<Etcd, String> {
-        let endpoints = endpoints
+    /// `endpoints`: comma-separated `http://HOST:PORT`, or all
+    /// `https://HOST:PORT` with `tls`.
+    pub fn new(endpoints: &str, timeout: Duration, tls: Option<EtcdTls>) -> Result<Etcd, String> {
+        let parsed = endpoints
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(authority)
             .collect::<Result<Vec<_>, _>>()?;
-        if endpoints.is_empty() {
+        if parsed.is_empty() {
             return Err("no etcd endpoint given".into());
         }
-        Ok(Etcd { endpoints, timeout })
+        let https = parsed.iter().filter(|(_, h)| *h).count();
+        if https != 0 && https != parsed.len() {
+            return Err(format!(
+                "etcd endpoints {endpoints:?}: all http:// or all https://, not both"
+            ));
+        }
+        let tls = match (https != 0, tls) {
+            (true, Some(tls)) => Some(tokio_rustls::TlsConnector::from(tls.config)),
+            (true, None) => {
+                return Err(format!(
+                    "etcd endpoints {endpoints:?} are https: give the CA that signed etcd's certificate (etcd_ca, --etcd-ca)"
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(format!(
+                    "an etcd CA is given but the endpoints {endpoints:?} are http://: use https:// endpoints"
+                ))
+            }
+            (false, None) => None,
+        };
+        Ok(Etcd {
+            endpoints: parsed.into_iter().map(|(a, _)| a).collect(),
+            timeout,
+            tls,
+        })
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -145,10 +221,12 @@ impl Etcd {
     async fn post(&self, path: &'static str, body: Value) -> Result<Value, EtcdError> {
         let mut last = None;
         for addr in &self.endpoints {
-            let call = post_once(addr, path, &body);
+            let call = self.post_once(addr, path, &body);
             match tokio::time::timeout(self.timeout, call).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e @ EtcdError::Unreachable { .. })) => last = Some(e),
+                Ok(Err(e @ (EtcdError::Unreachable { .. } | EtcdError::Tls { .. }))) => {
+                    last = Some(e)
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     last = Some(EtcdError::Timeout {
@@ -301,7 +379,7 @@ impl Etcd {
         let body = json!({ "create_request": {
             "key": b64(prefix), "range_end": b64(&prefix_end(prefix)) } });
         let addr = &self.endpoints[0];
-        let connect = request(addr, P, &body);
+        let connect = self.request(addr, P, &body);
         let mut response = match tokio::time::timeout(self.timeout, connect).await {
             Ok(r) => r?,
             Err(_) => {
@@ -372,23 +450,100 @@ fn prefix_end(prefix: &str) -> String {
 
 type Body = hyper::body::Incoming;
 
-async fn request(
+impl Etcd {
+    /// One POST on a new connection (TLS when the endpoints are https); the
+    /// response once its head arrived with status 200.
+    async fn request(
+        &self,
+        addr: &str,
+        path: &'static str,
+        body: &Value,
+    ) -> Result<hyper::Response<Body>, EtcdError> {
+        let unreachable = |why: String| EtcdError::Unreachable {
+            addr: addr.to_string(),
+            why,
+        };
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return send(stream, addr, path, body).await;
+        };
+        let host = net::host_of(addr);
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+            EtcdError::Tls {
+                addr: addr.to_string(),
+                why: format!("{host:?} is not a server name: {e}"),
+            }
+        })?;
+        let stream = tls
+            .connect(name, stream)
+            .await
+            .map_err(|e| EtcdError::Tls {
+                addr: addr.to_string(),
+                why: e.to_string(),
+            })?;
+        send(stream, addr, path, body).await
+    }
+
+    async fn post_once(
+        &self,
+        addr: &str,
+        path: &'static str,
+        body: &Value,
+    ) -> Result<Value, EtcdError> {
+        let response = self.request(addr, path, body).await?;
+        let bytes = Limited::new(response.into_body(), ANSWER_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| EtcdError::Malformed {
+                path,
+                why: format!("answer unreadable or over {ANSWER_BYTES_MAX} bytes: {e}"),
+            })?
+            .to_bytes();
+        // A streamed answer (keepalive) is one JSON object per line: take the first.
+        let first = bytes
+            .split(|&b| b == b'\n')
+            .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .unwrap_or(&[]);
+        serde_json::from_slice(first).map_err(|e| EtcdError::Malformed {
+            path,
+            why: format!("{e}: {}", String::from_utf8_lossy(first)),
+        })
+    }
+}
+
+/// An error and its causes, outermost first: "a: b: c".
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// The POST over an open connection, plain or TLS.
+async fn send<S>(
+    stream: S,
     addr: &str,
     path: &'static str,
     body: &Value,
-) -> Result<hyper::Response<Body>, EtcdError> {
+) -> Result<hyper::Response<Body>, EtcdError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let unreachable = |why: String| EtcdError::Unreachable {
         addr: addr.to_string(),
         why,
     };
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(with_causes(&e)))?;
     // The connection is driven beside the request; it ends with the response.
     tokio::spawn(async move {
         let _ = conn.await;
@@ -398,10 +553,12 @@ async fn request(
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| unreachable(e.to_string()))?;
+    // hyper's own message is terse ("connection error"); its causes say
+    // what happened (a TLS alert from etcd, a reset).
     let response = sender
         .send_request(req)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(with_causes(&e)))?;
     let status = response.status().as_u16();
     if status != 200 {
         let bytes = Limited::new(response.into_body(), 4096)
@@ -418,42 +575,33 @@ async fn request(
     Ok(response)
 }
 
-async fn post_once(addr: &str, path: &'static str, body: &Value) -> Result<Value, EtcdError> {
-    let response = request(addr, path, body).await?;
-    let bytes = Limited::new(response.into_body(), ANSWER_BYTES_MAX)
-        .collect()
-        .await
-        .map_err(|e| EtcdError::Malformed {
-            path,
-            why: format!("answer unreadable or over {ANSWER_BYTES_MAX} bytes: {e}"),
-        })?
-        .to_bytes();
-    // A streamed answer (keepalive) is one JSON object per line: take the first.
-    let first = bytes
-        .split(|&b| b == b'\n')
-        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .unwrap_or(&[]);
-    serde_json::from_slice(first).map_err(|e| EtcdError::Malformed {
-        path,
-        why: format!("{e}: {}", String::from_utf8_lossy(first)),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_are_http_host_port() {
-        let e = Etcd::new(
-            "http://127.0.0.1:2379, 10.0.0.2:2379",
-            Duration::from_secs(1),
-        )
-        .unwrap();
+    fn endpoints_are_http_or_https_host_port() {
+        let t = Duration::from_secs(1);
+        let e = Etcd::new("http://127.0.0.1:2379, 10.0.0.2:2379", t, None).unwrap();
         assert_eq!(e.endpoints(), ["127.0.0.1:2379", "10.0.0.2:2379"]);
-        assert!(Etcd::new("https://x:1", Duration::from_secs(1)).is_err());
-        assert!(Etcd::new("http://x", Duration::from_secs(1)).is_err());
-        assert!(Etcd::new("", Duration::from_secs(1)).is_err());
+        let https = Etcd::new("https://x:1", t, None).unwrap_err();
+        assert!(https.contains("--etcd-ca"), "{https}");
+        assert!(Etcd::new("http://x", t, None).is_err());
+        assert!(Etcd::new("", t, None).is_err());
+        let dir = std::env::temp_dir().join(format!("iris-etcd-tls-{}", std::process::id()));
+        crate::dev_cmd::certs(&dir, &["localhost".into()], &["n".into()]).unwrap();
+        let tls = || EtcdTls::load(&dir.join("ca.pem"), None).unwrap();
+        let e = Etcd::new("https://localhost:2379,https://[::1]:2379", t, Some(tls())).unwrap();
+        assert_eq!(e.endpoints(), ["localhost:2379", "[::1]:2379"]);
+        let mixed = Etcd::new("https://x:1,http://y:2", t, Some(tls())).unwrap_err();
+        assert!(mixed.contains("not both"), "{mixed}");
+        let plain = Etcd::new("http://x:1", t, Some(tls())).unwrap_err();
+        assert!(plain.contains("use https://"), "{plain}");
+        let key = (dir.join("n.pem"), dir.join("n.key"));
+        assert!(EtcdTls::load(&dir.join("ca.pem"), Some((&key.0, &key.1))).is_ok());
+        let other = (dir.join("n.pem"), dir.join("ca.pem"));
+        assert!(EtcdTls::load(&dir.join("ca.pem"), Some((&other.0, &other.1))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -116,11 +116,22 @@ struct ServeArgs {
     /// With --role edge: the name in link handshakes and logs. [default: edge-PID]
     #[arg(long)]
     name: Option<String>,
-    /// Automatic failover: etcd endpoints (comma-separated http://HOST:PORT; also
-    /// `etcd` in the cluster file). Each pair's primary is elected there
-    /// (docs/CLUSTER.md "Automatic failover"). Without it, promotion is manual.
+    /// Automatic failover: etcd endpoints (comma-separated http://HOST:PORT, or
+    /// all https://HOST:PORT with --etcd-ca; also `etcd` in the cluster file).
+    /// Each pair's primary is elected there (docs/CLUSTER.md "Automatic
+    /// failover"). Without it, promotion is manual.
     #[arg(long)]
     etcd: Option<String>,
+    /// With https --etcd endpoints: the PEM CA that signed etcd's server certificate.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// With --etcd-ca: this node's PEM client certificate, for an etcd that
+    /// runs with --client-cert-auth (needs --etcd-key).
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// The PEM private key of --etcd-cert.
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
     /// With --etcd: the leader's lease TTL in ms, whole seconds (a dead primary
     /// is replaced within about this long). [default: 1000]
     #[arg(long)]
@@ -326,6 +337,15 @@ impl ServeArgs {
         }
         if self.etcd.is_some() {
             c.election.etcd = self.etcd.clone();
+        }
+        if self.etcd_ca.is_some() {
+            c.election.etcd_ca = self.etcd_ca.clone();
+        }
+        if self.etcd_cert.is_some() {
+            c.election.etcd_cert = self.etcd_cert.clone();
+        }
+        if self.etcd_key.is_some() {
+            c.election.etcd_key = self.etcd_key.clone();
         }
         if let Some(ms) = self.lease_ttl_ms {
             c.election.lease_ttl_ms = ms;

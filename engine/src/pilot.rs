@@ -41,7 +41,16 @@ pub fn client(e: &crate::config::ElectionConfig) -> Result<Option<(Etcd, String)
     let Some(endpoints) = &e.etcd else {
         return Ok(None);
     };
-    let etcd = Etcd::new(endpoints, Duration::from_millis(e.request_timeout_ms))?;
+    let tls = match (&e.etcd_ca, &e.etcd_cert, &e.etcd_key) {
+        (None, None, None) => None,
+        (Some(ca), None, None) => Some(crate::etcd::EtcdTls::load(ca, None)?),
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(crate::etcd::EtcdTls::load(ca, Some((cert, key)))?)
+        }
+        (None, _, _) => return Err("etcd_cert and etcd_key need etcd_ca (--etcd-ca)".into()),
+        _ => return Err("etcd_cert and etcd_key (--etcd-cert, --etcd-key) go together".into()),
+    };
+    let etcd = Etcd::new(endpoints, Duration::from_millis(e.request_timeout_ms), tls)?;
     let prefix = e.prefix.clone().unwrap_or_else(|| PREFIX_DEFAULT.into());
     Ok(Some((etcd, prefix)))
 }

@@ -15,10 +15,25 @@ const INSTALL_LOCK: &str = "/tmp/iris-tests-apt.lock";
 
 pub struct Etcd {
     child: Child,
-    /// `http://127.0.0.1:PORT`, for `--etcd`.
+    /// `http://127.0.0.1:PORT` (`https://` from `start_tls`), for `--etcd`.
     pub url: String,
+    /// A plain-HTTP client address (`HOST:PORT`) for the harness's own
+    /// checks (`get`, the health check), also with `start_tls`.
     pub client: String,
     pub dir: PathBuf,
+}
+
+/// What `Etcd::start_tls` made: `iris certs` output in `dir` (`ca.pem`;
+/// `etcd.pem`/`etcd.key` for etcd, naming 127.0.0.1 and localhost;
+/// `node.pem`/`node.key`, a client certificate of the same CA).
+pub struct EtcdCerts {
+    pub dir: PathBuf,
+}
+
+impl EtcdCerts {
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
 }
 
 fn installed() -> bool {
@@ -74,6 +89,19 @@ pub fn ensure_installed() {
 /// Starts a one-member etcd serving `client` (HOST:PORT) with its data and
 /// log in `dir`, the tests' election timing; waits until it is healthy.
 pub fn spawn(client: &str, dir: &std::path::Path) -> Child {
+    let url = format!("http://{client}");
+    spawn_with(client, dir, &url, &url, &[])
+}
+
+/// `spawn` with its own client URLs and more flags; `client` is a plain
+/// address among the listened URLs, for the health check.
+fn spawn_with(
+    client: &str,
+    dir: &std::path::Path,
+    listen: &str,
+    advertise: &str,
+    extra: &[String],
+) -> Child {
     let peer = free_loopback_addr();
     let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
     let mut child = Command::new("etcd")
@@ -81,9 +109,9 @@ pub fn spawn(client: &str, dir: &std::path::Path) -> Child {
         .arg(dir.join("data"))
         .args([
             "--listen-client-urls",
-            &format!("http://{client}"),
+            listen,
             "--advertise-client-urls",
-            &format!("http://{client}"),
+            advertise,
             "--listen-peer-urls",
             &format!("http://{peer}"),
             "--initial-advertise-peer-urls",
@@ -95,6 +123,7 @@ pub fn spawn(client: &str, dir: &std::path::Path) -> Child {
             "--election-timeout",
             "500",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -127,6 +156,51 @@ impl Etcd {
             client,
             dir,
         }
+    }
+
+    /// etcd serving its clients over https only to those with a client
+    /// certificate of the test CA (`--client-cert-auth`), as a production
+    /// etcd would; `url` is that https endpoint. The harness keeps a second,
+    /// plain listener (`client`) for its own health check and reads: the
+    /// nodes under test are given only the https one.
+    pub fn start_tls() -> (Etcd, EtcdCerts) {
+        ensure_installed();
+        let dir = unique_temp_path("etcd-tls");
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let certs = EtcdCerts {
+            dir: dir.join("certs"),
+        };
+        let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+        // etcd's certificate must allow client use too: etcd's own JSON
+        // gateway presents it to etcd's gRPC side under --client-cert-auth
+        // (a server-only certificate gets every gateway call "connection
+        // closed", HTTP 503). `iris certs` node certificates allow both.
+        let names = ["etcd".to_string(), "node".to_string()];
+        engine::dev_cmd::certs(&certs.dir, &hosts, &names).expect("iris certs");
+        let (tls, plain) = (free_loopback_addr(), free_loopback_addr());
+        let extra: Vec<String> = [
+            ("--cert-file", "etcd.pem"),
+            ("--key-file", "etcd.key"),
+            ("--trusted-ca-file", "ca.pem"),
+        ]
+        .iter()
+        .flat_map(|(flag, file)| [flag.to_string(), certs.file(file)])
+        .chain(["--client-cert-auth".to_string()])
+        .collect();
+        let child = spawn_with(
+            &plain,
+            &dir,
+            &format!("https://{tls},http://{plain}"),
+            &format!("https://{tls}"),
+            &extra,
+        );
+        let etcd = Etcd {
+            child,
+            url: format!("https://{tls}"),
+            client: plain,
+            dir,
+        };
+        (etcd, certs)
     }
 
     pub fn pid(&self) -> u32 {
