@@ -56,6 +56,14 @@ pub struct PairRoute {
     /// decision committed, then tells it), or with everything at the next
     /// session.
     retried: std::collections::BTreeSet<u64>,
+    /// Retried SENDs (by order, below `written_below`; keys of `sends`, so
+    /// bounded with them) whose slot decision the pair told: written again
+    /// in this session, in order, ahead of the SENDs not yet written. They
+    /// keep their order: a later SEND of the same connection to the same
+    /// user may have been written after them and still be unanswered, and
+    /// must stay behind them when the range's SENDs are taken
+    /// (`take_sends_in`) or written again.
+    again: std::collections::BTreeSet<u64>,
     /// With etcd: the epoch of the pair's leader key as last watched; a
     /// node announcing a lower epoch is stale and gets no request.
     pub elected: u64,
@@ -270,6 +278,7 @@ impl Links {
                 .collect();
             for (order, conn, msg_id) in found {
                 p.retried.remove(&order);
+                p.again.remove(&order);
                 let frame = p.sends.remove(&order).expect("listed");
                 let copies = p
                     .send_index
@@ -293,7 +302,8 @@ impl Links {
     }
 
     /// `pair` told a slot decision for first..=last: its SENDs to those
-    /// slots' users that it answered RETRY are written to it again.
+    /// slots' users that it answered RETRY are written to it again, in
+    /// their order (`again`).
     pub fn rewrite_retried_in(&mut self, pair: u16, first: u16, last: u16) -> usize {
         let p = &mut self.pairs[pair as usize];
         let orders: Vec<u64> = p
@@ -309,16 +319,7 @@ impl Links {
             .collect();
         for &order in &orders {
             p.retried.remove(&order);
-            let frame = p.sends.remove(&order).expect("retried and unanswered");
-            let Ok(Some((Msg::Send { conn, msg_id, .. }, _))) = proto::decode(&frame) else {
-                unreachable!("decoded above")
-            };
-            let again = p.next_send;
-            p.next_send += 1;
-            if let Some(entry) = p.send_index.get_mut(&(conn, msg_id)) {
-                entry.0 = again;
-            }
-            p.sends.insert(again, frame);
+            p.again.insert(order);
         }
         if !orders.is_empty() {
             self.wake_active(pair);
@@ -429,6 +430,7 @@ impl Links {
             return 0;
         };
         p.retried.remove(&order);
+        p.again.remove(&order);
         if let Some(bytes) = p.sends.remove(&order) {
             p.sends_bytes -= bytes.len();
             self.bytes -= bytes.len();
@@ -477,6 +479,7 @@ impl Links {
         p.session += 1;
         p.written_below = 0;
         p.retried.clear();
+        p.again.clear();
         let activated = best.is_some();
         if activated {
             self.wake_active(pair);
@@ -499,9 +502,10 @@ impl Links {
         p.out.extend_from_slice(&rest);
     }
 
-    /// What node `node`'s writer sends next: queued control requests, then
-    /// the SENDs not yet written in this session. None if the node is not
-    /// the pair's active one or nothing waits.
+    /// What node `node`'s writer sends next: queued control requests, the
+    /// SENDs to write again (`again`), then the SENDs not yet written in
+    /// this session. None if the node is not the pair's active one or
+    /// nothing waits.
     pub fn take_batch(&mut self, pair: u16, node: usize, batch_max: usize) -> Option<Vec<u8>> {
         let p = &mut self.pairs[pair as usize];
         if p.active != Some(node) {
@@ -509,6 +513,13 @@ impl Links {
         }
         let mut batch = std::mem::take(&mut p.out);
         self.bytes -= batch.len();
+        while batch.len() < batch_max {
+            let Some(order) = p.again.pop_first() else {
+                break;
+            };
+            let frame = p.sends.get(&order).expect("`again` holds unanswered SENDs");
+            batch.extend_from_slice(frame);
+        }
         for (&order, frame) in p.sends.range(p.written_below..) {
             if batch.len() >= batch_max {
                 break;
@@ -523,7 +534,9 @@ impl Links {
     pub fn has_batch(&self, pair: u16, node: usize) -> bool {
         let p = &self.pairs[pair as usize];
         p.active == Some(node)
-            && (!p.out.is_empty() || p.sends.range(p.written_below..).next().is_some())
+            && (!p.out.is_empty()
+                || !p.again.is_empty()
+                || p.sends.range(p.written_below..).next().is_some())
     }
 
     pub fn bytes(&self) -> usize {
@@ -765,5 +778,50 @@ mod tests {
         assert_eq!(l.answered(1, c1, id1), 1);
         assert_eq!(l.bytes(), 0);
         let _ = f2;
+    }
+
+    /// The pair starts handing b's slot off between two SENDs to b of one
+    /// connection: it answers 1 RETRY and tells the handoff (MOVED) before
+    /// it reads 2. 1 is written again, behind 2, and both are answered
+    /// RETRY; when the slot's new owner takes them, 1 must still come first
+    /// (per-sender order, docs/PROTOCOL.md).
+    #[test]
+    fn a_send_written_again_keeps_its_place_before_later_ones() {
+        let mut l = links();
+        assert!(l.set_node(1, 0, true, true, 1));
+        push(&mut l, 1);
+        push(&mut l, 2);
+        let (c, id1, f1) = send(1);
+        let (_, id2, f2) = send(2);
+        assert_eq!(
+            l.take_batch(1, 0, 1 << 20),
+            Some([f1.clone(), f2.clone()].concat())
+        );
+        let slot_b = net::slot_of("b");
+        l.retried(1, c, id1);
+        assert_eq!(
+            l.rewrite_retried_in(1, slot_b, slot_b),
+            1,
+            "the handoff told"
+        );
+        assert_eq!(l.take_batch(1, 0, 1 << 20), Some(f1.clone()), "1 again");
+        l.retried(1, c, id2);
+        l.retried(1, c, id1);
+        // The pair tells the decision again: both, in the order they came.
+        assert_eq!(l.rewrite_retried_in(1, slot_b, slot_b), 2);
+        assert_eq!(
+            l.take_batch(1, 0, 1 << 20),
+            Some([f1.clone(), f2.clone()].concat())
+        );
+        // The new owner takes the range over: 1 first.
+        l.retried(1, c, id1);
+        l.retried(1, c, id2);
+        let taken: Vec<Box<[u8]>> = l
+            .take_sends_in(slot_b, slot_b)
+            .into_iter()
+            .map(|(frame, _)| frame)
+            .collect();
+        assert_eq!(taken, vec![f1.into(), f2.into()]);
+        assert_eq!(l.bytes(), 0);
     }
 }

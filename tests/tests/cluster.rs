@@ -747,6 +747,49 @@ fn slots_move_between_pairs_under_load_and_back() {
     }
 }
 
+/// A range moves from p0 to p1 and back `IRIS_MOVE_ROUNDS` times (default
+/// 5) under load from eight senders (three on p0a, three on p1a, one on
+/// each edge), each with 8 SENDs unanswered to two recipients (one in the
+/// range): a sender often has several SENDs to one recipient on their way
+/// when a pair starts handing the range off (it answers one RETRY before
+/// it tells the handoff, the next after). Every sender's messages still
+/// arrive in the order they were sent (a retried SEND written again once
+/// went behind the later one: engine::route, `again`).
+#[test]
+fn slots_moved_back_and_forth_keep_each_senders_order() {
+    let rounds = rounds_from_env("IRIS_MOVE_ROUNDS", 5);
+    let c = DevCluster::start(2, 2, &FAST);
+    let p0 = range(&c, "p0");
+    let first: u16 = p0.split_once('-').expect("A-B").0.parse().expect("A");
+    let moving = format!("{first}-{}", first + 511);
+    let mut recipients = users_in("mo-", &moving, 1);
+    recipients.extend(users_in("mo-stay-p1-", &range(&c, "p1"), 1));
+    let (p0a, p1a) = (c.node("p0a").client.clone(), c.node("p1a").client.clone());
+    let receivers: Vec<_> = recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Receiver::start(c.edge(i % 2), r))
+        .collect();
+    let addrs = [&p0a, &p0a, &p0a, &p1a, &p1a, &p1a, c.edge(0), c.edge(1)];
+    let senders: Vec<_> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| Sender::start(addr, &format!("mo{i}"), &recipients, 8))
+        .collect();
+    for s in &senders {
+        s.wait_stored(50, "before the moves");
+    }
+    for round in 0..rounds {
+        for to in ["p1", "p0"] {
+            move_slots(&c, &moving, to);
+            for s in &senders {
+                s.wait_stored(50, &format!("round {round}: after the move to {to}"));
+            }
+        }
+    }
+    finish_and_check(senders, &recipients, receivers);
+}
+
 /// A move that stopped part way is resumed by running the command again,
 /// even across a failover: the source's primary logs the handoff (its
 /// replica has it before the step answers), is killed with -9, its replica
