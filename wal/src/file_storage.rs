@@ -22,6 +22,10 @@ use crate::WalError;
 const SEGMENT_SUFFIX: &str = ".wal";
 const SPARE_SUFFIX: &str = ".spare";
 const LOCK_FILE: &str = "LOCK";
+/// How long opening waits for a lock another process holds (see `open`).
+pub const LOCK_WAIT: Duration = Duration::from_secs(3);
+/// How often the lock is tried meanwhile.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 pub struct FileSegment {
     file: File,
@@ -84,13 +88,29 @@ impl FileStorage {
             .write(true)
             .open(&lock_path)
             .map_err(WalError::io(format!("open {}", lock_path.display())))?;
-        lock.try_lock().map_err(|e| WalError::Io {
-            context: format!(
-                "lock {} (is another process using this WAL?)",
-                lock_path.display()
-            ),
-            source: io::Error::other(e.to_string()),
-        })?;
+        // A process killed with -9 can still hold its lock for a moment after
+        // it was reaped (the fault tests saw it right after kill -9: the
+        // kernel tears a dead process's io_uring down on a worker of its own
+        // afterwards). So a lock taken is waited for (at most LOCK_WAIT)
+        // before it is an error.
+        let waited_since = Instant::now();
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if waited_since.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(LOCK_RETRY)
+                }
+                Err(e) => {
+                    return Err(WalError::Io {
+                        context: format!(
+                            "lock {} (is another process using this WAL?)",
+                            lock_path.display()
+                        ),
+                        source: io::Error::other(e.to_string()),
+                    })
+                }
+            }
+        }
         let dir_file = File::open(dir).map_err(WalError::io(format!("open {}", dir.display())))?;
         for entry in fs::read_dir(dir).map_err(WalError::io(format!("list {}", dir.display())))? {
             let path = entry.map_err(WalError::io("read dir entry"))?.path();
@@ -349,5 +369,29 @@ mod tests {
         assert_eq!(parse_segment_name("1.wal"), None);
         assert_eq!(parse_segment_name("00000000000000000001.spare"), None);
         assert_eq!(parse_segment_name("0000000000000000000x.wal"), None);
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_then_refused() {
+        let dir = std::env::temp_dir().join(format!("iris-wal-lock-{}", std::process::id()));
+        let first = FileStorage::open(&dir, false, false).expect("first open");
+        // flock conflicts between two open files of one process too.
+        let started = Instant::now();
+        let err = FileStorage::open(&dir, false, false).err().expect("locked");
+        assert!(
+            started.elapsed() >= LOCK_WAIT,
+            "waited {:?}",
+            started.elapsed()
+        );
+        assert!(err.to_string().contains("another process"), "{err}");
+        // Released while a second open waits: the second open gets it.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let second = FileStorage::open(&dir, false, false).expect("taken once released");
+        release.join().unwrap();
+        drop(second);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
