@@ -2,6 +2,9 @@
 pair's primary over (tests/tests/clients_failover.rs runs this).
 
     python3 clients_through_failover.py EDGE_ADDR EDGE_MQTT_ADDR
+    python3 clients_through_failover.py EDGE_ADDR,EDGE_ADDR,... -
+
+(the second form: the Python client alone, given every edge).
 
 Four users, two per client kind, all through the edge:
 - ``py-s`` sends with Iris's Python client (``iris_client.Client``, one
@@ -37,8 +40,11 @@ import paho.mqtt.client as mqtt
 from iris_client import Client, Rejected
 
 EDGE, MQTT_ADDR = sys.argv[1], sys.argv[2]
-MQTT_HOST, MQTT_PORT = MQTT_ADDR.rsplit(":", 1)[0], int(MQTT_ADDR.rsplit(":", 1)[1])
-RECIPIENTS = ["py-r", "mq-r"]
+# "-": no MQTT side (the Python client alone, e.g. over several edges).
+WITH_MQTT = MQTT_ADDR != "-"
+if WITH_MQTT:
+    MQTT_HOST, MQTT_PORT = MQTT_ADDR.rsplit(":", 1)[0], int(MQTT_ADDR.rsplit(":", 1)[1])
+RECIPIENTS = ["py-r", "mq-r"] if WITH_MQTT else ["py-r"]
 # Longest a send may wait: a failover through the edge is a pause.
 SEND_WAIT_S = 60.0
 DRAIN_WAIT_S = 60.0
@@ -55,7 +61,8 @@ stored_total = 0
 # recipient -> [(sender, body)] in arrival order
 received: Dict[str, List[Tuple[str, str]]] = {r: [] for r in RECIPIENTS}
 iris_seqs: List[Tuple[int, bytes]] = []
-counts = {"rejected": 0, "mqtt_connects_s": 0, "mqtt_connects_r": 0, "mqtt_disconnects": 0}
+counts = {"rejected": 0, "mqtt_connects_s": 0, "mqtt_connects_r": 0, "mqtt_disconnects": 0,
+          "py_s_connections": 0, "py_r_connections": 0, "py_r_repeats_dropped": 0}
 
 
 def fail(why: str) -> None:
@@ -85,7 +92,7 @@ def iris_sender() -> None:
     c = Client(EDGE, user="py-s", send_timeout=SEND_WAIT_S)
     i = 0
     while not stop_sending.is_set() and not failed.is_set():
-        to = RECIPIENTS[i % 2]
+        to = RECIPIENTS[i % len(RECIPIENTS)]
         body = f"py-s:{i}"
         try:
             c.send(to, body.encode())
@@ -94,6 +101,7 @@ def iris_sender() -> None:
             raise RuntimeError(f"{body} to {to} refused: {e}") from e
         note_stored(to, body)
         i += 1
+    counts["py_s_connections"] = c.connections
     c.close()
 
 
@@ -106,6 +114,8 @@ def iris_receiver() -> None:
                 iris_seqs.append((m.seq, m.msg_id))
             if failed.is_set():
                 break
+    counts["py_r_connections"] = c.connections
+    counts["py_r_repeats_dropped"] = c.repeats_dropped
     c.close()
 
 
@@ -151,7 +161,7 @@ def mqtt_sender() -> None:
     c, connected = mqtt_client("mq-s/phone")
     i = 0
     while not stop_sending.is_set() and not failed.is_set():
-        to = RECIPIENTS[i % 2]
+        to = RECIPIENTS[i % len(RECIPIENTS)]
         body = f"mq-s:{i}"
         info = c.publish(f"inbox/{to}", body.encode(), qos=1)
         # Not wait_for_publish: it raises when the connection is down at
@@ -230,8 +240,11 @@ def check() -> None:
 
 
 def main() -> int:
-    receivers = [guarded("py-r", iris_receiver), guarded("mq-r", mqtt_receiver)]
-    senders = [guarded("py-s", iris_sender), guarded("mq-s", mqtt_sender)]
+    receivers = [guarded("py-r", iris_receiver)]
+    senders = [guarded("py-s", iris_sender)]
+    if WITH_MQTT:
+        receivers.append(guarded("mq-r", mqtt_receiver))
+        senders.append(guarded("mq-s", mqtt_sender))
     for t in receivers + senders:
         t.start()
 

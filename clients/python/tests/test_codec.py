@@ -80,6 +80,7 @@ def test_session_drops_repeats_and_acks_only_what_this_connection_delivered():
     assert s.ack_frame(force=True) == b""
     s.on_frames([m1, m2])
     assert s.next_message() is None
+    assert s.repeats_dropped == 3
     assert s.ack_frame(force=True) == codec.encode_ack(2)
 
 

@@ -4,10 +4,18 @@ sans-IO session, and the address and TLS setup."""
 from __future__ import annotations
 
 import ssl
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import ClientClosed
 from .session import Session
+
+
+def parse_addrs(addr: str) -> List[Tuple[str, int]]:
+    """``HOST:PORT``, or several separated by commas (e.g. every edge)."""
+    addrs = [parse_addr(a.strip()) for a in addr.split(",") if a.strip()]
+    if not addrs:
+        raise ValueError(f"no address in {addr!r}")
+    return addrs
 
 
 def parse_addr(addr: str) -> Tuple[str, int]:
@@ -47,11 +55,12 @@ class ClientBase:
         backoff_max: float = 5.0,
     ) -> None:
         self.addr = addr
-        self._host, self._port = parse_addr(addr)
+        self._addrs = parse_addrs(addr)
+        self._addr_index = 0
         self._session = Session(user, token)
         use_tls = tls if tls is not None else tls_ca is not None
         self._tls = tls_context(tls_ca) if use_tls else None
-        self._server_name = server_name or self._host
+        self._server_name_given = server_name
         self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
         self.reconnect = reconnect
@@ -62,8 +71,31 @@ class ClientBase:
         self._closed = False
 
     @property
+    def _host(self) -> str:
+        return self._addrs[self._addr_index][0]
+
+    @property
+    def _port(self) -> int:
+        return self._addrs[self._addr_index][1]
+
+    @property
+    def _server_name(self) -> str:
+        return self._server_name_given or self._host
+
+    def _next_addr(self) -> None:
+        """After a failed attempt or a lost connection: the next address
+        in turn (the same one when there is only one)."""
+        self._addr_index = (self._addr_index + 1) % len(self._addrs)
+
+    @property
     def user(self) -> str:
         return self._session.user
+
+    @property
+    def repeats_dropped(self) -> int:
+        """Deliveries dropped as repeats (same msg_id) so far, e.g. what a
+        server sent again after a reconnect that the app already had."""
+        return self._session.repeats_dropped
 
     @property
     def pending_at_login(self) -> int:

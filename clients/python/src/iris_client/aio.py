@@ -261,6 +261,7 @@ class Client(ClientBase):
                 self._close_writer()
                 await self._fail(e)
                 return
+            self._next_addr()  # the one that failed: try another first
             if not self.reconnect and self.connections > 0:
                 await self._fail(ConnectionLost(f"connection to {self.addr} lost"))
                 return

@@ -40,7 +40,9 @@ class Client(ClientBase):
     A connection that fails (reset, server restart, ERROR 5/6/7) is made
     again with capped exponential backoff and jitter; SENDs not yet answered
     are sent again with the same msg_id (the server's dedup makes that safe).
-    Every wait is bounded by a timeout.
+    Every wait is bounded by a timeout. The address may list several
+    servers, comma-separated (``"10.0.0.1:7070,10.0.0.2:7070"``, e.g. every
+    edge): each new attempt after a failure goes to the next one in turn.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -159,6 +161,8 @@ class Client(ClientBase):
         SENDs again; retries with backoff until ``deadline``. An ERROR that
         reconnecting cannot fix (authentication, version) is raised at once."""
         self._drop()
+        if self.connections > 0:
+            self._next_addr()  # the one we had failed: try another first
         delays = backoff_delays(self.backoff_initial, self.backoff_max)
         last_error: Optional[BaseException] = None
         while True:
@@ -180,6 +184,7 @@ class Client(ClientBase):
             except (OSError, ProtocolError, Timeout) as e:
                 self._drop()
                 last_error = e
+            self._next_addr()
             if not self.reconnect and self.connections > 0:
                 raise ConnectionLost(f"connection to {self.addr} lost: {last_error}")
             delay = delays.next()

@@ -64,6 +64,8 @@ class Session:
         self.answers: Dict[bytes, Answer] = {}
         self.inbox: Deque[Message] = deque()
         self.recent_ids: "OrderedDict[bytes, None]" = OrderedDict()
+        #: Deliveries dropped as repeats of a msg_id already delivered.
+        self.repeats_dropped = 0
         self.consumed = 0
         # Per connection: the highest seq delivered on it (an ACK above it
         # is a protocol violation) and the last ACK sent on it.
@@ -175,6 +177,7 @@ class Session:
         # by msg_id (not by seq: a new primary that lacked the old one's
         # last messages numbers new ones with the same seqs).
         if m.msg_id in self.recent_ids:
+            self.repeats_dropped += 1
             return
         if m.seq <= self.consumed:
             # The server's numbering went back (that failover): what it
