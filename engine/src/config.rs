@@ -575,12 +575,14 @@ mod tests {
         let mut e = c.election.clone();
         e.etcd_ca = None;
         assert!(crate::pilot::client(&e)
-            .unwrap_err()
+            .err()
+            .expect("refused")
             .contains("need etcd_ca"));
         let mut e = c.election.clone();
         e.etcd_key = None;
         assert!(crate::pilot::client(&e)
-            .unwrap_err()
+            .err()
+            .expect("refused")
             .contains("go together"));
     }
 

@@ -668,8 +668,7 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 );
                 return false;
             }
-            slot.note_ack();
-            slot.note_acked(seq);
+            slot.note_ack(seq);
             let user = slot.user.clone().expect("a Ready connection has a user");
             c.route_ack(&user, seq);
             true

@@ -206,8 +206,10 @@ fn clock32(clock_ms: u64) -> u32 {
 impl Slot {
     const SYNC_ACKED: u8 = 0x80;
 
-    /// The client ACKed `seq` (at most `delivered_seq_max`, checked by the caller).
-    pub fn note_acked(&mut self, seq: u64) {
+    /// The client ACKed `seq` (at most `delivered_seq_max`, checked by the
+    /// caller), and the ACK went to its user's shard.
+    pub fn note_ack(&mut self, seq: u64) {
+        self.sync |= Self::SYNC_ACKED;
         let lag = self.delivered_seq_max.saturating_sub(seq);
         // Too far below to hold: unknown (an ACK sent again must never be
         // above what the client acknowledged).
@@ -219,11 +221,6 @@ impl Slot {
         (self.ack_lag != ACK_UNKNOWN)
             .then(|| self.delivered_seq_max - u64::from(self.ack_lag))
             .filter(|&seq| seq > 0)
-    }
-
-    /// An ACK of this connection went to its user's shard.
-    pub fn note_ack(&mut self) {
-        self.sync |= Self::SYNC_ACKED;
     }
 
     /// Whether this PING must go to the shard (behind an ACK or behind a

@@ -78,16 +78,6 @@ pub struct Etcd {
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
-impl std::fmt::Debug for Etcd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Etcd")
-            .field("endpoints", &self.endpoints)
-            .field("timeout", &self.timeout)
-            .field("https", &self.tls.is_some())
-            .finish()
-    }
-}
-
 /// How this node speaks TLS to etcd: the CA that signed etcd's server
 /// certificate, and this node's client certificate and key (for etcd's
 /// `--client-cert-auth`; optional otherwise).
@@ -97,12 +87,7 @@ pub struct EtcdTls {
 
 impl EtcdTls {
     pub fn load(ca: &Path, cert_key: Option<(&Path, &Path)>) -> Result<EtcdTls, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in crate::tls::load_certs(ca)? {
-            roots
-                .add(c)
-                .map_err(|e| format!("etcd CA {}: {e}", ca.display()))?;
-        }
+        let roots = crate::tls::load_roots("etcd CA", ca)?;
         let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
@@ -459,13 +444,13 @@ impl Etcd {
         path: &'static str,
         body: &Value,
     ) -> Result<hyper::Response<Body>, EtcdError> {
-        let unreachable = |why: String| EtcdError::Unreachable {
-            addr: addr.to_string(),
-            why,
-        };
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let stream =
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| EtcdError::Unreachable {
+                    addr: addr.to_string(),
+                    why: e.to_string(),
+                })?;
         let _ = stream.set_nodelay(true);
         let Some(tls) = &self.tls else {
             return send(stream, addr, path, body).await;
@@ -584,7 +569,7 @@ mod tests {
         let t = Duration::from_secs(1);
         let e = Etcd::new("http://127.0.0.1:2379, 10.0.0.2:2379", t, None).unwrap();
         assert_eq!(e.endpoints(), ["127.0.0.1:2379", "10.0.0.2:2379"]);
-        let https = Etcd::new("https://x:1", t, None).unwrap_err();
+        let https = Etcd::new("https://x:1", t, None).err().expect("refused");
         assert!(https.contains("--etcd-ca"), "{https}");
         assert!(Etcd::new("http://x", t, None).is_err());
         assert!(Etcd::new("", t, None).is_err());
@@ -593,9 +578,13 @@ mod tests {
         let tls = || EtcdTls::load(&dir.join("ca.pem"), None).unwrap();
         let e = Etcd::new("https://localhost:2379,https://[::1]:2379", t, Some(tls())).unwrap();
         assert_eq!(e.endpoints(), ["localhost:2379", "[::1]:2379"]);
-        let mixed = Etcd::new("https://x:1,http://y:2", t, Some(tls())).unwrap_err();
+        let mixed = Etcd::new("https://x:1,http://y:2", t, Some(tls()))
+            .err()
+            .expect("refused");
         assert!(mixed.contains("not both"), "{mixed}");
-        let plain = Etcd::new("http://x:1", t, Some(tls())).unwrap_err();
+        let plain = Etcd::new("http://x:1", t, Some(tls()))
+            .err()
+            .expect("refused");
         assert!(plain.contains("use https://"), "{plain}");
         let key = (dir.join("n.pem"), dir.join("n.key"));
         assert!(EtcdTls::load(&dir.join("ca.pem"), Some((&key.0, &key.1))).is_ok());

@@ -261,9 +261,7 @@ pub fn handle(c: &mut Core, index: u32, packet: Packet<'_>) -> bool {
             if let Some(seq) = conn(&mut c.edge, index).deliveries.puback(packet_id) {
                 let user = c.edge.slot(index).user.clone().expect("connected");
                 c.route_ack(&user, seq);
-                let slot = c.edge.slot(index);
-                slot.note_ack();
-                slot.note_acked(seq);
+                c.edge.slot(index).note_ack(seq);
             }
             true
         }

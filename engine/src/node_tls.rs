@@ -17,9 +17,7 @@
 
 use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
-};
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -57,13 +55,7 @@ impl NodeTls {
         key: &std::path::Path,
     ) -> Result<NodeTls, String> {
         let provider = crate::tls::provider();
-        let mut roots = RootCertStore::empty();
-        for c in crate::tls::load_certs(ca)? {
-            roots
-                .add(c)
-                .map_err(|e| format!("cluster CA {}: {e}", ca.display()))?;
-        }
-        let roots = Arc::new(roots);
+        let roots = Arc::new(crate::tls::load_roots("cluster CA", ca)?);
         let certs = crate::tls::load_certs(cert)?;
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()

@@ -329,19 +329,17 @@ impl Listeners {
         ),
         String,
     > {
-        let dup = dup_listener;
         Ok((
-            dup(&self.client)?,
-            dup(&self.tls)?,
-            dup(&self.replication)?,
-            dup(&self.link)?,
+            dup_listener(&self.client)?,
+            dup_listener(&self.tls)?,
+            dup_listener(&self.replication)?,
+            dup_listener(&self.link)?,
         ))
     }
 
     /// A core's own descriptors for the MQTT listeners (plain, TLS).
     fn dup_mqtt(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>), String> {
-        let dup = dup_listener;
-        Ok((dup(&self.mqtt)?, dup(&self.mqtt_tls)?))
+        Ok((dup_listener(&self.mqtt)?, dup_listener(&self.mqtt_tls)?))
     }
 }
 

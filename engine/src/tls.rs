@@ -53,6 +53,18 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// The certificates of the PEM file `ca` as trust roots; errors name the
+/// file as `what` ("cluster CA", "etcd CA").
+pub fn load_roots(what: &str, ca: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("{what} {}: {e}", ca.display()))?;
+    }
+    Ok(roots)
+}
+
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| format!("key file {}: {e}", path.display()))

@@ -38,6 +38,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// DELIVER, a disconnect). Long enough that a server which would do it
 /// usually does it within the window; not a timing assertion.
 pub const QUIET_WINDOW: Duration = Duration::from_millis(1500);
+/// Replication timing flags that keep failover tests short: heartbeats
+/// every 200 ms, a replica's loss noticed within about 1 s.
+pub const FAST_FAILURE_DETECTION: [&str; 4] =
+    ["--heartbeat-ms", "200", "--replica-loss-timeout-ms", "1000"];
 /// What the server prints on stdout, followed by the bound address.
 pub const LISTENING_PREFIX: &str = "iris listening on ";
 /// Lines of the server log shown when a test fails.

@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 use tests::dev_cluster::DevCluster;
 use tests::python::{ensure_iris_client, ensure_paho, python};
 
-/// Faster failure detection, as in tests/tests/cluster.rs.
-const FAST: [&str; 4] = ["--heartbeat-ms", "200", "--replica-loss-timeout-ms", "1000"];
 /// How long the load may take to show the progress a step waits for.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -142,7 +140,7 @@ impl Driver {
 fn python_and_mqtt_clients_see_failovers_behind_an_edge_as_a_pause() {
     ensure_iris_client();
     ensure_paho();
-    let mut c = DevCluster::start_with(1, 1, &["--mqtt"], &FAST);
+    let mut c = DevCluster::start_with(1, 1, &["--mqtt"], &tests::FAST_FAILURE_DETECTION);
     let driver = Driver::start(&[c.edge(0), c.edge_mqtt(0)]);
     let progress = driver.progress.clone();
     progress.wait_more(200, "before the first failover");
@@ -170,7 +168,7 @@ fn python_and_mqtt_clients_see_failovers_behind_an_edge_as_a_pause() {
 #[test]
 fn the_python_client_moves_to_the_next_edge_when_its_edge_dies() {
     ensure_iris_client();
-    let c = DevCluster::start(1, 2, &FAST);
+    let c = DevCluster::start(1, 2, &tests::FAST_FAILURE_DETECTION);
     let edges = format!("{},{}", c.edge(0), c.edge(1));
     let driver = Driver::start(&[&edges, "-"]);
     let progress = driver.progress.clone();

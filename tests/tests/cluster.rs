@@ -15,13 +15,18 @@ use std::time::{Duration, Instant};
 use tests::dev_cluster::{users_in, DevCluster};
 use tests::{connect, expect_quiet, new_msg_id, next_event, Event, MsgId};
 
-/// Replication timing that keeps failover tests short.
-const FAST: [&str; 4] = ["--heartbeat-ms", "200", "--replica-loss-timeout-ms", "1000"];
 /// How long a stalled load may wait for its next answer before the test fails.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn range(c: &DevCluster, pair: &str) -> String {
     c.slots[pair][0].clone()
+}
+
+/// The first `len` slots of p0's range, as `A-B`, and its first slot.
+fn p0_head(c: &DevCluster, len: u16) -> (String, u16) {
+    let p0 = range(c, "p0");
+    let first: u16 = p0.split_once('-').expect("A-B").0.parse().expect("A");
+    (format!("{first}-{}", first + len - 1), first)
 }
 
 /// A sender that keeps `window` SENDs unanswered, round robin over its
@@ -340,7 +345,7 @@ fn a_core_node_takes_clients_for_users_of_any_pair() {
 /// connected, and every STORED id arrives exactly once, in order.
 #[test]
 fn kill9_primary_under_load_costs_a_pause_not_an_error() {
-    let mut c = DevCluster::start(2, 2, &FAST);
+    let mut c = DevCluster::start(2, 2, &tests::FAST_FAILURE_DETECTION);
     let mut recipients = users_in("k-p0-", &range(&c, "p0"), 3);
     recipients.extend(users_in("k-p1-", &range(&c, "p1"), 1));
     let receivers: Vec<_> = recipients
@@ -493,7 +498,7 @@ fn start_edge(
 /// resend what the paused node never answered.
 #[test]
 fn a_paused_primary_is_left_behind_for_the_promoted_replica() {
-    let mut c = DevCluster::start(2, 2, &FAST);
+    let mut c = DevCluster::start(2, 2, &tests::FAST_FAILURE_DETECTION);
     let recipients = users_in("z-p0-", &range(&c, "p0"), 2);
     let receivers: Vec<_> = recipients
         .iter()
@@ -525,7 +530,7 @@ fn a_paused_primary_is_left_behind_for_the_promoted_replica() {
 
 #[test]
 fn rolling_restart_under_load_shows_clients_no_error() {
-    let mut c = DevCluster::start(2, 2, &FAST);
+    let mut c = DevCluster::start(2, 2, &tests::FAST_FAILURE_DETECTION);
     let mut recipients = users_in("rr-p0-", &range(&c, "p0"), 2);
     recipients.extend(users_in("rr-p1-", &range(&c, "p1"), 2));
     let receivers: Vec<_> = recipients
@@ -681,10 +686,8 @@ fn rounds_summary(
 /// message arrives exactly once, in order, with no seq gap.
 #[test]
 fn slots_move_between_pairs_under_load_and_back() {
-    let c = DevCluster::start(2, 2, &FAST);
-    let p0 = range(&c, "p0");
-    let first: u16 = p0.split_once('-').expect("A-B").0.parse().expect("A");
-    let moving = format!("{first}-{}", first + 511);
+    let c = DevCluster::start(2, 2, &tests::FAST_FAILURE_DETECTION);
+    let (moving, first) = p0_head(&c, 512);
     let mut recipients = users_in("mv-", &moving, 4);
     recipients.extend(users_in(
         "mv-stay-p0-",
@@ -758,10 +761,8 @@ fn slots_move_between_pairs_under_load_and_back() {
 #[test]
 fn slots_moved_back_and_forth_keep_each_senders_order() {
     let rounds = rounds_from_env("IRIS_MOVE_ROUNDS", 5);
-    let c = DevCluster::start(2, 2, &FAST);
-    let p0 = range(&c, "p0");
-    let first: u16 = p0.split_once('-').expect("A-B").0.parse().expect("A");
-    let moving = format!("{first}-{}", first + 511);
+    let c = DevCluster::start(2, 2, &tests::FAST_FAILURE_DETECTION);
+    let (moving, _) = p0_head(&c, 512);
     let mut recipients = users_in("mo-", &moving, 1);
     recipients.extend(users_in("mo-stay-p1-", &range(&c, "p1"), 1));
     let (p0a, p1a) = (c.node("p0a").client.clone(), c.node("p1a").client.clone());
@@ -797,10 +798,8 @@ fn slots_moved_back_and_forth_keep_each_senders_order() {
 /// load through an edge, nothing STORED is lost or delivered twice.
 #[test]
 fn a_slot_move_resumes_after_the_sources_primary_dies() {
-    let mut c = DevCluster::start(2, 1, &FAST);
-    let p0 = range(&c, "p0");
-    let first: u16 = p0.split_once('-').expect("A-B").0.parse().expect("A");
-    let moving = format!("{first}-{}", first + 1023);
+    let mut c = DevCluster::start(2, 1, &tests::FAST_FAILURE_DETECTION);
+    let (moving, first) = p0_head(&c, 1024);
     let recipients = users_in("mvr-", &moving, 3);
     let receivers: Vec<_> = recipients
         .iter()
@@ -924,7 +923,7 @@ enum Fault {
 /// good, found by the partition soak).
 #[test]
 fn an_ack_lost_with_the_old_primary_does_not_stop_deliveries() {
-    let mut c = DevCluster::start(1, 1, &FAST);
+    let mut c = DevCluster::start(1, 1, &tests::FAST_FAILURE_DETECTION);
     let old = c.primary_of("p0");
     let new = peer_of(&c, &old);
     let user = users_in("ackl-", &range(&c, "p0"), 1).remove(0);
@@ -991,7 +990,7 @@ fn an_ack_lost_with_the_old_primary_does_not_stop_deliveries() {
 fn fault_rounds_lose_no_acknowledged_message() {
     let rounds = rounds_from_env("IRIS_FAULT_ROUNDS", 50);
     let (seed, mut next) = seeded_dice("fault rounds");
-    let mut args = FAST.to_vec();
+    let mut args = tests::FAST_FAILURE_DETECTION.to_vec();
     args.extend(ROUNDS_ARGS);
     let mut c = DevCluster::start(1, 1, &args);
     let load = Load::start(c.edge(0), "fr", &range(&c, "p0"), 3);
@@ -1059,7 +1058,7 @@ fn etcd_cluster(
     edges: usize,
     extra: &[&str],
 ) -> DevCluster {
-    let mut args = FAST.to_vec();
+    let mut args = tests::FAST_FAILURE_DETECTION.to_vec();
     // Senders for many seconds through failovers: above the default per-user
     // rate (REJECTED 3 would be right, but it is not what these tests test).
     args.extend([
@@ -1433,7 +1432,7 @@ fn etcd_partitions_and_faults_lose_no_acknowledged_message() {
     use tests::netlab::{Cut, NetLab};
     let rounds = rounds_from_env("IRIS_PARTITION_ROUNDS", 30);
     let (seed, mut next) = seeded_dice("partition rounds");
-    let mut args = FAST.to_vec();
+    let mut args = tests::FAST_FAILURE_DETECTION.to_vec();
     args.extend(ROUNDS_ARGS);
     let mut lab = NetLab::start(&args);
     let load = Load::start(&lab.edge_addr, "np", "0-16383", 3);

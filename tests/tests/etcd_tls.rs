@@ -11,9 +11,6 @@ use std::time::{Duration, Instant};
 use tests::dev_cluster::DevCluster;
 use tests::*;
 
-/// Faster failure detection, as in tests/tests/cluster.rs.
-const FAST: [&str; 4] = ["--heartbeat-ms", "200", "--replica-loss-timeout-ms", "1000"];
-
 /// Waits until `log` holds a line with every one of `words`; panics with
 /// the log after 20 s.
 fn wait_for_log_line(log: &Path, words: &[&str]) -> String {
@@ -65,7 +62,7 @@ fn etcd_over_https_with_client_certificates_elects_and_fails_over() {
         .zip(["ca.pem", "node.pem", "node.key"])
         .flat_map(|(flag, file)| [flag.to_string(), certs.file(file)])
         .collect();
-    let mut serve_args: Vec<&str> = FAST.to_vec();
+    let mut serve_args: Vec<&str> = tests::FAST_FAILURE_DETECTION.to_vec();
     serve_args.extend(tls_flags.iter().map(String::as_str));
     let mut c = DevCluster::start_with(1, 1, &["--etcd", &etcd.url], &serve_args);
     // dev-cluster returned: one node won the election through https.
@@ -90,7 +87,7 @@ fn etcd_over_https_with_client_certificates_elects_and_fails_over() {
         [first, second],
         "both messages, once, in order"
     );
-    assert!(epoch_after_failover(&c, &new) > 1);
+    assert!(c.stats(&new)["epoch"].as_u64().expect("epoch") > 1);
 
     // Without a client certificate: etcd ends the handshake.
     let ca_only = vec!["--etcd-ca".to_string(), certs.file("ca.pem")];
@@ -109,8 +106,4 @@ fn etcd_over_https_with_client_certificates_elects_and_fails_over() {
     let (_stranger, log) = edge_with(&c, "e-wrong-ca", &wrong_ca);
     let line = wait_for_log_line(&log, &["TLS with etcd", "failed"]);
     assert!(line.contains("invalid peer certificate"), "{line}");
-}
-
-fn epoch_after_failover(c: &DevCluster, node: &str) -> u64 {
-    c.stats(node)["epoch"].as_u64().expect("epoch")
 }

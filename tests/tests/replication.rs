@@ -29,8 +29,6 @@ use tests::{
 /// How long any one awaited condition may take before the test fails.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// Replication timing flags that keep the tests short (loss detected in ~1 s).
-const FAST_REPLICATION: [&str; 4] = ["--heartbeat-ms", "200", "--replica-loss-timeout-ms", "1000"];
 const CORES: usize = 2;
 /// Lines of a node's log shown when a test fails.
 const LOG_TAIL_LINES: usize = 60;
@@ -90,7 +88,7 @@ impl Node {
         let mut args: Vec<String> = repl_listen
             .iter()
             .chain(["--admin", "127.0.0.1:0"].iter())
-            .chain(FAST_REPLICATION.iter())
+            .chain(tests::FAST_FAILURE_DETECTION.iter())
             .map(|s| s.to_string())
             .collect();
         if !extra.contains(&"--cores") {
