@@ -1,10 +1,12 @@
 //! Replica lag under load: samples the primary's `GET /replication/stats`
 //! (admin HTTP) every few milliseconds while `msgs` measures, and keeps the
-//! largest per-shard `lag_ms` of each sample in a histogram.
+//! largest per-shard `lag_ms` of each sample in a histogram. The operator
+//! token comes from `IRIS_ADMIN_TOKEN_FILE`, else `./iris-data/admin.token`
+//! (engine::admin_auth::client_token).
 
 use crate::stats::{LatencyHist, LatencySummary};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use engine::admin_http::AdminClient;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,8 +15,8 @@ use std::time::Duration;
 /// Time between two samples.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// Largest admin response read.
-const RESPONSE_BYTES_MAX: u64 = 1 << 20;
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_BYTES_MAX: usize = 1 << 20;
+const IO_TIMEOUT_MS: u64 = 2_000;
 
 pub struct LagSampler {
     stop: Arc<AtomicBool>,
@@ -24,12 +26,15 @@ pub struct LagSampler {
 /// Starts sampling; `stop()` returns the histogram of lag (ms as µs×1000) and failed samples.
 pub fn start(admin: SocketAddr) -> LagSampler {
     assert!(admin.ip().is_loopback(), "benchmarks only talk to loopback");
+    let token = engine::admin_auth::client_token(None, None)
+        .unwrap_or_else(|e| panic!("the admin token for lag samples: {e}"));
+    let client = AdminClient::new(admin.to_string(), token);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let handle = std::thread::spawn(move || {
         let (mut hist, mut failed) = (LatencyHist::new(), 0);
         while !flag.load(Ordering::Relaxed) {
-            match sample(admin) {
+            match sample(&client) {
                 Some(lag_ms) => hist.record_ns(lag_ms.max(1) * 1_000_000),
                 None => failed += 1,
             }
@@ -49,19 +54,19 @@ impl LagSampler {
 }
 
 /// The largest replica `lag_ms` over the primary's shards, or None.
-fn sample(admin: SocketAddr) -> Option<u64> {
-    let mut stream = TcpStream::connect_timeout(&admin, IO_TIMEOUT).ok()?;
-    stream.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
-    let request =
-        format!("GET /replication/stats HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = Vec::new();
-    stream
-        .take(RESPONSE_BYTES_MAX)
-        .read_to_end(&mut response)
+fn sample(admin: &AdminClient) -> Option<u64> {
+    let (status, body) = admin
+        .call_bytes(
+            "GET",
+            "/replication/stats",
+            &[],
+            RESPONSE_BYTES_MAX,
+            IO_TIMEOUT_MS,
+        )
         .ok()?;
-    let body_at = response.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let stats: serde_json::Value = serde_json::from_slice(&response[body_at..]).ok()?;
+    let stats: serde_json::Value = serde_json::from_slice(&body)
+        .ok()
+        .filter(|_| status == 200)?;
     let shards = stats.get("shards")?.as_array()?;
     shards
         .iter()

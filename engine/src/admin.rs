@@ -56,7 +56,11 @@ pub const PROMOTE_POLL_MS: u64 = 10;
 /// thread does not spin.
 pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 /// Admin connections served at once; one more is answered 503 and closed.
-pub const CONNECTIONS_MAX: usize = 64;
+/// Large enough that idle or slow clients (each dropped after
+/// `REQUEST_DEADLINE_MS` without a whole request) cannot starve `/health`
+/// or a promotion: a test holds 1,000 idle ones (issue 21, 7). A task and a
+/// socket each, a few KB.
+pub const CONNECTIONS_MAX: usize = 2048;
 /// Connections over `CONNECTIONS_MAX` being answered 503 at once; more are
 /// closed without an answer.
 pub const REFUSALS_MAX: usize = 16;
@@ -71,6 +75,8 @@ pub const CONNECTION_DEADLINE_MS: u64 = REQUEST_DEADLINE_MS
     + MOVE_BODY_DEADLINE_MS
     + crate::moves::STEP_TIMEOUT.as_millis() as u64
     + MOVE_RESPONSE_WRITE_TIMEOUT_MS
+    + crate::handover::TIMEOUT_MAX_MS
+    + crate::handover::STEP_DOWN_WAIT_MS
     + DRAIN_TIMEOUT_MS;
 
 const CONTENT_TYPE_JSON: &str = "application/json";
@@ -91,8 +97,9 @@ pub fn start(
     addr: SocketAddr,
     stats: Arc<NodeStats>,
     security: Arc<Security>,
+    door: Door,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    start_with(addr, stats, security, Vec::new())
+    start_with(addr, stats, security, door, Vec::new())
 }
 
 /// Starts the control thread: the admin server and `tasks` on one
@@ -101,6 +108,7 @@ pub fn start_with(
     addr: SocketAddr,
     stats: Arc<NodeStats>,
     security: Arc<Security>,
+    door: Door,
     tasks: Vec<ControlTask>,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(addr)
@@ -115,6 +123,7 @@ pub fn start_with(
         metrics: metrics_registry(&stats, &security),
         security,
         stats,
+        door,
     });
     let handle = thread::Builder::new()
         .name("iris-control".into())
@@ -137,10 +146,59 @@ struct Ctx {
     metrics: Registry,
     security: Arc<Security>,
     stats: Arc<NodeStats>,
+    door: Door,
+}
+
+/// Who may use which route (crate::admin_auth).
+#[derive(Debug, Clone)]
+pub struct Door {
+    /// The operator token; `None`: `admin_auth = "none"` (loopback only).
+    pub token: Option<crate::admin_auth::Token>,
+    /// Routes answered without the token (names from
+    /// `admin_auth::PUBLIC_ROUTES_ALLOWED`).
+    pub public: Vec<String>,
+    /// Connections served at once ([`CONNECTIONS_MAX`]; smaller in tests).
+    pub connections_max: usize,
+}
+
+impl Door {
+    /// No token asked anywhere (unit tests of the routes; `admin_auth = "none"`).
+    pub fn open() -> Door {
+        Door {
+            token: None,
+            public: Vec::new(),
+            connections_max: CONNECTIONS_MAX,
+        }
+    }
+
+    /// The default door with `token`: `/health` and `/metrics` open.
+    pub fn with_token(token: crate::admin_auth::Token) -> Door {
+        Door {
+            token: Some(token),
+            public: vec!["health".into(), "metrics".into()],
+            connections_max: CONNECTIONS_MAX,
+        }
+    }
+
+    /// May a request for `method path` with this `bearer` be served?
+    fn admits(&self, method: &str, path: &str, bearer: Option<&str>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let name = match (method, path) {
+            ("GET", "/health") => "health",
+            ("GET", "/metrics") => "metrics",
+            ("GET", "/replication/stats") => "stats",
+            ("GET", "/slots") => "slots",
+            _ => "",
+        };
+        (!name.is_empty() && self.public.iter().any(|p| p == name))
+            || bearer.is_some_and(|b| token.matches(b))
+    }
 }
 
 async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let permits = Arc::new(tokio::sync::Semaphore::new(ctx.door.connections_max));
     let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_MAX));
     loop {
         match listener.accept().await {
@@ -180,7 +238,7 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
 /// connection: the peer is gone or too slow, and there is nobody to tell.
 async fn handle_connection(mut stream: TcpStream, ctx: &Ctx) {
     let deadline = Instant::now() + Duration::from_millis(REQUEST_DEADLINE_MS);
-    match read_request(&mut stream, deadline).await {
+    match read_request(&mut stream, deadline, &ctx.door).await {
         Ok(request) => {
             let response = route(&request, ctx).await;
             let _ = response.write_to(&mut stream).await;
@@ -244,6 +302,8 @@ struct Head {
     head_len: usize,
     content_length: usize,
     expect_continue: bool,
+    /// The `Authorization: Bearer` credential, if any.
+    bearer: Option<String>,
 }
 
 enum Rejection {
@@ -253,7 +313,11 @@ enum Rejection {
     Drop,
 }
 
-async fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Rejection> {
+async fn read_request(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    door: &Door,
+) -> Result<Request, Rejection> {
     let mut buf = Vec::with_capacity(REQUEST_HEAD_BYTES_MAX);
     let head = loop {
         if let Some(head) = parse_head(&buf)? {
@@ -267,6 +331,18 @@ async fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Reque
         let n = read_before(stream, &mut chunk[..room], deadline, !buf.is_empty()).await?;
         buf.extend_from_slice(&chunk[..n]);
     };
+    // Refused before any body is read: an import's megabytes included.
+    if !door.admits(&head.method, &head.path, head.bearer.as_deref()) {
+        tracing::warn!(method = %head.method, path = %head.path, presented = head.bearer.is_some(), "admin: request without a valid operator token refused");
+        let message = if head.bearer.is_some() {
+            "the operator token is wrong"
+        } else {
+            "an operator token is required (Authorization: Bearer; the node's data directory holds admin.token, docs/ADMIN.md)"
+        };
+        let mut response = Response::error(401, message);
+        response.challenge = true;
+        return Err(Rejection::Reply(response));
+    }
     let keep_body = head.path == IMPORT_PATH;
     let body_max = if keep_body {
         crate::shard::MOVE_BYTES_MAX
@@ -322,6 +398,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Rejection> {
     };
     let mut content_length: Option<usize> = None;
     let mut expect_continue = false;
+    let mut bearer = None;
     for h in request.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(reject(
@@ -339,6 +416,11 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Rejection> {
             content_length = Some(n);
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            bearer = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().strip_prefix("Bearer "))
+                .map(|t| t.trim().to_owned());
         }
     }
     let target = request.path.unwrap_or("/");
@@ -350,6 +432,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Rejection> {
         head_len,
         content_length: content_length.unwrap_or(0),
         expect_continue,
+        bearer,
     }))
 }
 
@@ -392,6 +475,8 @@ struct Response {
     content_type: &'static str,
     /// For 405: the one method the path accepts.
     allow: Option<&'static str>,
+    /// For 401: ask for the bearer token (`WWW-Authenticate`).
+    challenge: bool,
     body: Vec<u8>,
 }
 
@@ -403,6 +488,7 @@ impl Response {
             status,
             content_type: CONTENT_TYPE_JSON,
             allow: None,
+            challenge: false,
             body,
         }
     }
@@ -422,6 +508,9 @@ impl Response {
         );
         if let Some(allow) = self.allow {
             head.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        if self.challenge {
+            head.push_str("WWW-Authenticate: Bearer realm=\"iris-admin\"\r\n");
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
@@ -450,10 +539,12 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         409 => "Conflict",
+        500 => "Internal Server Error",
         411 => "Length Required",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
@@ -471,6 +562,7 @@ async fn route(request: &Request, ctx: &Ctx) -> Response {
     let method = match path {
         "/health" | "/replication/stats" | "/metrics" | "/slots" | "/slots/export" => "GET",
         "/replication/promote"
+        | "/replication/handover"
         | "/reload"
         | "/slots/handoff"
         | IMPORT_PATH
@@ -486,7 +578,8 @@ async fn route(request: &Request, ctx: &Ctx) -> Response {
     match path {
         "/health" => health(stats, ctx),
         "/replication/stats" => replication_stats(stats),
-        "/replication/promote" => promote(stats).await,
+        "/replication/promote" => promote(stats, request.param("force") == Some("1")).await,
+        "/replication/handover" => handover(stats, request.param("timeout_ms")).await,
         "/metrics" => metrics_text(&ctx.metrics),
         "/reload" => reload(&ctx.security),
         _ => slots(request, stats).await,
@@ -626,6 +719,7 @@ async fn slot_step(
             status: 200,
             content_type: CONTENT_TYPE_BYTES,
             allow: None,
+            challenge: false,
             body: answers.concat(),
         });
     }
@@ -832,12 +926,41 @@ fn unix_now_ms() -> u64 {
 /// Asks the cores to promote this node and waits until they report it done:
 /// role primary and an epoch above the one we started from. On timeout the
 /// request stays set (the cores may still be finishing); asking again is safe.
-async fn promote(stats: &NodeStats) -> Response {
+/// A replica that still follows a live primary (a stream open and heard
+/// within the loss timeout) is not promoted unless `force`d: that would
+/// make two primaries, and the old one's clients would hear STORED for
+/// messages the new one never has.
+async fn promote(stats: &NodeStats, force: bool) -> Response {
     let epoch_before = stats.epoch.load(SeqCst);
     if stats.role() == Role::Primary {
         return Response::json(
             409,
             &serde_json::json!({ "error": "already primary", "epoch": epoch_before }),
+        );
+    }
+    let following = stats
+        .shards
+        .iter()
+        .filter(|s| s.replica_connected.load(Relaxed))
+        .count();
+    if following > 0 && !force {
+        tracing::warn!(
+            following,
+            "admin: promotion refused: the primary is alive (its stream is open and heard)"
+        );
+        return Response::json(
+            409,
+            &serde_json::json!({
+                "error": "the primary is alive: this replica still follows it (its stream is open and heard within the loss timeout). Stop it first, or hand over (`iris admin handover`), or add ?force=1 to make a second primary anyway",
+                "shards_following": following,
+                "epoch": epoch_before,
+            }),
+        );
+    }
+    if force && following > 0 {
+        tracing::warn!(
+            following,
+            "admin: forced promotion while the primary is alive"
         );
     }
     tracing::info!("admin: promotion requested (epoch {epoch_before})");
@@ -866,6 +989,57 @@ async fn promote(stats: &NodeStats) -> Response {
     }
 }
 
+/// Hands the primary role to the replica (engine::handover): answers once
+/// every shard stepped down with its replica holding every record, or
+/// when the handover was abandoned (the primary serves again).
+async fn handover(stats: &NodeStats, timeout_ms: Option<&str>) -> Response {
+    use crate::handover::{self, HandoverError, Progress};
+    let timeout_ms = match timeout_ms.map(str::parse::<u64>) {
+        None => handover::TIMEOUT_MS,
+        Some(Ok(ms)) if (1..=handover::TIMEOUT_MAX_MS).contains(&ms) => ms,
+        Some(_) => {
+            return Response::error(
+                400,
+                &format!("timeout_ms: 1 to {} ms", handover::TIMEOUT_MAX_MS),
+            )
+        }
+    };
+    let epoch = stats.epoch.load(SeqCst);
+    let started = Instant::now();
+    if let Err(e) = handover::request(stats) {
+        return Response::json(
+            409,
+            &serde_json::json!({ "error": e.to_string(), "epoch": epoch }),
+        );
+    }
+    let timeout = Duration::from_millis(timeout_ms);
+    loop {
+        match handover::poll(stats, started, timeout) {
+            Progress::Waiting => tokio::time::sleep(Duration::from_millis(handover::POLL_MS)).await,
+            Progress::Done => {
+                handover::finish(stats);
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::warn!(ms, epoch, "admin: handed over to the replica");
+                return Response::json(
+                    200,
+                    &serde_json::json!({ "handed_over": true, "epoch": epoch, "ms": ms }),
+                );
+            }
+            Progress::Failed(e) => {
+                tracing::error!(error = %e, "admin: handover failed");
+                let status = match e {
+                    HandoverError::StepDownSlow { .. } => 500,
+                    _ => 503,
+                };
+                return Response::json(
+                    status,
+                    &serde_json::json!({ "error": e.to_string(), "epoch": epoch }),
+                );
+            }
+        }
+    }
+}
+
 fn metrics_text(metrics: &Registry) -> Response {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, metrics)
@@ -874,6 +1048,7 @@ fn metrics_text(metrics: &Registry) -> Response {
         status: 200,
         content_type: CONTENT_TYPE_OPENMETRICS,
         allow: None,
+        challenge: false,
         body: text.into_bytes(),
     }
 }
@@ -1192,17 +1367,123 @@ impl EncodeMetric for BucketHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin_cmd::{http, http_with_body};
+    use crate::admin_cmd::http;
+    use crate::admin_http::AdminClient;
+
+    fn http_with_body(
+        method: &str,
+        addr: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, String), String> {
+        AdminClient::new(addr, None).call_with_body(method, path, body)
+    }
     use serde_json::Value;
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
+    /// Connections a unit test's node serves at once (the test process's
+    /// file limit is lower than a node's).
+    const TEST_CONNECTIONS_MAX: usize = 64;
+
     fn start_node(shards: usize, role: Role) -> (Arc<NodeStats>, String) {
         let stats = Arc::new(NodeStats::new(shards, role, Mode::Replica, 7));
         let security = Arc::new(Security::open(&crate::config::Config::default()).unwrap());
-        let (addr, _thread) =
-            start("127.0.0.1:0".parse().unwrap(), Arc::clone(&stats), security).unwrap();
+        let door = Door {
+            connections_max: TEST_CONNECTIONS_MAX,
+            ..Door::open()
+        };
+        let (addr, _thread) = start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&stats),
+            security,
+            door,
+        )
+        .unwrap();
         (stats, addr.to_string())
+    }
+
+    /// A node whose door asks for `token` (the default public routes).
+    fn start_guarded(role: Role, token: &crate::admin_auth::Token) -> (Arc<NodeStats>, String) {
+        let stats = Arc::new(NodeStats::new(1, role, Mode::Replica, 7));
+        let security = Arc::new(Security::open(&crate::config::Config::default()).unwrap());
+        let door = Door::with_token(token.clone());
+        let (addr, _thread) = start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&stats),
+            security,
+            door,
+        )
+        .unwrap();
+        (stats, addr.to_string())
+    }
+
+    /// Issue 21, 1: every route that changes state or returns message data
+    /// needs the operator token; /health and /metrics stay open. Red before
+    /// the door existed (every request below was served).
+    #[test]
+    fn without_the_operator_token_only_health_and_metrics_answer() {
+        let token = crate::admin_auth::Token::generate().unwrap();
+        let (stats, addr) = start_guarded(Role::Replica, &token);
+        let anonymous = AdminClient::new(addr.as_str(), None);
+        let wrong = AdminClient::new(
+            addr.as_str(),
+            Some(crate::admin_auth::Token::generate().unwrap()),
+        );
+        let operator = AdminClient::new(addr.as_str(), Some(token));
+        for (method, path) in [
+            ("POST", "/replication/promote"),
+            ("POST", "/replication/promote?force=1"),
+            ("POST", "/replication/handover"),
+            ("POST", "/reload"),
+            ("GET", "/replication/stats"),
+            ("GET", "/slots"),
+            ("GET", "/slots/export?first=0&last=1"),
+            ("POST", "/slots/handoff?first=0&last=1&to=1&version=2"),
+            ("POST", "/slots/import?first=0&last=1"),
+            ("POST", "/slots/own?first=0&last=1&version=2"),
+            ("POST", "/slots/release?first=0&last=1&to=1&version=2"),
+        ] {
+            for client in [&anonymous, &wrong] {
+                let (status, body) = client.call(method, path).unwrap();
+                assert_eq!(status, 401, "{method} {path}: {body}");
+            }
+        }
+        assert!(
+            !stats.promote_requested.load(SeqCst),
+            "nothing reached a route"
+        );
+        assert!(!stats.election_promote_asked.load(SeqCst));
+        assert_eq!(anonymous.call("GET", "/health").unwrap().0, 200);
+        assert_eq!(anonymous.call("GET", "/metrics").unwrap().0, 200);
+        assert_eq!(operator.call("GET", "/replication/stats").unwrap().0, 200);
+        // An import's body is refused before it is read: 401 at once, not
+        // after megabytes.
+        let big = vec![0u8; 4 << 20];
+        let (status, _) = anonymous
+            .call_with_body("POST", "/slots/import?first=0&last=1", &big)
+            .unwrap_or((401, String::new()));
+        assert_eq!(status, 401);
+    }
+
+    /// Issue 21, 1: a replica that still follows a live primary is not
+    /// promoted unless forced (two primaries otherwise). Red before: 200.
+    #[test]
+    fn promote_is_refused_while_the_primary_is_alive_unless_forced() {
+        let token = crate::admin_auth::Token::generate().unwrap();
+        let (stats, addr) = start_guarded(Role::Replica, &token);
+        let operator = AdminClient::new(addr.as_str(), Some(token));
+        stats.shards[0].replica_connected.store(true, Relaxed);
+        let (status, body) = operator.call("POST", "/replication/promote").unwrap();
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains("primary is alive"), "{body}");
+        assert!(!stats.promote_requested.load(SeqCst));
+        // Forced: asked of the cores (nobody finishes it here: 503).
+        let (status, body) = operator
+            .call("POST", "/replication/promote?force=1")
+            .unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(stats.promote_requested.load(SeqCst));
     }
 
     fn get_json(addr: &str, path: &str) -> Value {
@@ -1410,7 +1691,7 @@ mod tests {
     #[test]
     fn idle_connections_and_a_pending_promotion_delay_nobody() {
         let (_stats, addr) = start_node(1, Role::Replica);
-        let idle: Vec<TcpStream> = (0..CONNECTIONS_MAX - 2)
+        let idle: Vec<TcpStream> = (0..TEST_CONNECTIONS_MAX - 2)
             .map(|_| TcpStream::connect(&addr).unwrap())
             .collect();
         let promoter = {
@@ -1431,12 +1712,12 @@ mod tests {
         drop(idle);
     }
 
-    /// Over `CONNECTIONS_MAX` at once, a connection is answered 503 at once
+    /// Over the bound at once, a connection is answered 503 at once
     /// and closed; once connections end, requests are served again.
     #[test]
     fn connections_over_the_bound_get_503_and_close() {
         let (_stats, addr) = start_node(1, Role::Replica);
-        let idle: Vec<TcpStream> = (0..CONNECTIONS_MAX)
+        let idle: Vec<TcpStream> = (0..TEST_CONNECTIONS_MAX)
             .map(|_| TcpStream::connect(&addr).unwrap())
             .collect();
         // Let the server accept them all.

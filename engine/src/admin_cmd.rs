@@ -2,17 +2,47 @@
 //! through engine::admin_http; `rolling-restart` is engine::rolling,
 //! `move-slots` engine::move_cmd, `status` engine::status_cmd.
 
-pub use crate::admin_http::{http, http_with_body};
+use crate::admin_auth::Token;
+pub use crate::admin_http::{http, AdminClient};
 use crate::rolling::RollingRestartArgs;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// `iris admin [--admin-token-file FILE] COMMAND`.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// The operator token file sent with every request. [default: the
+    /// IRIS_ADMIN_TOKEN_FILE environment variable, else the cluster file's
+    /// `admin_token_file` (commands with --cluster), else
+    /// ./iris-data/admin.token if it exists]
+    #[arg(long, global = true)]
+    pub admin_token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// The operator token for a command: `flag`, the environment, the cluster
+/// file's, or the default data directory's (crate::admin_auth::client_token).
+pub fn token(
+    flag: Option<&Path>,
+    cluster_token_file: Option<&Path>,
+) -> Result<Option<Token>, String> {
+    crate::admin_auth::client_token(flag, cluster_token_file).map_err(|e| e.to_string())
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AdminCommand {
-    /// Promote this replica to primary (epoch + 1)
+    /// Promote this replica to primary (epoch + 1). Refused while the
+    /// replica still follows a live primary, unless --force
     Promote {
         /// The node's admin address (host:port).
         #[arg(long)]
         admin: String,
+        /// Promote even though the primary is alive: two primaries until
+        /// the old one sees the new epoch (clients of the old one may hear
+        /// STORED for messages the new one never has).
+        #[arg(long)]
+        force: bool,
     },
     /// Print replication stats JSON
     Stats {
@@ -42,16 +72,30 @@ pub enum AdminCommand {
 
 /// Runs one admin command: prints the response body, exit 0 on 2xx; otherwise
 /// the body (or the connection error) goes to stderr and the exit code is 1.
-pub fn run(cmd: &AdminCommand) -> ExitCode {
-    let (method, addr, path) = match cmd {
-        AdminCommand::RollingRestart(args) => return crate::rolling::run(args),
-        AdminCommand::MoveSlots(args) => return crate::move_cmd::run(args),
-        AdminCommand::Status(args) => return crate::status_cmd::run(args),
-        AdminCommand::Promote { admin } => ("POST", admin, "/replication/promote"),
+pub fn run(args: &AdminArgs) -> ExitCode {
+    let flag = args.admin_token_file.as_deref();
+    let (method, addr, path) = match &args.command {
+        AdminCommand::RollingRestart(a) => return crate::rolling::run(a, flag),
+        AdminCommand::MoveSlots(a) => return crate::move_cmd::run(a, flag),
+        AdminCommand::Status(a) => return crate::status_cmd::run(a, flag),
+        AdminCommand::Promote {
+            admin,
+            force: false,
+        } => ("POST", admin, "/replication/promote"),
+        AdminCommand::Promote { admin, force: true } => {
+            ("POST", admin, "/replication/promote?force=1")
+        }
         AdminCommand::Stats { admin } => ("GET", admin, "/replication/stats"),
         AdminCommand::Health { admin } => ("GET", admin, "/health"),
     };
-    match http(method, addr, path) {
+    let client = match token(flag, None) {
+        Ok(token) => AdminClient::new(addr.as_str(), token),
+        Err(e) => {
+            eprintln!("iris admin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.call(method, path) {
         Ok((status, body)) if (200..300).contains(&status) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -76,13 +120,25 @@ mod tests {
     use crate::stats::{Mode, NodeStats, Role};
     use std::sync::Arc;
 
+    fn args(command: AdminCommand) -> AdminArgs {
+        AdminArgs {
+            admin_token_file: None,
+            command,
+        }
+    }
+
     fn start_node(role: Role) -> String {
         let stats = Arc::new(NodeStats::new(1, role, Mode::Local, 3));
         let security = std::sync::Arc::new(
             crate::security::Security::open(&crate::config::Config::default()).unwrap(),
         );
-        let (addr, _thread) =
-            crate::admin::start("127.0.0.1:0".parse().unwrap(), stats, security).unwrap();
+        let (addr, _thread) = crate::admin::start(
+            "127.0.0.1:0".parse().unwrap(),
+            stats,
+            security,
+            crate::admin::Door::open(),
+        )
+        .unwrap();
         addr.to_string()
     }
 
@@ -90,20 +146,23 @@ mod tests {
     fn run_exits_0_on_2xx_and_1_otherwise() {
         let addr = start_node(Role::Primary);
         assert_eq!(
-            run(&AdminCommand::Health {
+            run(&args(AdminCommand::Health {
                 admin: addr.clone()
-            }),
+            })),
             ExitCode::SUCCESS
         );
         assert_eq!(
-            run(&AdminCommand::Stats {
+            run(&args(AdminCommand::Stats {
                 admin: addr.clone()
-            }),
+            })),
             ExitCode::SUCCESS
         );
         // Already primary: 409.
         assert_eq!(
-            run(&AdminCommand::Promote { admin: addr }),
+            run(&args(AdminCommand::Promote {
+                admin: addr,
+                force: false
+            })),
             ExitCode::FAILURE
         );
         // Nobody listening: exit 1, no hang.
@@ -113,9 +172,9 @@ mod tests {
             .unwrap()
             .port();
         assert_eq!(
-            run(&AdminCommand::Health {
+            run(&args(AdminCommand::Health {
                 admin: format!("127.0.0.1:{port}")
-            }),
+            })),
             ExitCode::FAILURE
         );
     }

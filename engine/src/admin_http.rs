@@ -3,6 +3,7 @@
 //! and every read bounded, so a wedged node makes a command fail instead of
 //! hang.
 
+use crate::admin_auth::Token;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -18,36 +19,76 @@ pub const RESPONSE_BYTES_MAX: usize = 1024 * 1024;
 /// Header lines parsed in a response.
 pub const RESPONSE_HEADERS_MAX: usize = 32;
 
-/// Sends `METHOD path` with no body to `addr` (host:port); returns the status
-/// code and the body.
+/// Sends `METHOD path` with no body and no credential to `addr`
+/// (host:port): for the routes a node leaves public (`/health`,
+/// `/metrics`). Returns the status code and the body.
 pub fn http(method: &str, addr: &str, path: &str) -> Result<(u16, String), String> {
-    http_with_body(method, addr, path, &[])
+    AdminClient::new(addr, None).call(method, path)
 }
 
-/// Like [`http`], with a request body (sent with its Content-Length).
-pub fn http_with_body(
-    method: &str,
-    addr: &str,
-    path: &str,
-    body: &[u8],
-) -> Result<(u16, String), String> {
-    let (status, body) = http_bytes(
-        method,
-        addr,
-        path,
-        body,
-        RESPONSE_BYTES_MAX,
-        READ_TIMEOUT_MS,
-    )?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+/// A node's admin API as a client sees it: its address and the operator
+/// token sent with every request (crate::admin_auth).
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    pub addr: String,
+    token: Option<Token>,
 }
 
-/// Like [`http_with_body`], for a binary response of up to `response_max`
-/// bytes, waiting up to `read_timeout_ms` for each read.
-pub fn http_bytes(
-    method: &str,
+impl AdminClient {
+    pub fn new(addr: impl Into<String>, token: Option<Token>) -> AdminClient {
+        AdminClient {
+            addr: addr.into(),
+            token,
+        }
+    }
+
+    /// `METHOD path` without a body; the status code and the body.
+    pub fn call(&self, method: &str, path: &str) -> Result<(u16, String), String> {
+        self.call_with_body(method, path, &[])
+    }
+
+    /// Like [`AdminClient::call`], with a request body (sent with its Content-Length).
+    pub fn call_with_body(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, String), String> {
+        let (status, body) =
+            self.call_bytes(method, path, body, RESPONSE_BYTES_MAX, READ_TIMEOUT_MS)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Like [`AdminClient::call_with_body`], for a binary response of up to
+    /// `response_max` bytes, waiting up to `read_timeout_ms` for each read.
+    pub fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        response_max: usize,
+        read_timeout_ms: u64,
+    ) -> Result<(u16, Vec<u8>), String> {
+        let authorization = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {}\r\n", t.as_str()))
+            .unwrap_or_default();
+        send(
+            &self.addr,
+            &format!("{method} {path}"),
+            &authorization,
+            body,
+            response_max,
+            read_timeout_ms,
+        )
+    }
+}
+
+fn send(
     addr: &str,
-    path: &str,
+    request_line: &str,
+    authorization: &str,
     body: &[u8],
     response_max: usize,
     read_timeout_ms: u64,
@@ -57,7 +98,7 @@ pub fn http_bytes(
         .set_read_timeout(Some(Duration::from_millis(read_timeout_ms)))
         .map_err(|e| format!("{addr}: {e}"))?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "{request_line} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     stream

@@ -27,6 +27,11 @@ pub struct ClusterFile {
     /// This cluster's key prefix in etcd. [default: "iris"]
     #[serde(default)]
     pub etcd_prefix: Option<String>,
+    /// The operator token file every node of the cluster uses for its admin
+    /// API, and every `iris admin … --cluster FILE` sends (relative to the
+    /// cluster file's directory).
+    #[serde(default)]
+    pub admin_token_file: Option<std::path::PathBuf>,
     pub pairs: Vec<PairSpec>,
 }
 
@@ -69,6 +74,9 @@ pub struct Cluster {
 pub struct ClusterSpec {
     pub etcd: Option<String>,
     pub etcd_prefix: Option<String>,
+    /// As written in the file; [`ClusterSpec::load`] makes a relative path
+    /// relative to the file's directory.
+    pub admin_token_file: Option<std::path::PathBuf>,
     pub pairs: Vec<PairSpec>,
     pub slot_map: Vec<u16>,
     pub topology_hash: u64,
@@ -87,7 +95,12 @@ impl ClusterSpec {
         }
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read cluster file {}: {e}", path.display()))?;
-        ClusterSpec::parse(&text).map_err(|e| format!("cluster file {}: {e}", path.display()))
+        let mut spec = ClusterSpec::parse(&text)
+            .map_err(|e| format!("cluster file {}: {e}", path.display()))?;
+        if let (Some(token), Some(dir)) = (&spec.admin_token_file, path.parent()) {
+            spec.admin_token_file = Some(dir.join(token));
+        }
+        Ok(spec)
     }
 
     pub fn parse(text: &str) -> Result<ClusterSpec, String> {
@@ -145,6 +158,7 @@ impl ClusterSpec {
         Ok(ClusterSpec {
             etcd: file.etcd,
             etcd_prefix: file.etcd_prefix,
+            admin_token_file: file.admin_token_file,
             pairs: file.pairs,
             slot_map,
             topology_hash,

@@ -22,6 +22,18 @@ pub struct Config {
     pub cores: usize,
     /// Admin HTTP (health, stats, promote, metrics) on the control thread; port 0 allowed.
     pub admin: Option<SocketAddr>,
+    /// Who may use the admin API: `token` (an operator token; the default)
+    /// or `none` (anyone who reaches it: loopback only).
+    pub admin_auth: AdminAuthMode,
+    /// The operator token file. [default: DATA/admin.token, written (0600)
+    /// at the first start if missing; a cluster file's `admin_token_file`
+    /// for its nodes]
+    pub admin_token_file: Option<PathBuf>,
+    /// Admin routes answered without the token: any of `health`, `metrics`,
+    /// `stats` (/replication/stats), `slots` (the slot table). Every other
+    /// route (promote, handover, reload, slot moves, export) always needs it.
+    /// [default: health, metrics]
+    pub admin_public: Vec<String>,
     /// Serve plain TCP on `listen`. Off when only `--tls-listen` is given on
     /// the command line (TLS instead of plain); `--listen` too keeps both.
     pub plain: bool,
@@ -51,6 +63,16 @@ pub struct Config {
     pub name: Option<String>,
     /// Automatic failover through etcd (docs/CLUSTER.md "Automatic failover").
     pub election: ElectionConfig,
+}
+
+/// Who may use the admin API (crate::admin_auth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminAuthMode {
+    /// Routes other than `admin_public` need `Authorization: Bearer <token>`.
+    Token,
+    /// Anyone who reaches the port is an operator: refused off loopback.
+    None,
 }
 
 /// Automatic failover: who leads each core pair is decided in etcd
@@ -300,6 +322,10 @@ pub struct Limits {
     pub wal_segment_bytes: u64,
     /// Graceful shutdown: how long to wait for in-flight SENDs to be answered.
     pub shutdown_drain_ms: u64,
+    /// Graceful shutdown of a primary with a connected replica: how long to
+    /// wait for the replica to hold every record before stepping down
+    /// (engine::handover); past it the node stops anyway, loudly.
+    pub shutdown_handover_ms: u64,
     /// At start: how long to wait for a listen address whose only holder is a
     /// listener no live process owns (a killed process's io_uring listener lingers
     /// for a few hundred ms). A live holder is refused at once.
@@ -313,6 +339,9 @@ impl Default for Config {
             data: PathBuf::from("./iris-data"),
             cores: 0,
             admin: None,
+            admin_auth: AdminAuthMode::Token,
+            admin_token_file: None,
+            admin_public: vec!["health".into(), "metrics".into()],
             plain: true,
             tls_listen: None,
             tls_cert: None,
@@ -355,6 +384,7 @@ impl Default for Limits {
             hello_timeout_ms: 10_000,
             wal_segment_bytes: 64 << 20,
             shutdown_drain_ms: 3000,
+            shutdown_handover_ms: crate::handover::TIMEOUT_MS,
             listen_busy_wait_ms: 5000,
         }
     }
@@ -459,6 +489,25 @@ impl Config {
                 );
             }
         }
+        if let Some(addr) = self.admin {
+            if !addr.ip().is_loopback() && self.admin_auth == AdminAuthMode::None {
+                return Err(format!(
+                    "refusing an admin listener on {addr} without operator auth: anyone reaching it \
+                     could promote, freeze or read every inbox. Fix: admin_auth = \"token\" (the \
+                     default), or a loopback address"
+                ));
+            }
+        }
+        if let Some(bad) = self
+            .admin_public
+            .iter()
+            .find(|r| !crate::admin_auth::PUBLIC_ROUTES_ALLOWED.contains(&r.as_str()))
+        {
+            return Err(format!(
+                "admin_public: {bad:?} cannot be public (only {:?} may be)",
+                crate::admin_auth::PUBLIC_ROUTES_ALLOWED
+            ));
+        }
         let a = &self.auth;
         if a.mode == crate::auth::AuthMode::Jwt && a.jwt_keys.is_none() {
             return Err("--auth jwt needs --jwt-keys PATH (a PEM public key or a directory of them); `iris keygen --out DIR` makes a development pair"
@@ -529,6 +578,23 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults valid");
+    }
+
+    /// Issue 21, 1: an admin listener off loopback without operator auth
+    /// refuses to start; with the token (the default) it starts.
+    #[test]
+    fn an_exposed_admin_listener_needs_operator_auth() {
+        let mut c: Config =
+            toml::from_str("admin = \"10.0.0.1:7200\"\nadmin_auth = \"none\"\n").unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("without operator auth"), "{err}");
+        c.admin_auth = AdminAuthMode::Token;
+        c.validate().expect("the token guards it");
+        c.admin = Some("127.0.0.1:7200".parse().unwrap());
+        c.admin_auth = AdminAuthMode::None;
+        c.validate().expect("loopback may go without");
+        c.admin_public = vec!["slots/export".into()];
+        assert!(c.validate().unwrap_err().contains("cannot be public"));
     }
 
     #[test]

@@ -131,6 +131,14 @@ fn dev_cluster(args: &DevClusterArgs) -> Result<(), String> {
     let ports = free_ports(args.pairs * 8 + args.edges * per_edge)?;
     let mut next = ports.into_iter();
     let mut text = crate::cluster::render_local(args.pairs, &mut || next.next().expect("counted"));
+    // One operator token for every node, beside the cluster file: `iris
+    // admin … --cluster DIR/cluster.toml` finds it there.
+    let token_path = dir.join(crate::admin_auth::TOKEN_FILE_NAME);
+    crate::admin_auth::Token::read_or_create(&token_path).map_err(|e| e.to_string())?;
+    text = format!(
+        "admin_token_file = {:?}\n{text}",
+        crate::admin_auth::TOKEN_FILE_NAME
+    );
     if let Some(etcd) = &args.etcd {
         // A prefix of this cluster's own: clusters sharing one etcd never meet.
         let nanos = std::time::SystemTime::now()

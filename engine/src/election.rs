@@ -106,6 +106,9 @@ pub struct Facts {
     pub wants_alone: bool,
     /// An operator asked for a promotion.
     pub promote_asked: bool,
+    /// This node just handed its role over (engine::handover): it does not
+    /// campaign, so that the replica it handed over to wins.
+    pub hold: bool,
 }
 
 /// A request to etcd; its answer comes back as a [`Reply`].
@@ -504,6 +507,9 @@ impl Pilot {
         out: &mut Vec<Action>,
     ) -> Option<Request> {
         let lease = self.lease?;
+        if facts.hold {
+            return None;
+        }
         if facts.primary {
             // The cores still act as primary of an epoch this node lost
             // (they step down at their next tick). Winning now, the Serve

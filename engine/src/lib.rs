@@ -6,6 +6,7 @@
 
 pub mod abuse;
 pub mod admin;
+pub mod admin_auth;
 pub mod admin_cmd;
 pub mod admin_http;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod dev_cluster;
 pub mod dev_cmd;
 pub mod election;
 pub mod etcd;
+pub mod handover;
 pub mod link;
 pub mod link_proto;
 pub mod lograte;
@@ -80,9 +82,8 @@ enum Command {
     Send(client_cmd::SendArgs),
     /// Receive (and ACK) messages; prints one line per DELIVER.
     Recv(client_cmd::RecvArgs),
-    /// Talk to a node's admin HTTP endpoint (promote, stats, health, reload).
-    #[command(subcommand)]
-    Admin(admin_cmd::AdminCommand),
+    /// Talk to a node's admin HTTP endpoint (promote, handover, stats, health, slot moves).
+    Admin(admin_cmd::AdminArgs),
     /// Create a development CA, a server certificate and node certificates (PEM) in DIR.
     Certs(dev_cmd::CertsArgs),
     /// Create an Ed25519 key pair for JWT logins: DIR/KID.key (private) and DIR/KID.pem (public).
@@ -260,6 +261,18 @@ struct ServeArgs {
     /// Admin HTTP address (GET /health, /replication/stats, /metrics; POST /replication/promote).
     #[arg(long)]
     admin: Option<std::net::SocketAddr>,
+    /// Who may use the admin API: `token` (an operator token in
+    /// `Authorization: Bearer`) or `none` (loopback only). [default: token]
+    #[arg(long, value_enum)]
+    admin_auth: Option<config::AdminAuthMode>,
+    /// The operator token file (owner-only). [default: DATA/admin.token,
+    /// written at the first start; the cluster file's `admin_token_file`]
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Admin routes answered without the token, comma-separated, from
+    /// health, metrics, stats, slots; "" for none. [default: health,metrics]
+    #[arg(long)]
+    admin_public: Option<String>,
     /// Accept replicas on this address (prints `iris replication listening on ADDR`).
     #[arg(long)]
     replication_listen: Option<std::net::SocketAddr>,
@@ -388,6 +401,20 @@ impl ServeArgs {
         if self.admin.is_some() {
             c.admin = self.admin;
         }
+        if let Some(mode) = self.admin_auth {
+            c.admin_auth = mode;
+        }
+        if self.admin_token_file.is_some() {
+            c.admin_token_file = self.admin_token_file.clone();
+        }
+        if let Some(public) = &self.admin_public {
+            c.admin_public = public
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(String::from)
+                .collect();
+        }
         if self.replication_listen.is_some() {
             c.replication.listen = self.replication_listen;
         }
@@ -448,7 +475,7 @@ pub fn main() -> ExitCode {
         }
         Command::Send(args) => client_cmd::run_send(&args),
         Command::Recv(args) => client_cmd::run_recv(&args),
-        Command::Admin(cmd) => admin_cmd::run(&cmd),
+        Command::Admin(args) => admin_cmd::run(&args),
         Command::Certs(args) => dev_cmd::run_certs(&args),
         Command::Keygen(args) => dev_cmd::run_keygen(&args),
         Command::Token(args) => dev_cmd::run_token(&args),

@@ -7,9 +7,10 @@
 //! stopped part way (a failover, a timeout) is resumed by running the same
 //! command again: it reads where the range stands from both pairs.
 
-use crate::admin_http::{http, http_bytes};
+use crate::admin_auth::Token;
+use crate::admin_http::AdminClient;
 use crate::cluster::ClusterSpec;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -31,8 +32,8 @@ pub struct MoveSlotsArgs {
     pub to: String,
 }
 
-pub fn run(args: &MoveSlotsArgs) -> ExitCode {
-    match move_slots(args) {
+pub fn run(args: &MoveSlotsArgs, token_file: Option<&Path>) -> ExitCode {
+    match move_slots(args, token_file) {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
@@ -46,16 +47,17 @@ pub fn run(args: &MoveSlotsArgs) -> ExitCode {
 
 /// One pair's primary as its admin API describes the range.
 struct View {
-    admin: String,
+    admin: AdminClient,
     pair: u16,
     version_max: u32,
     /// The decisions covering the range: (version, owner, handoff_to) per slot, coalesced.
     decisions: Vec<serde_json::Value>,
 }
 
-fn move_slots(args: &MoveSlotsArgs) -> Result<String, String> {
+fn move_slots(args: &MoveSlotsArgs, token_file: Option<&Path>) -> Result<String, String> {
     let started = Instant::now();
     let spec = ClusterSpec::load(&args.cluster)?;
+    let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
     let (first, last) = parse_range(&args.slots)?;
     let to = spec
         .pairs
@@ -64,7 +66,7 @@ fn move_slots(args: &MoveSlotsArgs) -> Result<String, String> {
         .ok_or_else(|| format!("no pair {:?} in {}", args.to, args.cluster.display()))?
         as u16;
     let views: Vec<View> = (0..spec.pairs.len())
-        .map(|p| view(&spec, p))
+        .map(|p| view(&spec, p, token.as_ref()))
         .collect::<Result<_, _>>()?;
     // Who serves the range, and at which version, as the pairs say: the
     // highest version any pair knows for a slot decides.
@@ -183,16 +185,20 @@ fn holds_handoff(v: &View, first: u16, last: u16) -> bool {
 }
 
 /// The primary of pair `pair` and its decisions (waits PRIMARY_WAIT for one).
-fn view(spec: &ClusterSpec, pair: usize) -> Result<View, String> {
+fn view(spec: &ClusterSpec, pair: usize, token: Option<&Token>) -> Result<View, String> {
     let deadline = Instant::now() + PRIMARY_WAIT;
     loop {
         for node in &spec.pairs[pair].nodes {
-            let admin = node.admin.to_string();
-            let Ok((200, body)) = http("GET", &admin, "/slots") else {
-                continue;
+            let admin = AdminClient::new(node.admin.to_string(), token.cloned());
+            let body = match admin.call("GET", "/slots") {
+                Ok((200, body)) => body,
+                Ok((401, body)) => {
+                    return Err(format!("{}: HTTP 401: {}", admin.addr, body.trim_end()))
+                }
+                _ => continue,
             };
             let v: serde_json::Value =
-                serde_json::from_str(&body).map_err(|e| format!("{admin}: /slots: {e}"))?;
+                serde_json::from_str(&body).map_err(|e| format!("{}: /slots: {e}", admin.addr))?;
             if v["role"] != "primary" {
                 continue;
             }
@@ -213,7 +219,7 @@ fn view(spec: &ClusterSpec, pair: usize) -> Result<View, String> {
     }
 }
 
-fn post(admin: &str, path: &str) -> Result<(), String> {
+fn post(admin: &AdminClient, path: &str) -> Result<(), String> {
     call(
         "POST",
         admin,
@@ -228,23 +234,18 @@ fn post(admin: &str, path: &str) -> Result<(), String> {
 /// body as the error.
 fn call(
     method: &str,
-    admin: &str,
+    admin: &AdminClient,
     path: &str,
     body: &[u8],
     response_max: usize,
 ) -> Result<Vec<u8>, String> {
-    let (status, body) = http_bytes(
-        method,
-        admin,
-        path,
-        body,
-        response_max,
-        STEP_READ_TIMEOUT_MS,
-    )?;
+    let (status, body) =
+        admin.call_bytes(method, path, body, response_max, STEP_READ_TIMEOUT_MS)?;
     if status != 200 {
         let body = String::from_utf8_lossy(&body);
         return Err(format!(
-            "{admin} {method} {path}: HTTP {status}: {}",
+            "{} {method} {path}: HTTP {status}: {}",
+            admin.addr,
             body.trim_end()
         ));
     }

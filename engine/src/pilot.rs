@@ -75,6 +75,7 @@ fn facts(stats: &NodeStats) -> Facts {
         synced: shards.iter().all(|s| s.synced.load(Relaxed)),
         wants_alone: shards.iter().any(|s| s.wants_alone.load(Relaxed)),
         promote_asked: stats.election_promote_asked.load(SeqCst),
+        hold: mono_us() < stats.campaign_hold_until_us.load(SeqCst),
     }
 }
 
@@ -101,6 +102,12 @@ pub async fn run(
             resign(&etcd, &mut pilot, &stats, &mut last_warn).await;
             stats.lease_released.store(true, SeqCst);
             return;
+        }
+        if stats.resign_asked.swap(false, SeqCst) {
+            // A handover: the cores stepped down with the replica holding
+            // everything; the key goes, and our campaign waits (facts.hold).
+            resign(&etcd, &mut pilot, &stats, &mut last_warn).await;
+            continue;
         }
         let (actions, request) = pilot.step(mono_us(), facts(&stats));
         apply(&stats, actions, &mut last_warn);

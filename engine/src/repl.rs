@@ -65,6 +65,10 @@ pub struct ReplState {
     pub primary_last_position: u64,
     /// When this shard last heard its peer (ms since the Unix epoch).
     pub last_heard_ms: u64,
+    /// Replica side: a replication session with the primary is open (its
+    /// stream has not ended); with `last_heard_ms`, whether the primary is
+    /// alive, which a promotion without `force` must not overrule.
+    pub following: bool,
     /// Counter values already added to the node stats.
     pub published: Published,
     /// Primary side: this shard's log may lack acknowledged records from this
@@ -109,6 +113,7 @@ impl ReplState {
             acker_waker: None,
             primary_last_position: 0,
             last_heard_ms: 0,
+            following: false,
             published: Published::default(),
             repair_from: None,
             node_tls: None,
@@ -786,7 +791,10 @@ pub async fn follow(core: Rc<RefCell<Core>>, primary: String) {
         match connected {
             Ok(stream) => {
                 let started = Instant::now();
-                match follow_session(&core, stream).await {
+                core.borrow_mut().repl.following = true;
+                let session = follow_session(&core, stream).await;
+                core.borrow_mut().repl.following = false;
+                match session {
                     Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(shard, error = %e, "replication from the primary stopped; reconnecting")
@@ -1127,6 +1135,9 @@ pub fn tick(c: &mut Core, data: &std::path::Path) -> Option<String> {
     if stats.promote_requested.load(SeqCst) && c.shard.role == Role::Replica {
         promote(c, &stats, data);
     }
+    if let Some(peer) = crate::handover::tick(c, &stats) {
+        follow = Some(peer);
+    }
     if c.shard.role == Role::Primary {
         update_mode(c);
     }
@@ -1138,7 +1149,17 @@ pub fn tick(c: &mut Core, data: &std::path::Path) -> Option<String> {
 /// and follow the peer (whoever leads now; the sync on connect truncates
 /// what this log holds beyond the new primary's and re-submits it).
 fn step_down(c: &mut Core, stats: &Arc<NodeStats>) -> Option<String> {
-    let reason = "not the primary: it lost its lease in etcd".to_string();
+    step_down_for(
+        c,
+        stats,
+        "not the primary: it lost its lease in etcd".to_string(),
+    )
+}
+
+/// Stops acting as primary for `reason` (lost lease, handover): the SENDs
+/// waiting are answered not-primary, the replica's stream ends, and the
+/// peer (if the configuration names one) is followed.
+pub fn step_down_for(c: &mut Core, stats: &Arc<NodeStats>, reason: String) -> Option<String> {
     c.shard.step_down(reason, &mut c.edge);
     c.repl.link = None;
     c.repl.wake_writers();
@@ -1309,7 +1330,10 @@ fn publish(c: &mut Core, stats: &NodeStats) {
     s.dedup_bytes.store(dedup_bytes as u64, Relaxed);
     let connected = match c.shard.role {
         Role::Primary => c.repl.link.is_some(),
-        _ => now_ms().saturating_sub(c.repl.last_heard_ms) < c.repl.config.loss_timeout_ms,
+        _ => {
+            c.repl.following
+                && now_ms().saturating_sub(c.repl.last_heard_ms) < c.repl.config.loss_timeout_ms
+        }
     };
     s.replica_connected.store(connected, Relaxed);
     s.last_heartbeat_ms.store(c.repl.last_heard_ms, Relaxed);

@@ -13,10 +13,10 @@
 //! with `{node}`, `{pair}`, `{admin}` and `{pid}` replaced. The start command
 //! may keep running (a node in the foreground): it is not waited for.
 
-use crate::admin_http::http;
+use crate::admin_http::AdminClient;
 use crate::cluster::ClusterSpec;
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,11 +60,11 @@ enum NodeState {
 struct Node {
     name: String,
     pair: String,
-    admin: String,
+    admin: AdminClient,
 }
 
-pub fn run(args: &RollingRestartArgs) -> ExitCode {
-    match restart_all(args) {
+pub fn run(args: &RollingRestartArgs, token_file: Option<&Path>) -> ExitCode {
+    match restart_all(args, token_file) {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
@@ -76,8 +76,9 @@ pub fn run(args: &RollingRestartArgs) -> ExitCode {
     }
 }
 
-fn restart_all(args: &RollingRestartArgs) -> Result<String, String> {
+fn restart_all(args: &RollingRestartArgs, token_file: Option<&Path>) -> Result<String, String> {
     let spec = ClusterSpec::load(&args.cluster)?;
+    let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
     for wanted in &args.pairs {
         if !spec.pairs.iter().any(|p| &p.name == wanted) {
             return Err(format!("no pair {wanted:?} in {}", args.cluster.display()));
@@ -96,7 +97,7 @@ fn restart_all(args: &RollingRestartArgs) -> Result<String, String> {
             .map(|n| Node {
                 name: n.name.clone(),
                 pair: pair.name.clone(),
-                admin: n.admin.to_string(),
+                admin: AdminClient::new(n.admin.to_string(), token.clone()),
             })
             .collect();
         if nodes.len() != 2 {
@@ -235,12 +236,12 @@ fn fill(template: &str, node: &Node, pid: u64) -> String {
     template
         .replace("{node}", &node.name)
         .replace("{pair}", &node.pair)
-        .replace("{admin}", &node.admin)
+        .replace("{admin}", &node.admin.addr)
         .replace("{pid}", &pid.to_string())
 }
 
-fn state(admin: &str) -> NodeState {
-    let body = match http("GET", admin, "/health") {
+fn state(admin: &AdminClient) -> NodeState {
+    let body = match admin.call("GET", "/health") {
         Ok((200, body)) => body,
         Ok(_) => return NodeState::Unknown,
         // admin_http: a connection that could not be made.
@@ -260,9 +261,9 @@ fn state(admin: &str) -> NodeState {
 /// everything the shard had when this was called (a busy primary's lag is
 /// rarely 0 at any one moment). `admin` is the primary's admin address,
 /// `name` its name in messages.
-pub fn wait_caught_up(admin: &str, name: &str, timeout: Duration) -> Result<(), String> {
+pub fn wait_caught_up(admin: &AdminClient, name: &str, timeout: Duration) -> Result<(), String> {
     let stats = || -> Option<Vec<Value>> {
-        let (200, body) = http("GET", admin, "/replication/stats").ok()? else {
+        let (200, body) = admin.call("GET", "/replication/stats").ok()? else {
             return None;
         };
         let v: Value = serde_json::from_str(&body).ok()?;
@@ -296,7 +297,7 @@ pub fn wait_caught_up(admin: &str, name: &str, timeout: Duration) -> Result<(), 
 fn promote(replica: &Node, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        match http("POST", &replica.admin, "/replication/promote") {
+        match replica.admin.call("POST", "/replication/promote") {
             // 409: already primary (an earlier attempt finished after its 503).
             Ok((200 | 409, _)) => return Ok(()),
             Ok((503, _)) | Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),

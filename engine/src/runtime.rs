@@ -168,6 +168,9 @@ impl ClusterSetup {
             };
         };
         let spec = crate::cluster::ClusterSpec::load(&path)?;
+        if config.admin_token_file.is_none() {
+            config.admin_token_file = spec.admin_token_file.clone();
+        }
         match config.role {
             NodeRole::All => Err("--cluster needs --role core or --role edge".into()),
             NodeRole::Edge => {
@@ -552,9 +555,15 @@ pub fn serve(mut config: Config) -> Result<(), String> {
     }
     let admin = match config.admin {
         Some(addr) => Some(
-            crate::admin::start_with(addr, stats.clone(), security.clone(), control_tasks)
-                .map_err(|e| format!("cannot start admin HTTP on {addr}: {e}"))?
-                .0,
+            crate::admin::start_with(
+                addr,
+                stats.clone(),
+                security.clone(),
+                admin_door(&config)?,
+                control_tasks,
+            )
+            .map_err(|e| format!("cannot start admin HTTP on {addr}: {e}"))?
+            .0,
         ),
         None => None,
     };
@@ -611,6 +620,32 @@ pub fn serve(mut config: Config) -> Result<(), String> {
         }
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// The admin API's door: the operator token (read, or written at the first
+/// start in the data directory) and the routes left open.
+fn admin_door(config: &Config) -> Result<crate::admin::Door, String> {
+    use crate::admin_auth::{Token, TOKEN_FILE_NAME};
+    let token = match (config.admin_auth, &config.admin_token_file) {
+        (crate::config::AdminAuthMode::None, _) => {
+            tracing::warn!("admin API without operator auth (admin_auth = none): anyone on this machine is an operator");
+            None
+        }
+        (_, Some(path)) => Some(Token::read(path).map_err(|e| e.to_string())?),
+        (_, None) => {
+            std::fs::create_dir_all(&config.data)
+                .map_err(|e| format!("cannot create {}: {e}", config.data.display()))?;
+            let path = config.data.join(TOKEN_FILE_NAME);
+            let token = Token::read_or_create(&path).map_err(|e| e.to_string())?;
+            tracing::info!(path = %path.display(), "admin API: operator token file");
+            Some(token)
+        }
+    };
+    Ok(crate::admin::Door {
+        token,
+        public: config.admin_public.clone(),
+        connections_max: crate::admin::CONNECTIONS_MAX,
+    })
 }
 
 fn rx_ready(rx: &mpsc::Receiver<Result<(), String>>) -> Result<(), String> {
@@ -786,6 +821,7 @@ async fn core_main(
     }
     let _ = ready.send(Ok(()));
     client_acceptors(&core, &mut spec, listener, tls_listener).await;
+    hand_over_before_stopping(&core, spec.config.limits.shutdown_handover_ms).await;
     shutdown(core, spec.nr_cores, spec.config.limits.shutdown_drain_ms).await;
     Ok(())
 }
@@ -1431,6 +1467,46 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
         // Stepped down: follow the peer (spawned with no borrow held).
         if let Some(peer) = follow {
             glommio::spawn_local(crate::repl::follow(core.clone(), peer)).detach();
+        }
+    }
+}
+
+/// A clean stop of a primary with a connected replica hands the role over
+/// first (engine::handover): the node never stops while it holds
+/// acknowledged records its replica lacks. Past `timeout_ms` it stops
+/// anyway and says what that means.
+async fn hand_over_before_stopping(core: &Rc<RefCell<Core>>, timeout_ms: u64) {
+    use crate::handover::{self, Progress};
+    let stats = core.borrow().repl.stats.clone();
+    let synchronous = core.borrow().repl.config.synchronous();
+    let replica_seen = stats
+        .shards
+        .iter()
+        .any(|s| s.replica_connected.load(Ordering::Relaxed));
+    if stats.role() != Role::Primary || !synchronous || !replica_seen {
+        return;
+    }
+    let _ = handover::request(&stats); // Busy: another core asked first
+    let started = Instant::now();
+    let timeout = Duration::from_millis(timeout_ms);
+    loop {
+        match handover::poll(&stats, started, timeout) {
+            Progress::Waiting => {
+                glommio::timer::sleep(Duration::from_millis(handover::POLL_MS)).await
+            }
+            Progress::Done => {
+                let shard = core.borrow().shard.id;
+                tracing::info!(
+                    shard,
+                    ms = started.elapsed().as_millis() as u64,
+                    "stopping: handed over to the replica, which holds every record"
+                );
+                return;
+            }
+            Progress::Failed(e) => {
+                tracing::error!(error = %e, "stopping WITHOUT a handover: the replica may lack records this node acknowledged; they are re-submitted when this node rejoins (docs/ADMIN.md, Handover)");
+                return;
+            }
         }
     }
 }

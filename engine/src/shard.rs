@@ -269,6 +269,11 @@ pub struct Shard {
     replica_acked: u64,
     /// REJECTED 4's reason when this shard does not take writes.
     not_primary_reason: String,
+    /// Primary, during a handover (engine::handover): SENDs are answered
+    /// not-primary (an edge holds them and sends them to the new primary)
+    /// and ACKs are not logged, so that the replica catches up with a log
+    /// that no longer grows.
+    pub handing_over: bool,
     /// With etcd: the node's lease deadline (on [`mono_us`]'s clock, u64::MAX
     /// none); from it on this shard neither answers STORED nor takes SENDs.
     lease_deadline: Option<Arc<AtomicU64>>,
@@ -318,6 +323,7 @@ impl Shard {
             mode: Mode::Local,
             replica_acked: 0,
             not_primary_reason: String::new(),
+            handing_over: false,
             lease_deadline: None,
             stalled: Vec::new(),
             live: Live::new(limits),
@@ -477,6 +483,11 @@ impl Shard {
         }
         if !self.lease_valid() {
             let reason = "not the primary for sure: its lease in etcd is not renewed";
+            sink.not_primary(req.reply, req.msg_id, reason);
+            return Ok(());
+        }
+        if self.handing_over {
+            let reason = "handing the primary role over to the replica: send again shortly";
             sink.not_primary(req.reply, req.msg_id, reason);
             return Ok(());
         }
@@ -797,7 +808,7 @@ impl Shard {
 
     /// Cumulative ACK (already checked by the edge against what it delivered).
     pub fn ack(&mut self, user: &str, seq: u64, sink: &mut impl Sink) -> Result<(), ShardError> {
-        if !self.acting() {
+        if !self.acting() || self.handing_over {
             // A replica's log holds only the primary's records, at the
             // primary's positions: an ACK logged here (one an edge routed
             // before it heard of a step-down) would sit where the new
@@ -909,6 +920,7 @@ impl Shard {
     /// stored, or stores it.
     pub fn step_down(&mut self, reason: String, sink: &mut impl Sink) {
         self.role = Role::Replica;
+        self.handing_over = false;
         self.not_primary_reason = reason;
         for w in self.waiting.drain(..) {
             sink.not_primary(w.reply, w.msg_id, "not the primary any more");
@@ -921,6 +933,7 @@ impl Shard {
         debug_assert!(epoch > self.epoch, "promotion raises the epoch");
         self.epoch = epoch;
         self.role = Role::Primary;
+        self.handing_over = false;
         self.mode = mode;
         self.replica_acked = 0;
         let online: Vec<Rc<str>> = self

@@ -633,6 +633,7 @@ impl Node {
             synced: self.synced,
             wants_alone: self.wants_alone,
             promote_asked: false,
+            hold: false,
         }
     }
 }

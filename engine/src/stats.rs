@@ -118,6 +118,23 @@ pub struct ShardStats {
     /// Primary: the replica is lost and the shard would degrade, which waits
     /// for the pair's state to say `alone` (with etcd).
     pub wants_alone: AtomicBool,
+    /// Primary, during a handover: takes no SENDs, and its replica holds
+    /// every record (mode `replica`, acked and durable to the last
+    /// position, no SEND waiting): it may step down now.
+    pub handover_ready: AtomicBool,
+    /// This shard stepped down in the current handover.
+    pub handed_over: AtomicBool,
+}
+
+/// Where a handover stands (engine::handover), one value for the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HandoverPhase {
+    Idle = 0,
+    /// The primary's shards take no SENDs and wait for their replica.
+    Requested = 1,
+    /// Every shard was ready: each steps down (no way back).
+    Committed = 2,
 }
 
 pub struct NodeStats {
@@ -172,9 +189,36 @@ pub struct NodeStats {
     pub leader_seen: Mutex<Option<(String, u64)>>,
     /// With etcd: the pair's state as this node last knew it ("sync", "alone").
     pub pair_state: Mutex<Option<&'static str>>,
+    /// The handover of the primary role to the replica (a HandoverPhase).
+    pub handover: AtomicU8,
+    /// With etcd, after a handover: the election does not campaign before
+    /// this instant (engine::shard::mono_us), so that the replica wins.
+    pub campaign_hold_until_us: AtomicU64,
+    /// With etcd, after a handover: the pilot hands the lease back (once).
+    pub resign_asked: AtomicBool,
 }
 
 impl NodeStats {
+    pub fn handover_phase(&self) -> HandoverPhase {
+        match self.handover.load(std::sync::atomic::Ordering::SeqCst) {
+            1 => HandoverPhase::Requested,
+            2 => HandoverPhase::Committed,
+            _ => HandoverPhase::Idle,
+        }
+    }
+
+    /// Moves the handover from `from` to `to`; false if it was elsewhere.
+    pub fn handover_move(&self, from: HandoverPhase, to: HandoverPhase) -> bool {
+        self.handover
+            .compare_exchange(
+                from as u8,
+                to as u8,
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
     /// Open client connections, all cores together.
     pub fn connections(&self) -> u64 {
         self.shards
@@ -218,6 +262,9 @@ impl NodeStats {
             election_promote_asked: AtomicBool::new(false),
             leader_seen: Mutex::new(None),
             pair_state: Mutex::new(None),
+            handover: AtomicU8::new(HandoverPhase::Idle as u8),
+            campaign_hold_until_us: AtomicU64::new(0),
+            resign_asked: AtomicBool::new(false),
         }
     }
 

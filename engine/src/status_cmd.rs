@@ -9,10 +9,11 @@
 //! time left and each node says whom etcd names as leader; without it they
 //! are null.
 
-use crate::admin_http::http;
+use crate::admin_auth::Token;
+use crate::admin_http::AdminClient;
 use crate::cluster::ClusterSpec;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -22,15 +23,19 @@ pub struct StatusArgs {
     pub cluster: PathBuf,
 }
 
-pub fn run(args: &StatusArgs) -> ExitCode {
-    let spec = match ClusterSpec::load(&args.cluster) {
-        Ok(spec) => spec,
+pub fn run(args: &StatusArgs, token_file: Option<&Path>) -> ExitCode {
+    let loaded = ClusterSpec::load(&args.cluster).and_then(|spec| {
+        let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
+        Ok((spec, token))
+    });
+    let (spec, token) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("iris admin status: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let (doc, healthy) = status(&spec);
+    let (doc, healthy) = status(&spec, token.as_ref());
     println!("{doc:#}");
     if healthy {
         ExitCode::SUCCESS
@@ -40,7 +45,8 @@ pub fn run(args: &StatusArgs) -> ExitCode {
 }
 
 /// The document, and whether every pair has exactly one reachable primary.
-pub fn status(spec: &ClusterSpec) -> (Value, bool) {
+pub fn status(spec: &ClusterSpec, token: Option<&Token>) -> (Value, bool) {
+    let client = |admin: &str| AdminClient::new(admin, token.cloned());
     let mut healthy = true;
     let pairs: Vec<Value> = spec
         .pairs
@@ -49,14 +55,14 @@ pub fn status(spec: &ClusterSpec) -> (Value, bool) {
             let nodes: Vec<Value> = pair
                 .nodes
                 .iter()
-                .map(|n| node(&n.name, &n.admin.to_string()))
+                .map(|n| node(&n.name, &client(&n.admin.to_string())))
                 .collect();
             let primaries: Vec<&Value> = nodes.iter().filter(|n| n["role"] == "primary").collect();
             healthy &= primaries.len() == 1;
             let leader = primaries.first();
             let decisions = leader
                 .and_then(|p| p["admin"].as_str())
-                .and_then(|admin| match http("GET", admin, "/slots") {
+                .and_then(|admin| match client(admin).call("GET", "/slots") {
                     Ok((200, body)) => serde_json::from_str::<Value>(&body).ok(),
                     _ => None,
                 })
@@ -79,9 +85,15 @@ pub fn status(spec: &ClusterSpec) -> (Value, bool) {
 /// One node as its admin API describes it; `reachable` false when it does
 /// not answer. `lag_records`: the records its replica has not acknowledged,
 /// over every shard (null for a replica or without one).
-fn node(name: &str, admin: &str) -> Value {
-    let stats = match http("GET", admin, "/replication/stats") {
+fn node(name: &str, client: &AdminClient) -> Value {
+    let admin = client.addr.as_str();
+    let stats = match client.call("GET", "/replication/stats") {
         Ok((200, body)) => serde_json::from_str::<Value>(&body).ok(),
+        Ok((401, body)) => {
+            let error =
+                serde_json::from_str::<Value>(&body).map_or(Value::Null, |v| v["error"].clone());
+            return json!({ "name": name, "admin": admin, "reachable": true, "error": error });
+        }
         _ => None,
     };
     let Some(s) = stats else {

@@ -207,10 +207,21 @@ impl DevCluster {
         assert!(status.success(), "kill {sig} {name}");
     }
 
+    /// The operator token every node of the cluster takes (dev-cluster
+    /// writes it beside the cluster file).
+    pub fn token(&self) -> engine::admin_auth::Token {
+        engine::admin_auth::Token::read(&self.dir.join(engine::admin_auth::TOKEN_FILE_NAME))
+            .expect("dev-cluster's admin.token")
+    }
+
+    /// Node `name`'s admin API, with the operator token.
+    pub fn admin(&self, name: &str) -> engine::admin_http::AdminClient {
+        engine::admin_http::AdminClient::new(self.node(name).admin.clone(), Some(self.token()))
+    }
+
     /// The node's role as its admin API says (None: unreachable).
     pub fn role(&self, name: &str) -> Option<String> {
-        let (status, body) =
-            engine::admin_cmd::http("GET", &self.node(name).admin, "/replication/stats").ok()?;
+        let (status, body) = self.admin(name).call("GET", "/replication/stats").ok()?;
         let v: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
         v["role"].as_str().map(str::to_string)
     }
@@ -292,14 +303,19 @@ impl DevCluster {
         node.restarted = Some(child);
     }
 
-    /// POST /replication/promote on a node; returns the new epoch.
+    /// POST /replication/promote on a node; returns the new epoch. Asks
+    /// again while the node answers 503 (still closing its old stream) or
+    /// 409 because it has not yet seen its primary go (a stopped primary
+    /// is gone once its stream ends, a paused one after the loss timeout).
     pub fn promote(&self, name: &str) -> u64 {
-        let admin = &self.node(name).admin;
+        let admin = self.admin(name);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, body) = engine::admin_cmd::http("POST", admin, "/replication/promote")
+            let (status, body) = admin
+                .call("POST", "/replication/promote")
                 .unwrap_or_else(|e| panic!("{name}: promote: {e}"));
-            if status == 503 && Instant::now() < deadline {
+            let busy = status == 503 || (status == 409 && body.contains("primary is alive"));
+            if busy && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
@@ -316,8 +332,9 @@ impl DevCluster {
 
     /// GET `path` on node `name`'s admin API: its JSON (200 expected).
     pub fn admin_get(&self, name: &str, path: &str) -> Value {
-        let admin = &self.node(name).admin;
-        let (status, body) = engine::admin_cmd::http("GET", admin, path)
+        let (status, body) = self
+            .admin(name)
+            .call("GET", path)
             .unwrap_or_else(|e| panic!("{name}: {path}: {e}"));
         assert_eq!(status, 200, "{name}: {path} answered {body}");
         serde_json::from_str(&body).expect("JSON")
@@ -326,8 +343,9 @@ impl DevCluster {
     /// Waits until `primary`'s replica caught up on every shard, as
     /// `iris admin rolling-restart` waits (engine::rolling::wait_caught_up).
     pub fn wait_caught_up(&self, primary: &str) {
-        let admin = &self.node(primary).admin;
-        if let Err(e) = engine::rolling::wait_caught_up(admin, primary, READY_TIMEOUT) {
+        if let Err(e) =
+            engine::rolling::wait_caught_up(&self.admin(primary), primary, READY_TIMEOUT)
+        {
             panic!("{e}: {}", self.stats(primary));
         }
     }
@@ -337,9 +355,7 @@ impl DevCluster {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             for n in self.nodes.iter().filter(|n| n.pair == pair) {
-                if let Ok((200, body)) =
-                    engine::admin_cmd::http("GET", &n.admin, "/replication/stats")
-                {
+                if let Ok((200, body)) = self.admin(&n.name).call("GET", "/replication/stats") {
                     if body.contains("\"role\":\"primary\"") {
                         return n.name.clone();
                     }

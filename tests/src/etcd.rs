@@ -212,13 +212,9 @@ impl Etcd {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let body = serde_json::json!({ "key": b64.encode(key) }).to_string();
-        let (status, text) = engine::admin_http::http_with_body(
-            "POST",
-            &self.client,
-            "/v3/kv/range",
-            body.as_bytes(),
-        )
-        .unwrap_or_else(|e| panic!("etcd range {key}: {e}"));
+        let (status, text) = engine::admin_http::AdminClient::new(self.client.as_str(), None)
+            .call_with_body("POST", "/v3/kv/range", body.as_bytes())
+            .unwrap_or_else(|e| panic!("etcd range {key}: {e}"));
         assert_eq!(status, 200, "etcd range {key}: {text}");
         let v: serde_json::Value = serde_json::from_str(&text).expect("etcd JSON");
         let value = v["kvs"].get(0)?["value"].as_str()?;

@@ -94,6 +94,16 @@ pub fn unique_temp_path(kind: &str) -> PathBuf {
     ))
 }
 
+/// A node's admin API with the operator token the node wrote in its data
+/// directory (`DATA/admin.token`, engine::admin_auth), read when the node
+/// has started.
+pub fn admin_of(addr: &str, data_dir: &Path) -> engine::admin_http::AdminClient {
+    let path = data_dir.join(engine::admin_auth::TOKEN_FILE_NAME);
+    let token = engine::admin_auth::Token::read(&path)
+        .unwrap_or_else(|e| panic!("the node's operator token: {e}"));
+    engine::admin_http::AdminClient::new(addr, Some(token))
+}
+
 /// One `iris serve` process (and its successors after [`Server::restart`]),
 /// owning its data directory and its stderr log.
 pub struct Server {

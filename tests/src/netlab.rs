@@ -222,8 +222,10 @@ impl NetLab {
         }
         lab.start_etcd();
         // The cluster file: both nodes on their namespace addresses.
+        engine::admin_auth::create_token_file(&lab.dir.join(engine::admin_auth::TOKEN_FILE_NAME))
+            .expect("the lab's operator token");
         let mut text = format!(
-            "etcd = {:?}\netcd_prefix = \"lab\"\n\n[[pairs]]\nname = \"p0\"\nslots = [\"0-16383\"]\n",
+            "admin_token_file = \"admin.token\"\netcd = {:?}\netcd_prefix = \"lab\"\n\n[[pairs]]\nname = \"p0\"\nslots = [\"0-16383\"]\n",
             lab.etcd_url
         );
         for n in &lab.nodes {
@@ -403,16 +405,23 @@ impl NetLab {
         let _ = i;
     }
 
+    /// Node `i`'s admin API with the lab's operator token.
+    pub fn admin(&self, i: usize) -> engine::admin_http::AdminClient {
+        let path = self.dir.join(engine::admin_auth::TOKEN_FILE_NAME);
+        let token = engine::admin_auth::Token::read(&path).expect("the lab's operator token");
+        engine::admin_http::AdminClient::new(self.nodes[i].admin.as_str(), Some(token))
+    }
+
     /// The role node `i` reports (None: unreachable from the test).
     pub fn role(&self, i: usize) -> Option<String> {
-        let (s, body) =
-            engine::admin_cmd::http("GET", &self.nodes[i].admin, "/replication/stats").ok()?;
+        let (s, body) = self.admin(i).call("GET", "/replication/stats").ok()?;
         let v: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| s == 200)?;
         v["role"].as_str().map(str::to_string)
     }
 
     pub fn stats(&self, i: usize) -> serde_json::Value {
-        engine::admin_cmd::http("GET", &self.nodes[i].admin, "/replication/stats")
+        self.admin(i)
+            .call("GET", "/replication/stats")
             .ok()
             .and_then(|(_, b)| serde_json::from_str(&b).ok())
             .unwrap_or(serde_json::Value::Null)

@@ -810,15 +810,15 @@ fn a_slot_move_resumes_after_the_sources_primary_dies() {
         .collect();
     senders[0].wait_stored(100, "before the move");
     // Step 1 alone, as a move that stopped there would leave it: p1 is pair 1.
-    let admin = c.node("p0a").admin.clone();
+    let admin = c.admin("p0a");
     let no_such_pair = format!("/slots/handoff?first={first}&last={first}&to=2&version=7");
-    let (status, body) = engine::admin_cmd::http("POST", &admin, &no_such_pair).expect("handoff");
+    let (status, body) = admin.call("POST", &no_such_pair).expect("handoff");
     assert_eq!(status, 400, "a pair the cluster file does not have: {body}");
     let path = format!(
         "/slots/handoff?first={first}&last={}&to=1&version=7",
         first + 1023
     );
-    let (status, body) = engine::admin_cmd::http("POST", &admin, &path).expect("handoff");
+    let (status, body) = admin.call("POST", &path).expect("handoff");
     assert_eq!(status, 200, "{body}");
     thread::sleep(Duration::from_millis(200)); // SENDs to the range wait meanwhile
     c.kill9("p0a");

@@ -160,8 +160,15 @@ impl Node {
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }
 
+    /// The admin API with the node's operator token.
+    fn admin_client(&self) -> engine::admin_http::AdminClient {
+        tests::admin_of(&self.admin, &self.data_dir)
+    }
+
     fn stats(&self) -> Value {
-        let (status, body) = engine::admin_cmd::http("GET", &self.admin, "/replication/stats")
+        let (status, body) = self
+            .admin_client()
+            .call("GET", "/replication/stats")
             .unwrap_or_else(|e| panic!("{}: GET /replication/stats: {e}", self.name));
         assert_eq!(status, 200, "{}: stats status, body {body}", self.name);
         serde_json::from_str(&body)
@@ -178,10 +185,14 @@ impl Node {
     fn promote(&self) -> u64 {
         let deadline = Instant::now() + WAIT_TIMEOUT;
         loop {
-            let (status, body) =
-                engine::admin_cmd::http("POST", &self.admin, "/replication/promote")
-                    .unwrap_or_else(|e| panic!("{}: promote: {e}", self.name));
-            if status == 503 && Instant::now() < deadline {
+            let (status, body) = self
+                .admin_client()
+                .call("POST", "/replication/promote")
+                .unwrap_or_else(|e| panic!("{}: promote: {e}", self.name));
+            // 409 "primary is alive": it has not yet seen its stopped
+            // primary's stream end.
+            let busy = status == 503 || (status == 409 && body.contains("primary is alive"));
+            if busy && Instant::now() < deadline {
                 thread::sleep(POLL_INTERVAL);
                 continue;
             }

@@ -345,7 +345,9 @@ fn keys_rotate_on_sighup_and_post_reload_and_a_bad_key_is_refused() {
         .expect("old key still good during rotation");
     // Step 2: the old key goes (POST /reload); its tokens, cached or not, stop working.
     std::fs::remove_file(node.keys.join("iris.pem")).unwrap();
-    let (status, body) = engine::admin_cmd::http("POST", &node.admin, "/reload").unwrap();
+    let (status, body) = tests::admin_of(&node.admin, node.server.data_dir())
+        .call("POST", "/reload")
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     expect_auth_refused(node.hello_tls("alice", &old_token), "unknown_kid");
     node.hello_tls("alice", &new_token).expect("new key good");
@@ -355,7 +357,9 @@ fn keys_rotate_on_sighup_and_post_reload_and_a_bad_key_is_refused() {
         "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
     )
     .unwrap();
-    let (status, body) = engine::admin_cmd::http("POST", &node.admin, "/reload").unwrap();
+    let (status, body) = tests::admin_of(&node.admin, node.server.data_dir())
+        .call("POST", "/reload")
+        .unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("broken.pem"), "{body}");
     node.hello_tls("alice", &new_token)
@@ -403,7 +407,9 @@ fn the_tls_certificate_reloads_without_dropping_connections() {
     for f in ["server.pem", "server.key"] {
         std::fs::copy(fresh.join(f), node.certs.join(f)).unwrap();
     }
-    let (status, body) = engine::admin_cmd::http("POST", &node.admin, "/reload").unwrap();
+    let (status, body) = tests::admin_of(&node.admin, node.server.data_dir())
+        .call("POST", "/reload")
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     // Open connections go on; new ones see the new certificate.
     round_trip(&mut alice, "alice", &mut bob, "bob");
@@ -422,7 +428,9 @@ fn the_tls_certificate_reloads_without_dropping_connections() {
     ));
     // A key that does not match the certificate: refused, the pair in use stays.
     std::fs::copy(node.certs.join("node.key"), node.certs.join("server.key")).unwrap();
-    let (status, body) = engine::admin_cmd::http("POST", &node.admin, "/reload").unwrap();
+    let (status, body) = tests::admin_of(&node.admin, node.server.data_dir())
+        .call("POST", "/reload")
+        .unwrap();
     assert_eq!(status, 500, "{body}");
     Client::connect_with(
         &node.tls_addr,

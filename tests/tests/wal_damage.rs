@@ -40,9 +40,9 @@ fn damage_to_the_last_record_after_a_clean_stop_refuses_to_start() {
 }
 
 /// GET on the admin port, retried while the control thread starts.
-fn admin_get(addr: &str, path: &str) -> String {
+fn admin_get(addr: &str, data: &std::path::Path, path: &str) -> String {
     for _ in 0..100 {
-        if let Ok((200, body)) = engine::admin_cmd::http("GET", addr, path) {
+        if let Ok((200, body)) = tests::admin_of(addr, data).call("GET", path) {
             return body;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -70,11 +70,12 @@ fn a_crash_cut_at_the_tail_is_reported_not_silent() {
         "the cut must be logged at WARN:\n{log}"
     );
     let stats: serde_json::Value =
-        serde_json::from_str(&admin_get(&admin, "/replication/stats")).expect("stats JSON");
+        serde_json::from_str(&admin_get(&admin, server.data_dir(), "/replication/stats"))
+            .expect("stats JSON");
     let shard = &stats["shards"][0];
     assert_eq!(shard["recovery_dropped_records"], 1, "{stats}");
     assert_eq!(shard["recovery_dropped_from"], position, "{stats}");
-    let metrics = admin_get(&admin, "/metrics");
+    let metrics = admin_get(&admin, server.data_dir(), "/metrics");
     assert!(
         metrics.contains("iris_wal_recovery_dropped_records{shard=\"0\"} 1"),
         "{metrics}"

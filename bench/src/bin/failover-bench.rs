@@ -20,6 +20,7 @@
 //!     failover-bench --iris target/release/iris --rounds 20 --fault isolate --json   (as root)
 
 use clap::Parser;
+use engine::admin_http::AdminClient;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -76,7 +77,7 @@ fn humantime_ms(s: &str) -> Result<Duration, String> {
 
 struct Node {
     name: String,
-    admin: String,
+    admin: AdminClient,
     cmd: Vec<String>,
     child: Option<Child>,
     pid: u32,
@@ -86,14 +87,15 @@ fn kill9(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
-fn stats(admin: &str) -> Value {
-    engine::admin_cmd::http("GET", admin, "/replication/stats")
+fn stats(admin: &AdminClient) -> Value {
+    admin
+        .call("GET", "/replication/stats")
         .ok()
         .and_then(|(_, body)| serde_json::from_str(&body).ok())
         .unwrap_or(Value::Null)
 }
 
-fn caught_up(admin: &str) -> bool {
+fn caught_up(admin: &AdminClient) -> bool {
     let s = stats(admin);
     s["role"] == "primary"
         && s["shards"].as_array().is_some_and(|shards| {
@@ -158,6 +160,8 @@ fn main() {
         .read_line(&mut line)
         .expect("dev-cluster's JSON line");
     let v: Value = serde_json::from_str(&line).expect("JSON");
+    let token_file = std::path::Path::new(&args.dir).join(engine::admin_auth::TOKEN_FILE_NAME);
+    let token = engine::admin_auth::Token::read(&token_file).expect("dev-cluster's admin.token");
     let edge = v["edges"][0]["client"].as_str().expect("edge").to_string();
     let mut nodes: Vec<Node> = v["pairs"][0]["nodes"]
         .as_array()
@@ -165,7 +169,7 @@ fn main() {
         .iter()
         .map(|n| Node {
             name: n["name"].as_str().expect("name").into(),
-            admin: n["admin"].as_str().expect("admin").into(),
+            admin: AdminClient::new(n["admin"].as_str().expect("admin"), Some(token.clone())),
             cmd: n["cmd"]
                 .as_array()
                 .expect("cmd")
@@ -254,10 +258,22 @@ fn main() {
         let mut promoted_at = None;
         if !elected {
             std::thread::sleep(args.promote_after);
-            let (status, body) =
-                engine::admin_cmd::http("POST", &nodes[replica].admin, "/replication/promote")
+            // Asked again while the replica has not yet seen its primary's
+            // stream end (409 "primary is alive") or is closing it (503).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, body) = nodes[replica]
+                    .admin
+                    .call("POST", "/replication/promote")
                     .expect("promote");
-            assert_eq!(status, 200, "promote: {body}");
+                let busy = status == 503 || (status == 409 && body.contains("primary is alive"));
+                if busy && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                assert_eq!(status, 200, "promote: {body}");
+                break;
+            }
             promoted_at = Some(start.elapsed().as_nanos() as u64);
         }
         if args.fault == "term" {
