@@ -320,8 +320,9 @@ fn on_connect(c: &mut Core, index: u32, connect: &Connect<'_>) -> bool {
             "no user name (the user id)",
         );
     };
-    if !net::valid_user_id(user, &c.edge.net_limits) {
-        return refuse_connect(c, index, BadUserNameOrPassword, "bad user id");
+    if let Err(e) = net::check_user_id(user, c.edge.net_limits.user_id_len_max) {
+        let reason = format!("bad user name: {e}");
+        return refuse_connect(c, index, BadUserNameOrPassword, &reason);
     }
     let sessions = c.edge.mqtt.sessions.clone();
     let client_id_len_max = sessions.limits().client_id_len_max;

@@ -844,3 +844,64 @@ fn tls_and_jwt_logins_with_paho_and_mosquitto_and_a_bad_password_gets_connack_5(
     let _ = std::fs::remove_dir_all(&keys);
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 21: user ids
+// ---------------------------------------------------------------------------
+
+/// User names the user id rule (net::check_user_id) refuses that were valid
+/// ids before it: MQTT's `/`, `+`, `#` and C1 control characters.
+const BAD_USER_NAMES: [&str; 5] = ["eve#", "bob/alice", "+", "nel\u{85}", "csi\u{9b}2J"];
+
+/// A CONNECT whose user name breaks the user id rule gets CONNACK 4 (bad
+/// user name or password, docs/MQTT.md) and the close. Red with
+/// `net::check_user_id` planted back to the ASCII-control-only rule: each
+/// got CONNACK 0.
+#[test]
+fn connect_with_a_user_name_that_breaks_the_user_id_rule_gets_connack_4() {
+    let (_server, addr) = start(&[]);
+    for user in BAD_USER_NAMES {
+        let (mut raw, connack) = Raw::login(&addr, user, &format!("dev-{}", user.len()), true);
+        assert_eq!(
+            connack,
+            Got::ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::BadUserNameOrPassword as u8
+            },
+            "CONNECT as {user:?}"
+        );
+        raw.expect_closed("a bad user name");
+    }
+    // A valid id still connects.
+    Raw::ready(&addr, "bob.alice", "ok", true);
+}
+
+/// A PUBLISH to `inbox/<recipient>` whose recipient breaks the rule (here:
+/// more levels, `inbox/bob/evil`, or a control character) is REJECTED 1:
+/// no PUBACK, the connection closes, nothing is stored. Red with the rule
+/// planted back: `bob/evil` was a valid id and got a PUBACK.
+#[test]
+fn publish_to_a_recipient_that_breaks_the_user_id_rule_is_refused() {
+    let (server, addr) = start(&[]);
+    for topic in ["inbox/bob/evil", "inbox/nel\u{85}"] {
+        let mut alice = Raw::ready(&addr, "alice", "alice-phone", true);
+        alice.publish(topic, 1, false, b"evil");
+        alice.expect_closed(topic);
+    }
+    let log = server.log_tail_full();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("MQTT connection closed: PUBLISH") && l.contains("REJECTED 1")),
+        "no REJECTED 1 logged:\n{log}"
+    );
+    // bob's inbox got nothing: the first thing he receives is the next message.
+    let mut alice = Raw::ready(&addr, "alice", "alice-phone", true);
+    alice.publish("inbox/bob", 1, false, b"fine");
+    assert_eq!(alice.recv(), Some(Got::PubAck(1)));
+    let mut bob = Raw::ready(&addr, "bob", "bob-phone", true);
+    assert_eq!(bob.subscribe(1, &["inbox/bob/+"]), [1]);
+    assert_eq!(
+        bob.delivery(),
+        ("inbox/bob/alice".to_string(), "fine".to_string())
+    );
+}
