@@ -846,7 +846,7 @@ fn tls_and_jwt_logins_with_paho_and_mosquitto_and_a_bad_password_gets_connack_5(
 }
 
 // ---------------------------------------------------------------------------
-// Issue 21: user ids
+// Issue 21: user ids, the session bound
 // ---------------------------------------------------------------------------
 
 /// User names the user id rule (net::check_user_id) refuses that were valid
@@ -903,5 +903,60 @@ fn publish_to_a_recipient_that_breaks_the_user_id_rule_is_refused() {
     assert_eq!(
         bob.delivery(),
         ("inbox/bob/alice".to_string(), "fine".to_string())
+    );
+}
+
+/// `--mqtt-sessions-max 160` holds exactly 160 live sessions and refuses
+/// the 161st with CONNACK 3 (server unavailable). Red before the fix (the
+/// table was 16 locks of at most 10 sessions each, so a session was
+/// refused as soon as one lock had 10: the probe saw the 96th): planted by
+/// putting the per-lock bound back in `Sessions::connect`.
+#[test]
+fn mqtt_sessions_max_means_the_whole_table() {
+    const SESSIONS_MAX: usize = 160;
+    let (_server, addr) = start(&["--mqtt-sessions-max", &SESSIONS_MAX.to_string()]);
+    let mut held = Vec::with_capacity(SESSIONS_MAX);
+    for i in 0..SESSIONS_MAX {
+        let (raw, connack) = Raw::login(&addr, "fleet", &format!("device-{i}"), false);
+        assert_eq!(
+            connack,
+            Got::ConnAck {
+                session_present: false,
+                code: 0
+            },
+            "session {} of {SESSIONS_MAX}",
+            i + 1
+        );
+        held.push(raw);
+    }
+    let (mut refused, connack) = Raw::login(&addr, "fleet", "device-one-too-many", false);
+    assert_eq!(
+        connack,
+        Got::ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::ServerUnavailable as u8
+        }
+    );
+    refused.expect_closed("CONNACK 3");
+    // One closes: its session is idle, so the newcomer's takes its place.
+    held.pop();
+    let mut took = None;
+    for _ in 0..50 {
+        let (raw, connack) = Raw::login(&addr, "fleet", "device-one-too-many", false);
+        if connack
+            == (Got::ConnAck {
+                session_present: false,
+                code: 0,
+            })
+        {
+            took = Some(raw);
+            break;
+        }
+        // The close may not have reached the server yet.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        took.is_some(),
+        "a table with an idle session must make room"
     );
 }
