@@ -846,7 +846,7 @@ fn tls_and_jwt_logins_with_paho_and_mosquitto_and_a_bad_password_gets_connack_5(
 }
 
 // ---------------------------------------------------------------------------
-// Issue 21: user ids, the session bound
+// Issue 21: user ids, resubscription, the session bound
 // ---------------------------------------------------------------------------
 
 /// User names the user id rule (net::check_user_id) refuses that were valid
@@ -904,6 +904,56 @@ fn publish_to_a_recipient_that_breaks_the_user_id_rule_is_refused() {
         bob.delivery(),
         ("inbox/bob/alice".to_string(), "fine".to_string())
     );
+}
+
+/// docs/MQTT.md: after UNSUBSCRIBE, what was not acknowledged "comes with
+/// the next subscription", on the same connection. Red before the fix (the
+/// edge took the shard's resend for repeats of what it had written, and
+/// the second SUBSCRIBE got nothing until a new connection): planted by
+/// removing the `restart_deliveries` calls in engine/src/mqtt_conn.rs.
+#[test]
+fn after_unsubscribe_and_subscribe_unacknowledged_deliveries_come_again() {
+    let (server, addr) = start(&[]);
+    let (mut alice, _) = connect(server.addr(), "alice");
+    for m in ["m1", "m2", "m3"] {
+        send_stored(&mut alice, "bob", m.as_bytes());
+    }
+    let mut bob = Raw::ready(&addr, "bob", "bob-phone", true);
+    assert_eq!(bob.subscribe(1, &["inbox/bob/+"]), [1]);
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        match bob.recv() {
+            Some(Got::Publish {
+                topic,
+                packet_id,
+                payload,
+            }) => first.push((topic, packet_id, String::from_utf8(payload).unwrap())),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    let bodies: Vec<&str> = first.iter().map(|d| d.2.as_str()).collect();
+    assert_eq!(bodies, ["m1", "m2", "m3"]);
+    // Only m1 is acknowledged; then the subscription goes and comes back.
+    bob.send(&Packet::PubAck {
+        packet_id: first[0].1,
+    });
+    bob.send(&Packet::Unsubscribe(mqtt::Unsubscribe {
+        packet_id: 2,
+        filters: vec!["inbox/bob/+"],
+    }));
+    assert_eq!(bob.recv(), Some(Got::UnsubAck(2)));
+    assert_eq!(bob.subscribe(3, &["inbox/bob"]), [1]);
+    for want in ["m2", "m3"] {
+        assert_eq!(bob.delivery(), ("inbox/bob".to_string(), want.to_string()));
+    }
+    // Both acknowledged now: a new connection gets nothing more.
+    bob.send(&Packet::PingReq);
+    assert_eq!(bob.recv(), Some(Got::PingResp));
+    drop(bob);
+    send_stored(&mut alice, "bob", b"m4");
+    let mut bob = Raw::ready(&addr, "bob", "bob-laptop", true);
+    assert_eq!(bob.subscribe(1, &["inbox/bob"]), [1]);
+    assert_eq!(bob.delivery(), ("inbox/bob".to_string(), "m4".to_string()));
 }
 
 /// `--mqtt-sessions-max 160` holds exactly 160 live sessions and refuses
