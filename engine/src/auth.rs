@@ -44,7 +44,7 @@ pub enum Refusal {
     Expired,
     /// Before `nbf` (minus the leeway).
     NotYetValid,
-    /// `sub` is not the HELLO user.
+    /// `sub` is not the HELLO user, or not a valid user id (net::check_user_id).
     WrongSub,
     /// No configured key has the token's `kid` (or it names none and several are configured).
     UnknownKid,
@@ -418,7 +418,11 @@ impl Authenticator {
         if now_s.saturating_add(self.leeway_s) < nbf {
             return Err(Refusal::NotYetValid);
         }
-        if sub != user {
+        // The HELLO user passed the user id rule before the token is looked
+        // at; `sub` is held to the same rule on its own, so no token can
+        // ever name an id the rule refuses.
+        let sub_valid = net::check_user_id(sub, net::limits::USER_ID_LEN_MAX_DEFAULT).is_ok();
+        if !sub_valid || sub != user {
             return Err(Refusal::WrongSub);
         }
         Ok(())
@@ -535,4 +539,37 @@ pub fn now_s() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JWT whose `sub` breaks the user id rule is refused even when the
+    /// user it is checked against is the same string (issue 21, item 2).
+    /// Red with the `sub_valid` check planted out of `times_and_sub`: the
+    /// token of "eve#" was accepted for "eve#".
+    #[test]
+    fn a_sub_that_breaks_the_user_id_rule_is_refused() {
+        let dir = std::env::temp_dir().join(format!("iris-auth-sub-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys_dir = dir.join("keys");
+        // --jwt-keys DIR reads the `.pem` public keys and skips the `.key`.
+        let (private, _public) = dev::keygen(&keys_dir, "k1").expect("keygen");
+        let keys = Arc::new(SharedKeys::open(Some(&keys_dir)).expect("keys"));
+        let stats = Arc::new(AuthStats::default());
+        let mut auth = Authenticator::new(AuthMode::Jwt, keys, 60, 16, stats);
+        let now = now_s();
+        let good = dev::token(&private, "eve", 600, now).expect("token");
+        assert_eq!(auth.check("eve", good.as_bytes(), now), Ok(()));
+        for bad in ["eve#", "bob/alice", "x+y", "bel\u{7}", "nel\u{85}"] {
+            let token = dev::token(&private, bad, 600, now).expect("token");
+            assert_eq!(
+                auth.check(bad, token.as_bytes(), now),
+                Err(Refusal::WrongSub),
+                "{bad:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

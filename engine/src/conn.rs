@@ -595,9 +595,9 @@ fn handle(c: &mut Core, index: u32, frame: ClientFrame<'_>) -> bool {
                 );
                 return false;
             }
-            if !net::valid_user_id(user, &c.edge.net_limits) {
-                c.edge
-                    .fail(index, error_code::PROTOCOL_VIOLATION, "bad user id");
+            if let Err(e) = net::check_user_id(user, c.edge.net_limits.user_id_len_max) {
+                let reason = format!("bad user id: {e}");
+                c.edge.fail(index, error_code::PROTOCOL_VIOLATION, &reason);
                 return false;
             }
             if let Err(why) = c.auth.check(user, token, crate::auth::now_s()) {

@@ -32,6 +32,13 @@
 //! | 0x25 | SYNCED | C→E | conn, u64 nonce |
 //! | 0x26 | MOVED | C→E | u32 version, u16 first, u16 last, u16 owner, u16 handoff_to (0xFFFF: none): a slot decision (engine::slots); sent after WELCOME for every decision the node knows, with ROLE, and when one is made. The edge sends the range's unanswered SENDs and logins to the owner |
 //!
+//! Every user id field of a request (E→C: LOGIN, SEND's sender and to, ACK,
+//! LOGOUT, REWIND, RESUME, SYNC) obeys the user id rule (net::check_user_id,
+//! docs/PROTOCOL.md 6c) or the frame is `ProtoError::BadUserId`: the core
+//! closes the link and logs it, as for any bad bytes. DELIVER's `from` (C→E)
+//! is not checked: it was checked when it entered, and a message stored
+//! before the rule existed must not cut an edge's link.
+//!
 //! A HELLO whose topology hash differs from the core's is answered REFUSE on
 //! the core and the edge logs the mismatch too: two processes that disagree
 //! on who owns a slot never exchange a request.
@@ -186,6 +193,10 @@ pub enum ProtoError {
     Malformed(&'static str),
     #[error("not an Iris node link peer (bad magic or version)")]
     BadMagic,
+    /// A user id field of an edge's request breaks the user id rule
+    /// (net::check_user_id): a core trusts no user id it did not check.
+    #[error("bad user id in a node link frame: {0}")]
+    BadUserId(#[from] net::UserIdError),
 }
 
 fn frame(out: &mut Vec<u8>, ty: u8, body: impl FnOnce(&mut Vec<u8>)) {
@@ -378,6 +389,18 @@ impl<'a> Cursor<'a> {
         let n = self.u8()? as usize;
         std::str::from_utf8(self.take(n)?).map_err(|_| ProtoError::Malformed("invalid UTF-8"))
     }
+    /// A user id field of a request (edge to core): a `str` that must obey
+    /// the user id rule, with the protocol's length bound
+    /// (`USER_ID_LEN_MAX_DEFAULT`: a server's `net::Limits` never changes it,
+    /// engine::config).
+    fn user(&mut self) -> Result<&'a str, ProtoError> {
+        let n = self.u8()? as usize;
+        let bytes = self.take(n)?;
+        Ok(net::user_id_from_bytes(
+            bytes,
+            net::limits::USER_ID_LEN_MAX_DEFAULT,
+        )?)
+    }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
@@ -442,37 +465,37 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Msg<'_>, usize)>, ProtoError> {
         t::PONG => Msg::Pong { now_ms: c.u64()? },
         t::LOGIN => Msg::Login {
             conn: c.conn()?,
-            user: c.str()?,
+            user: c.user()?,
         },
         t::SEND => Msg::Send {
             conn: c.conn()?,
             msg_id: c.id()?,
             sent_ms: c.u64()?,
-            sender: c.str()?,
-            to: c.str()?,
+            sender: c.user()?,
+            to: c.user()?,
             body: c.rest(),
         },
         t::ACK => Msg::Ack {
             seq: c.u64()?,
-            user: c.str()?,
+            user: c.user()?,
         },
         t::LOGOUT => Msg::Logout {
             conn: c.conn()?,
-            user: c.str()?,
+            user: c.user()?,
         },
         t::REWIND => Msg::Rewind {
             conn: c.conn()?,
             seq: c.u64()?,
-            user: c.str()?,
+            user: c.user()?,
         },
         t::RESUME => Msg::Resume {
             conn: c.conn()?,
-            user: c.str()?,
+            user: c.user()?,
         },
         t::SYNC => Msg::Sync {
             conn: c.conn()?,
             nonce: c.u64()?,
-            user: c.str()?,
+            user: c.user()?,
         },
         t::SYNCED => Msg::Synced {
             conn: c.conn()?,
@@ -663,6 +686,80 @@ mod tests {
             }
             assert_eq!(decode(&out), Ok(Some((msg.clone(), out.len()))));
         }
+    }
+
+    /// The core trusts no user id from a link (issue 21, item 2): every user
+    /// id field of an edge's request obeys net::check_user_id, or the frame
+    /// is a typed error (the link is closed). Red with `Cursor::user`
+    /// planted back to `Cursor::str`: every frame below decoded.
+    #[test]
+    fn user_ids_from_an_edge_obey_the_rule() {
+        let evil = "\u{1b}[2J".repeat(20); // 80 bytes of terminal control
+        for bad in [
+            "eve#",
+            "bob/alice",
+            "+",
+            "a\0b",
+            "nel\u{85}",
+            "",
+            evil.as_str(),
+        ] {
+            let sender_bad = Msg::Send {
+                conn: C,
+                msg_id: [1; 16],
+                sent_ms: 1,
+                sender: bad,
+                to: "bob",
+                body: b"hi",
+            };
+            let to_bad = Msg::Send {
+                conn: C,
+                msg_id: [1; 16],
+                sent_ms: 1,
+                sender: "alice",
+                to: bad,
+                body: b"hi",
+            };
+            for msg in [
+                Msg::Login { conn: C, user: bad },
+                sender_bad,
+                to_bad,
+                Msg::Ack { seq: 1, user: bad },
+                Msg::Logout { conn: C, user: bad },
+                Msg::Rewind {
+                    conn: C,
+                    seq: 1,
+                    user: bad,
+                },
+                Msg::Resume { conn: C, user: bad },
+                Msg::Sync {
+                    conn: C,
+                    nonce: 1,
+                    user: bad,
+                },
+            ] {
+                let mut out = Vec::new();
+                encode(&msg, &mut out);
+                assert!(
+                    matches!(decode(&out), Err(ProtoError::BadUserId(_))),
+                    "{msg:?} decoded as {:?}",
+                    decode(&out)
+                );
+            }
+        }
+        // The sender of a DELIVER (core to edge) was checked when it entered;
+        // a message stored before the rule must not cut the edge's link.
+        let old = Msg::Deliver {
+            conn: C,
+            seq: 1,
+            msg_id: [4; 16],
+            sent_ms: 9,
+            from: "eve#",
+            body: b"",
+        };
+        let mut out = Vec::new();
+        encode(&old, &mut out);
+        assert_eq!(decode(&out), Ok(Some((old, out.len()))));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! PUBLISHes awaiting STORED, deliveries awaiting PUBACK), kept in a map of
 //! the core's MQTT connections only, so an Iris connection pays nothing.
 
-use crate::core::{precheck_send, Core, Edge, SlotState};
+use crate::core::{precheck_send, Core, Edge, SlotState, ACK_UNKNOWN};
 use crate::lograte::{LogEvery, REPEATED_ERROR_LOG_INTERVAL};
 use crate::mqtt_session::{self, Deliveries, Form, Sessions};
 use crate::shard::ConnRef;
@@ -320,8 +320,9 @@ fn on_connect(c: &mut Core, index: u32, connect: &Connect<'_>) -> bool {
             "no user name (the user id)",
         );
     };
-    if !net::valid_user_id(user, &c.edge.net_limits) {
-        return refuse_connect(c, index, BadUserNameOrPassword, "bad user id");
+    if let Err(e) = net::check_user_id(user, c.edge.net_limits.user_id_len_max) {
+        let reason = format!("bad user name: {e}");
+        return refuse_connect(c, index, BadUserNameOrPassword, &reason);
     }
     let sessions = c.edge.mqtt.sessions.clone();
     let client_id_len_max = sessions.limits().client_id_len_max;
@@ -485,7 +486,10 @@ fn on_subscribe(c: &mut Core, index: u32, s: &mqtt::Subscribe<'_>) -> bool {
         write_packet(&mut c.edge, index, &suback, false);
         return true;
     }
-    // The login to the user's shard: SUBACK once it answers, then deliveries.
+    // The login to the user's shard: SUBACK once it answers, then deliveries
+    // from the user's last ACK (DELIVERs that were on their way before it
+    // are dropped while the slot awaits the shard's WELCOME).
+    restart_deliveries(&mut c.edge, index);
     conn(&mut c.edge, index).awaiting = Awaiting::SubAck { packet_id, codes };
     c.edge.slot(index).state = SlotState::AwaitWelcome;
     let conn = conn_ref(c, index);
@@ -507,12 +511,30 @@ fn on_unsubscribe(c: &mut Core, index: u32, u: &mqtt::Unsubscribe<'_>) -> bool {
         // Deliveries stop; what is unacknowledged stays in the inbox.
         let conn = conn_ref(c, index);
         c.route_logout(conn, &user);
+        restart_deliveries(&mut c.edge, index);
     }
     let unsuback = Packet::UnsubAck {
         packet_id: u.packet_id,
     };
     write_packet(&mut c.edge, index, &unsuback, false);
     true
+}
+
+/// The connection's deliveries start over (UNSUBSCRIBE, and a SUBSCRIBE that
+/// logs in to the shard again): what it was sent and did not acknowledge is
+/// forgotten here, so the shard's resend from the user's last ACK is written
+/// again on this connection (docs/MQTT.md: it comes with the next
+/// subscription). Without it the edge took those seqs for repeats
+/// (`Edge::deliver_local` drops seqs up to `delivered_seq_max`) and they
+/// came only on the next connection (issue 21, item 7).
+fn restart_deliveries(edge: &mut Edge, index: u32) {
+    conn(edge, index).deliveries.clear();
+    let slot = edge.slot(index);
+    let acked = slot.acked_seq();
+    slot.delivered_seq_max = acked.unwrap_or(0);
+    slot.ack_lag = if acked.is_some() { 0 } else { ACK_UNKNOWN };
+    slot.deliver_blocked_since_ms = 0;
+    slot.deliver_expected_seq = 0;
 }
 
 /// The connection closes: its session loses a connection (a clean one ends).

@@ -531,14 +531,6 @@ pub fn encode_server_frame(frame: &ServerFrame<'_>, out: &mut Vec<u8>) {
     }
 }
 
-/// User id rules of PROTOCOL.md: 1..=`user_id_len_max` bytes of UTF-8 (a
-/// `&str` already is), no ASCII control characters (they break logs and
-/// terminals of everyone who prints an id).
-pub fn valid_user_id(user: &str, limits: &Limits) -> bool {
-    let len_ok = (1..=limits.user_id_len_max.min(STR_LEN_MAX)).contains(&user.len());
-    len_ok && !user.bytes().any(|b| b.is_ascii_control())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -948,22 +940,6 @@ mod tests {
         );
         assert_eq!(truncate_str("ab", 255), "ab");
         assert_eq!(truncate_str("aé", 2), "a");
-    }
-
-    #[test]
-    fn user_id_rules() {
-        let limits = Limits::default();
-        assert!(valid_user_id("alice", &limits));
-        assert!(valid_user_id("żółw 🐢", &limits));
-        assert!(valid_user_id(&"x".repeat(64), &limits));
-        assert!(!valid_user_id(&"x".repeat(65), &limits));
-        assert!(!valid_user_id("", &limits));
-        for bad in ["a\0b", "tab\t", "nl\n", "del\x7f", "\x1b[31m"] {
-            assert!(!valid_user_id(bad, &limits), "{bad:?}");
-        }
-        // 64 bytes, not 64 chars: 32 two-byte chars fit, 33 do not.
-        assert!(valid_user_id(&"é".repeat(32), &limits));
-        assert!(!valid_user_id(&"é".repeat(33), &limits));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod codec;
 pub mod limits;
+pub mod user_id;
 
 pub use client::{
     host_of, new_msg_id, tls_connect, Client, ClientError, Delivered, Event, Stream, TlsSettings,
@@ -16,11 +17,14 @@ pub use client::{
 };
 pub use codec::{
     decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
-    encoded_len_client, encoded_len_server, error_code, frame_type, reject_code, valid_user_id,
-    ClientFrame, DecodeError, MsgId, ServerFrame,
+    encoded_len_client, encoded_len_server, error_code, frame_type, reject_code, ClientFrame,
+    DecodeError, MsgId, ServerFrame,
 };
 pub use limits::{Limits, PROTOCOL_VERSION, SLOT_COUNT};
 pub use rustls;
+pub use user_id::{
+    check_user_id, user_id_from_bytes, valid_user_id, UserIdError, USER_ID_RESERVED_CHARS,
+};
 
 const FNV1A64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV1A64_PRIME: u64 = 0x0000_0100_0000_01b3;

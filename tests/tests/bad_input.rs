@@ -232,6 +232,64 @@ fn bad_hello_user_id_is_error_1() {
     bystanders.still_work();
 }
 
+/// User ids the rule of issue 21 (item 2) added to the refusals: C1 control
+/// characters (Unicode Cc beyond ASCII) and MQTT's `/`, `+`, `#`. Each was
+/// a valid id before (red with `net::check_user_id` planted back to the
+/// ASCII-control-only rule: the first HELLO got WELCOME, not ERROR 1).
+const NEWLY_BAD_USER_IDS: [&str; 7] = [
+    "eve#",
+    "bob/alice",
+    "+",
+    "alice/evil",
+    "nel\u{85}",
+    "csi\u{9b}2J",
+    "\u{80}\u{81}\u{82}\u{83}\u{84}\u{86}\u{87}\u{88}\u{89}\u{8a}",
+];
+
+#[test]
+fn hello_user_id_with_a_control_char_or_slash_plus_hash_is_error_1() {
+    let server = server();
+    let mut bystanders = Bystanders::connect(&server);
+
+    for user in NEWLY_BAD_USER_IDS.iter().chain(&["bo\x01b", "\x1b[31mred"]) {
+        let mut client = connect_raw(server.addr());
+        let hello = raw::hello(1, user.as_bytes(), b"token");
+        client.write_raw(&hello).expect("write_raw");
+        match next_event(&mut client) {
+            Event::Error { code, reason } => {
+                assert_eq!(code, error_code::PROTOCOL_VIOLATION, "{user:?}: {reason}");
+                assert!(reason.starts_with("bad user id"), "{user:?}: {reason}");
+            }
+            other => panic!("HELLO as {user:?}: expected ERROR 1, got {other:?}"),
+        }
+        tests::expect_closed(&mut client);
+    }
+    // Ids with other punctuation, spaces and non-ASCII letters stay valid.
+    for user in ["bob.alice", "eve-1", "żółw 🐢", "a@b:c"] {
+        let (_client, welcome) = connect(server.addr(), user);
+        assert_eq!(welcome.version, 1, "{user:?}");
+    }
+
+    bystanders.still_work();
+}
+
+/// Red before the rule (see [`NEWLY_BAD_USER_IDS`]): each of these
+/// recipients got STORED.
+#[test]
+fn send_to_a_recipient_with_a_control_char_or_slash_plus_hash_is_rejected_1() {
+    let server = server();
+    let mut bystanders = Bystanders::connect(&server);
+
+    let (mut alice, _) = connect(server.addr(), "alice");
+    for to in NEWLY_BAD_USER_IDS {
+        let code = send_rejected(&mut alice, to, b"to nobody");
+        assert_eq!(code, reject_code::BAD_RECIPIENT, "recipient {to:?}");
+    }
+    round_trip(&mut alice, "alice", &mut bystanders.dave, "dave");
+
+    bystanders.still_work();
+}
+
 #[test]
 fn second_hello_is_error_1() {
     let server = server();

@@ -844,3 +844,169 @@ fn tls_and_jwt_logins_with_paho_and_mosquitto_and_a_bad_password_gets_connack_5(
     let _ = std::fs::remove_dir_all(&keys);
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 21: user ids, resubscription, the session bound
+// ---------------------------------------------------------------------------
+
+/// User names the user id rule (net::check_user_id) refuses that were valid
+/// ids before it: MQTT's `/`, `+`, `#` and C1 control characters.
+const BAD_USER_NAMES: [&str; 5] = ["eve#", "bob/alice", "+", "nel\u{85}", "csi\u{9b}2J"];
+
+/// A CONNECT whose user name breaks the user id rule gets CONNACK 4 (bad
+/// user name or password, docs/MQTT.md) and the close. Red with
+/// `net::check_user_id` planted back to the ASCII-control-only rule: each
+/// got CONNACK 0.
+#[test]
+fn connect_with_a_user_name_that_breaks_the_user_id_rule_gets_connack_4() {
+    let (_server, addr) = start(&[]);
+    for user in BAD_USER_NAMES {
+        let (mut raw, connack) = Raw::login(&addr, user, &format!("dev-{}", user.len()), true);
+        assert_eq!(
+            connack,
+            Got::ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::BadUserNameOrPassword as u8
+            },
+            "CONNECT as {user:?}"
+        );
+        raw.expect_closed("a bad user name");
+    }
+    // A valid id still connects.
+    Raw::ready(&addr, "bob.alice", "ok", true);
+}
+
+/// A PUBLISH to `inbox/<recipient>` whose recipient breaks the rule (here:
+/// more levels, `inbox/bob/evil`, or a control character) is REJECTED 1:
+/// no PUBACK, the connection closes, nothing is stored. Red with the rule
+/// planted back: `bob/evil` was a valid id and got a PUBACK.
+#[test]
+fn publish_to_a_recipient_that_breaks_the_user_id_rule_is_refused() {
+    let (server, addr) = start(&[]);
+    for topic in ["inbox/bob/evil", "inbox/nel\u{85}"] {
+        let mut alice = Raw::ready(&addr, "alice", "alice-phone", true);
+        alice.publish(topic, 1, false, b"evil");
+        alice.expect_closed(topic);
+    }
+    let log = server.log_tail_full();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("MQTT connection closed: PUBLISH") && l.contains("REJECTED 1")),
+        "no REJECTED 1 logged:\n{log}"
+    );
+    // bob's inbox got nothing: the first thing he receives is the next message.
+    let mut alice = Raw::ready(&addr, "alice", "alice-phone", true);
+    alice.publish("inbox/bob", 1, false, b"fine");
+    assert_eq!(alice.recv(), Some(Got::PubAck(1)));
+    let mut bob = Raw::ready(&addr, "bob", "bob-phone", true);
+    assert_eq!(bob.subscribe(1, &["inbox/bob/+"]), [1]);
+    assert_eq!(
+        bob.delivery(),
+        ("inbox/bob/alice".to_string(), "fine".to_string())
+    );
+}
+
+/// docs/MQTT.md: after UNSUBSCRIBE, what was not acknowledged "comes with
+/// the next subscription", on the same connection. Red before the fix (the
+/// edge took the shard's resend for repeats of what it had written, and
+/// the second SUBSCRIBE got nothing until a new connection): planted by
+/// removing the `restart_deliveries` calls in engine/src/mqtt_conn.rs.
+#[test]
+fn after_unsubscribe_and_subscribe_unacknowledged_deliveries_come_again() {
+    let (server, addr) = start(&[]);
+    let (mut alice, _) = connect(server.addr(), "alice");
+    for m in ["m1", "m2", "m3"] {
+        send_stored(&mut alice, "bob", m.as_bytes());
+    }
+    let mut bob = Raw::ready(&addr, "bob", "bob-phone", true);
+    assert_eq!(bob.subscribe(1, &["inbox/bob/+"]), [1]);
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        match bob.recv() {
+            Some(Got::Publish {
+                topic,
+                packet_id,
+                payload,
+            }) => first.push((topic, packet_id, String::from_utf8(payload).unwrap())),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    let bodies: Vec<&str> = first.iter().map(|d| d.2.as_str()).collect();
+    assert_eq!(bodies, ["m1", "m2", "m3"]);
+    // Only m1 is acknowledged; then the subscription goes and comes back.
+    bob.send(&Packet::PubAck {
+        packet_id: first[0].1,
+    });
+    bob.send(&Packet::Unsubscribe(mqtt::Unsubscribe {
+        packet_id: 2,
+        filters: vec!["inbox/bob/+"],
+    }));
+    assert_eq!(bob.recv(), Some(Got::UnsubAck(2)));
+    assert_eq!(bob.subscribe(3, &["inbox/bob"]), [1]);
+    for want in ["m2", "m3"] {
+        assert_eq!(bob.delivery(), ("inbox/bob".to_string(), want.to_string()));
+    }
+    // Both acknowledged now: a new connection gets nothing more.
+    bob.send(&Packet::PingReq);
+    assert_eq!(bob.recv(), Some(Got::PingResp));
+    drop(bob);
+    send_stored(&mut alice, "bob", b"m4");
+    let mut bob = Raw::ready(&addr, "bob", "bob-laptop", true);
+    assert_eq!(bob.subscribe(1, &["inbox/bob"]), [1]);
+    assert_eq!(bob.delivery(), ("inbox/bob".to_string(), "m4".to_string()));
+}
+
+/// `--mqtt-sessions-max 160` holds exactly 160 live sessions and refuses
+/// the 161st with CONNACK 3 (server unavailable). Red before the fix (the
+/// table was 16 locks of at most 10 sessions each, so a session was
+/// refused as soon as one lock had 10: the probe saw the 96th): planted by
+/// putting the per-lock bound back in `Sessions::connect`.
+#[test]
+fn mqtt_sessions_max_means_the_whole_table() {
+    const SESSIONS_MAX: usize = 160;
+    let (_server, addr) = start(&["--mqtt-sessions-max", &SESSIONS_MAX.to_string()]);
+    let mut held = Vec::with_capacity(SESSIONS_MAX);
+    for i in 0..SESSIONS_MAX {
+        let (raw, connack) = Raw::login(&addr, "fleet", &format!("device-{i}"), false);
+        assert_eq!(
+            connack,
+            Got::ConnAck {
+                session_present: false,
+                code: 0
+            },
+            "session {} of {SESSIONS_MAX}",
+            i + 1
+        );
+        held.push(raw);
+    }
+    let (mut refused, connack) = Raw::login(&addr, "fleet", "device-one-too-many", false);
+    assert_eq!(
+        connack,
+        Got::ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::ServerUnavailable as u8
+        }
+    );
+    refused.expect_closed("CONNACK 3");
+    // One closes: its session is idle, so the newcomer's takes its place.
+    held.pop();
+    let mut took = None;
+    for _ in 0..50 {
+        let (raw, connack) = Raw::login(&addr, "fleet", "device-one-too-many", false);
+        if connack
+            == (Got::ConnAck {
+                session_present: false,
+                code: 0,
+            })
+        {
+            took = Some(raw);
+            break;
+        }
+        // The close may not have reached the server yet.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        took.is_some(),
+        "a table with an idle session must make room"
+    );
+}
