@@ -4,9 +4,9 @@
 //! deadline) and hands its actions to the cores through [`NodeStats`]. A
 //! core never waits on etcd: it reads the lease deadline and the flags.
 
+use crate::clock::mono_us;
 use crate::election::{Action, Facts, Leader, PairState, Pilot, Reply, Request, Settings};
 use crate::etcd::Etcd;
-use crate::shard::mono_us;
 use crate::stats::{NodeStats, Role};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
