@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -843,7 +843,7 @@ struct ReplicaView {
 }
 
 fn replication_stats(stats: &NodeStats) -> Response {
-    let now_ms = unix_now_ms();
+    let now_ms = crate::clock::mono_ms(); // the clock last_heartbeat_ms is on
     let shards = stats
         .shards
         .iter()
@@ -914,13 +914,6 @@ fn replication_stats(stats: &NodeStats) -> Response {
             }),
         },
     )
-}
-
-fn unix_now_ms() -> u64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Asks the cores to promote this node and waits until they report it done:
@@ -1514,7 +1507,8 @@ mod tests {
         s0.replica_acked_position.store(100, Relaxed);
         s0.replica_lag_ops.store(20, Relaxed);
         s0.replica_lag_ms.store(3, Relaxed);
-        s0.last_heartbeat_ms.store(unix_now_ms() - 250, Relaxed);
+        s0.last_heartbeat_ms
+            .store(crate::clock::mono_ms() - 250, Relaxed);
         stats.stored_total.store(42, Relaxed);
         stats.rejected_total.store(2, Relaxed);
         s0.connections.store(5, Relaxed);

@@ -60,6 +60,12 @@ pub enum AdminCommand {
     /// sending: per pair, stop the primary, promote its replica, start the
     /// old primary again as the replica, wait for it to catch up; twice
     RollingRestart(RollingRestartArgs),
+    /// Hand a pair's primary role to its replica without losing order: the
+    /// primary takes no SENDs (edges hold them) until its replica holds
+    /// every record, steps down, and the replica is promoted (with etcd:
+    /// elected). Fails, leaving the primary serving, if the replica does
+    /// not catch up in time. Prints one JSON line
+    Handover(crate::rolling::HandoverArgs),
     /// Move a slot range to another pair under load: the target takes the
     /// range's inboxes, seqs and dedup entries, then serves it; edges follow.
     /// Running it again resumes a move that stopped part way
@@ -76,6 +82,7 @@ pub fn run(args: &AdminArgs) -> ExitCode {
     let flag = args.admin_token_file.as_deref();
     let (method, addr, path) = match &args.command {
         AdminCommand::RollingRestart(a) => return crate::rolling::run(a, flag),
+        AdminCommand::Handover(a) => return crate::rolling::run_handover(a, flag),
         AdminCommand::MoveSlots(a) => return crate::move_cmd::run(a, flag),
         AdminCommand::Status(a) => return crate::status_cmd::run(a, flag),
         AdminCommand::Promote {

@@ -3,8 +3,9 @@
 //! fixed-size slot arena; cross-core traffic goes over glommio's channel mesh
 //! in batches, one batch per destination per event-loop turn.
 
+use crate::clock::{mono_ms, wall_ms};
 use crate::config::Limits;
-use crate::shard::{now_ms, ConnRef, PendingMsg, SendRequest, Shard, Sink};
+use crate::shard::{ConnRef, PendingMsg, SendRequest, Shard, Sink};
 use net::{encode_server_frame, error_code, reject_code, MsgId, ServerFrame};
 use std::task::Waker;
 
@@ -318,6 +319,10 @@ pub struct Edge {
     /// REJECTED answers by code (crate::stats::reject_code_index).
     pub rejected_codes: [u64; crate::stats::REJECT_CODE_MAX + 2],
     pub shutting_down: bool,
+    /// The core's clock, read once a maintenance tick: the monotonic clock
+    /// (engine::clock::mono_ms), for every deadline of its connections
+    /// (idle, HELLO, keep-alive, lingering, slow readers), rate buckets and
+    /// MQTT sessions. Never a timestamp people read.
     pub clock_ms: u64,
     /// Node links from edges accepted on this core (engine::link), by id.
     pub links_in: std::collections::HashMap<u16, LinkIn, ahash::RandomState>,
@@ -388,7 +393,7 @@ impl Edge {
             rejected_count: 0,
             rejected_codes: Default::default(),
             shutting_down: false,
-            clock_ms: now_ms(),
+            clock_ms: mono_ms(),
             links_in: Default::default(),
             next_link_id: 0,
             remote: None,
@@ -987,7 +992,6 @@ impl Sink for Edge {
             return;
         }
         let frame_len_max = self.limits.frame_len_max;
-        let clock_ms = self.clock_ms;
         let Some(slot) = self.live_slot(conn) else {
             return;
         };
@@ -997,7 +1001,7 @@ impl Sink for Edge {
         slot.state = SlotState::Ready;
         let frame = ServerFrame::Welcome {
             version: net::PROTOCOL_VERSION,
-            server_time_ms: clock_ms.max(now_ms()),
+            server_time_ms: wall_ms(),
             max_frame: frame_len_max,
             pending,
         };
@@ -1186,7 +1190,7 @@ impl Core {
         to: &str,
         body: &[u8],
     ) {
-        let sent_ms = crate::shard::now_ms();
+        let sent_ms = wall_ms(); // for people: never a deadline
         let remote = self.edge.remote.as_mut().and_then(|links| {
             let pair = links.send_pair(to)?;
             Some((links, pair))

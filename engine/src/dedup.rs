@@ -1,6 +1,18 @@
 //! The idempotency table of a shard: which (sender, msg_id) pairs are stored,
 //! at which log position, since when. Bounded by count (oldest evicted first)
 //! and by age (the dedup window).
+//!
+//! "Since when" is on the monotonic clock (engine::clock::mono_ms) for what
+//! the shard stores itself, so no wall-clock step while it runs moves the
+//! window. An entry learned from a record (replayed at start, streamed to a
+//! replica, restated by a checkpoint, imported with a slot) keeps the stamp
+//! the record carries: a MSG's `sent_ms` (the wall clock of the edge that took
+//! it) or a DEDUP entry's `stored_ms` (the monotonic clock of the process that
+//! wrote it, which starts at the wall clock's reading). Across a restart or
+//! between two machines only the wall clock spans both, so such an entry's age
+//! is off by any wall-clock step between its writing and its reading; with the
+//! 24 h default window a step of minutes shortens or lengthens its life by
+//! minutes. docs/DECISIONS.md 20.
 
 use crate::record::DedupEntry;
 use std::collections::{HashMap, VecDeque};
@@ -20,6 +32,7 @@ struct Entry {
     position: u64,
     /// stored_ms << 16 | the recipient's slot: 16 bytes an entry, as before
     /// slots were kept (48 bits of milliseconds last 8,900 years).
+    /// stored_ms: see the module's header for its clock.
     stored_ms_slot: u64,
 }
 

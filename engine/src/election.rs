@@ -25,6 +25,40 @@
 
 use std::fmt;
 
+/// After a failed etcd request the next one waits: this long after the first
+/// failure, doubling with each consecutive one up to
+/// [`RETRY_BACKOFF_MAX_US`], each wait jittered down to as little as half
+/// (so the nodes of a cluster do not retry in step). The first answer resets
+/// it. Without it a node whose etcd refused connections asked again at once,
+/// about 1,500 times a second (issue 21). Small at first so that one lost
+/// request costs a leader's renewal or a takeover little (the failover
+/// budget is about 1.5 s).
+pub const RETRY_BACKOFF_MIN_US: u64 = 25_000;
+/// The longest wait between two attempts while etcd stays unreachable:
+/// about one attempt a second, and a node notices etcd's return within it.
+pub const RETRY_BACKOFF_MAX_US: u64 = 1_000_000;
+const _: () = assert!(RETRY_BACKOFF_MIN_US > 0 && RETRY_BACKOFF_MIN_US <= RETRY_BACKOFF_MAX_US);
+
+/// The wait before the next request after `failures` (≥ 1) consecutive
+/// failures: the doubled delay, less up to half of it by `seed`.
+pub fn retry_backoff_us(failures: u32, seed: u64) -> u64 {
+    assert!(failures >= 1);
+    let full = RETRY_BACKOFF_MIN_US
+        .saturating_mul(1 << (failures - 1).min(63))
+        .min(RETRY_BACKOFF_MAX_US);
+    let half = full / 2;
+    full - splitmix64(seed) % (half + 1)
+}
+
+/// A well-mixed 64-bit function of `x` (SplitMix64's finalizer): the jitter,
+/// deterministic in the time and node it is given (the simulator replays it).
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// What the pair's state key says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Safety {
@@ -204,6 +238,12 @@ pub struct Pilot {
     in_flight: Option<Request>,
     /// A campaign decided on an observation: the next request.
     campaign_next: Option<Request>,
+    /// Requests failed in a row (reset by any answer).
+    failures: u32,
+    /// No request before this time after a failure ([`retry_backoff_us`]).
+    retry_at_us: u64,
+    /// This node's part of the jitter (a hash of its name).
+    jitter_seed: u64,
     /// The last leader seen (status).
     pub seen: Option<Leader>,
 }
@@ -233,6 +273,9 @@ impl Pilot {
             next_observe_us: 0,
             in_flight: None,
             campaign_next: None,
+            failures: 0,
+            retry_at_us: 0,
+            jitter_seed: me.bytes().fold(0, |h, b| splitmix64(h ^ u64::from(b))),
             seen: None,
         }
     }
@@ -297,7 +340,7 @@ impl Pilot {
                 why: "serving without holding the leader key".into(),
             });
         }
-        if self.in_flight.is_some() {
+        if self.in_flight.is_some() || now_us < self.retry_at_us {
             return (out, None);
         }
         let req = self.next_request(now_us, facts, &mut out);
@@ -373,6 +416,14 @@ impl Pilot {
         let Some(req) = self.in_flight.take() else {
             return out;
         };
+        if reply == Reply::Failed {
+            self.failures = self.failures.saturating_add(1);
+            let seed = now_us ^ self.jitter_seed;
+            self.retry_at_us = now_us + retry_backoff_us(self.failures, seed);
+        } else {
+            self.failures = 0;
+            self.retry_at_us = 0;
+        }
         let ttl_us = self.s.ttl_ms * 1000;
         let margin_us = self.s.margin_ms * 1000;
         match (req, reply) {
@@ -586,6 +637,91 @@ mod tests {
         assert!(acts.contains(&Action::Serve { epoch: 12 }));
         assert!(acts.contains(&Action::Deadline(800_000)));
         12
+    }
+
+    /// etcd refuses every connection: after each failure the next request
+    /// waits out the backoff (doubling, jittered down to half, capped), and
+    /// the first answer resets it. Red without the backoff: the Grant was
+    /// asked again at the instant of the failure.
+    #[test]
+    fn after_a_failure_the_next_request_waits_out_a_growing_capped_backoff() {
+        let mut p = Pilot::new("a", settings());
+        let f = Facts::default();
+        let mut now = 0;
+        assert_eq!(p.step(now, f).1, Some(Request::Grant));
+        let mut waits = Vec::new();
+        for failures in 1..=12u32 {
+            p.answer(now, f, Reply::Failed);
+            let full = (RETRY_BACKOFF_MIN_US << (failures - 1).min(20)).min(RETRY_BACKOFF_MAX_US);
+            // Not before half the full wait; by the full wait.
+            assert_eq!(
+                p.step(now, f).1,
+                None,
+                "failure {failures}: asked again at once"
+            );
+            assert_eq!(p.step(now + full / 2 - 1, f).1, None, "failure {failures}");
+            let mut at = now + full / 2;
+            while p.step(at, f).1.is_none() {
+                at += 1_000;
+                assert!(
+                    at <= now + full,
+                    "failure {failures}: no request by {full} µs"
+                );
+            }
+            waits.push(at - now);
+            now = at; // the Grant asked at `at` is in flight
+        }
+        assert!(waits[0] <= RETRY_BACKOFF_MIN_US);
+        assert!((RETRY_BACKOFF_MAX_US / 2..=RETRY_BACKOFF_MAX_US).contains(&waits[11]));
+        // Ten seconds of a dead etcd, stepped as the driver does (every
+        // 10 ms): about one attempt a second, not thousands.
+        p.answer(now, f, Reply::Failed);
+        let mut attempts = 0;
+        let end = now + 10_000_000;
+        while now < end {
+            now += 10_000;
+            if p.step(now, f).1.is_some() {
+                attempts += 1;
+                p.answer(now, f, Reply::Failed);
+            }
+        }
+        assert!((10..=20).contains(&attempts), "{attempts} attempts in 10 s");
+        // An answer resets the backoff: the next failure waits the least again.
+        while p.step(now, f).1.is_none() {
+            now += 10_000;
+        }
+        let granted = Reply::Granted {
+            lease: 7,
+            ttl_ms: 1000,
+            sent_us: now,
+        };
+        p.answer(now, f, granted);
+        assert_eq!(
+            p.step(now, f).1,
+            Some(Request::Observe),
+            "no wait after an answer"
+        );
+        p.answer(now, f, Reply::Failed);
+        assert_eq!(p.step(now + RETRY_BACKOFF_MIN_US / 2 - 1, f).1, None);
+        assert!(
+            p.retry_at_us <= now + RETRY_BACKOFF_MIN_US,
+            "the backoff restarted"
+        );
+    }
+
+    #[test]
+    fn the_backoff_jitter_stays_within_half_and_full() {
+        for failures in 1..=40 {
+            let full = RETRY_BACKOFF_MIN_US
+                .saturating_mul(1 << (failures - 1).min(63))
+                .min(RETRY_BACKOFF_MAX_US);
+            let waits: Vec<u64> = (0..200)
+                .map(|seed| retry_backoff_us(failures, seed))
+                .collect();
+            assert!(waits.iter().all(|w| (full / 2..=full).contains(w)));
+            let distinct: std::collections::HashSet<_> = waits.iter().collect();
+            assert!(distinct.len() > 50, "jittered: {} distinct", distinct.len());
+        }
     }
 
     #[test]
@@ -864,7 +1000,8 @@ mod tests {
             Some(Request::Campaign { lease: 8, .. })
         ));
         p.answer(1_153_000, f, Reply::Failed);
-        assert_eq!(p.step(1_153_000, f).1, Some(Request::Grant));
+        let retry = 1_153_000 + RETRY_BACKOFF_MIN_US; // after the backoff
+        assert_eq!(p.step(retry, f).1, Some(Request::Grant));
     }
 
     #[test]
@@ -896,7 +1033,7 @@ mod tests {
             wants_alone: true,
             ..synced
         };
-        let (acts, r) = p.step(210_000, lost);
+        let (acts, r) = p.step(200_000 + RETRY_BACKOFF_MIN_US, lost); // after the backoff
         assert!(
             !acts.contains(&Action::AllowAlone(true)),
             "degrading on a belief: {acts:?}"

@@ -216,7 +216,7 @@ pub fn poll(stats: &NodeStats, started: Instant, timeout: Duration) -> Progress 
 pub fn finish(stats: &NodeStats) {
     stats.handover_move(HandoverPhase::Committed, HandoverPhase::Idle);
     if stats.elected.load(SeqCst) {
-        let until = crate::shard::mono_us() + CAMPAIGN_HOLD_MS * 1000;
+        let until = crate::clock::mono_us() + CAMPAIGN_HOLD_MS * 1000;
         stats.campaign_hold_until_us.store(until, SeqCst);
         stats.resign_asked.store(true, SeqCst);
     }

@@ -12,6 +12,7 @@ pub mod admin_http;
 pub mod auth;
 pub mod chunked;
 pub mod client_cmd;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;

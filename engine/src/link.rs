@@ -13,10 +13,11 @@
 //!   that changes, it registers its connections' logins there and sends
 //!   every unanswered SEND again: clients see a pause, not an error.
 
+use crate::clock::wall_ms;
 use crate::cluster::{ClusterSpec, PeerRole};
 use crate::core::{Core, Mail};
 use crate::link_proto::{self as proto, Conn, HelloKind, Msg};
-use crate::shard::{now_ms, ConnRef, Sink};
+use crate::shard::{ConnRef, Sink};
 use crate::stats::{NodeStats, Role};
 use crate::sys;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -840,7 +841,7 @@ async fn write_requests(
         if last_ping.elapsed() >= PING_EVERY {
             last_ping = std::time::Instant::now();
             let out = batch.get_or_insert_with(Vec::new);
-            proto::encode(&Msg::Ping { now_ms: now_ms() }, out);
+            proto::encode(&Msg::Ping { now_ms: wall_ms() }, out);
         }
         let Some(batch) = batch else {
             let woken = std::future::poll_fn(|cx| {

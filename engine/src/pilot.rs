@@ -4,15 +4,17 @@
 //! deadline) and hands its actions to the cores through [`NodeStats`]. A
 //! core never waits on etcd: it reads the lease deadline and the flags.
 
+use crate::clock::mono_us;
 use crate::election::{Action, Facts, Leader, PairState, Pilot, Reply, Request, Settings};
 use crate::etcd::Etcd;
-use crate::shard::mono_us;
 use crate::stats::{NodeStats, Role};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often the pilot looks at the node when it has no request to make.
+/// How often the pilot looks at the node when it has no request to make
+/// (also while it waits out the backoff after a failed request:
+/// election::RETRY_BACKOFF_MIN_US).
 const STEP_EVERY: Duration = Duration::from_millis(10);
 /// A repeated warning is logged at most this often.
 const WARN_EVERY_US: u64 = 5_000_000;

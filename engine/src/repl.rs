@@ -11,10 +11,11 @@
 //! msg_id dedup makes that safe). Otherwise: a full sync from a snapshot of the
 //! live state, then streaming from the snapshot's position.
 
+use crate::clock::{mono_ms, wall_ms};
 use crate::config::{LossPolicy, ReplicationConfig};
 use crate::core::Core;
 use crate::repl_proto::{self as proto, Hello, Msg};
-use crate::shard::{now_ms, Resubmit};
+use crate::shard::Resubmit;
 use crate::stats::{Mode, NodeStats, Role};
 use crate::sys;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -63,7 +64,8 @@ pub struct ReplState {
     pub acker_waker: Option<Waker>,
     /// Replica side: the primary's last position from its heartbeats.
     pub primary_last_position: u64,
-    /// When this shard last heard its peer (ms since the Unix epoch).
+    /// When this shard last heard its peer (engine::clock::mono_ms): the
+    /// replica-loss timeout counts from it.
     pub last_heard_ms: u64,
     /// Replica side: a replication session with the primary is open (its
     /// stream has not ended); with `last_heard_ms`, whether the primary is
@@ -416,7 +418,7 @@ async fn serve_replica_inner(
             acked: 0, // nothing counts as acknowledged before the replica's first ACK
             sent: VecDeque::new(),
         });
-        c.repl.last_heard_ms = now_ms();
+        c.repl.last_heard_ms = mono_ms();
         generation
     };
     let result = futures_lite::future::or(
@@ -610,7 +612,7 @@ async fn stream_records(
                 let msg = Msg::Heartbeat {
                     epoch: c.shard.epoch(),
                     last_position: c.shard.wal().last_position(),
-                    now_ms: now_ms(),
+                    now_ms: wall_ms(), // informational
                 };
                 proto::encode(&msg, &mut out);
                 next_heartbeat = Instant::now() + heartbeat;
@@ -663,7 +665,7 @@ fn on_replica_msg(c: &mut Core, msg: Msg<'_>, generation: u64) -> Result<(), Str
                 c.repl.stats.set_role(Role::Fenced);
                 return Err("the replica has a higher epoch: fenced".into());
             }
-            c.repl.last_heard_ms = now_ms();
+            c.repl.last_heard_ms = mono_ms();
             if let Some(link) = c.repl.link.as_mut() {
                 link.acked = link.acked.max(durable_position);
                 while link
@@ -899,7 +901,7 @@ async fn apply_stream(
         if c.shard.role != Role::Replica {
             return Ok(()); // promoted: stop following
         }
-        c.repl.last_heard_ms = now_ms();
+        c.repl.last_heard_ms = mono_ms();
         c.repl
             .stats
             .replication_bytes_received
@@ -1109,7 +1111,7 @@ async fn send_acks(
                 &Msg::Ack {
                     epoch: c.shard.epoch(),
                     durable_position: acked,
-                    now_ms: now_ms(),
+                    now_ms: wall_ms(), // informational
                 },
                 &mut out,
             );
@@ -1244,7 +1246,7 @@ fn update_mode(c: &mut Core) {
         return;
     }
     let loss_timeout_ms = c.repl.config.loss_timeout_ms;
-    let heard = now_ms().saturating_sub(c.repl.last_heard_ms) < loss_timeout_ms;
+    let heard = mono_ms().saturating_sub(c.repl.last_heard_ms) < loss_timeout_ms;
     let lag = c
         .repl
         .link
@@ -1332,7 +1334,7 @@ fn publish(c: &mut Core, stats: &NodeStats) {
         Role::Primary => c.repl.link.is_some(),
         _ => {
             c.repl.following
-                && now_ms().saturating_sub(c.repl.last_heard_ms) < c.repl.config.loss_timeout_ms
+                && mono_ms().saturating_sub(c.repl.last_heard_ms) < c.repl.config.loss_timeout_ms
         }
     };
     s.replica_connected.store(connected, Relaxed);

@@ -1,12 +1,19 @@
 //! `iris admin rolling-restart`: restarts every core node of a cluster in
 //! turn while clients keep sending (docs/CLUSTER.md, "Rolling restart").
 //!
-//! For each pair, twice (so each of its nodes restarts once): wait until the
-//! primary's replica caught up, stop the primary with the operator's stop
-//! command, wait until its admin address stops answering, promote the
-//! replica, start the old primary with the start command, and wait until it
-//! answers as the new primary's replica and has caught up. Edges follow
-//! each promotion; clients see a pause, not an error.
+//! For each pair, twice (so each of its nodes restarts once): hand the
+//! primary role over to the replica (engine::handover: the primary takes no
+//! SENDs until its replica holds every record, then steps down; the
+//! replica is promoted, or with etcd elected), stop the old primary with the
+//! operator's stop command, wait until its admin address stops answering,
+//! start it with the start command, and wait until it answers as the new
+//! primary's replica and has caught up. Edges hold the SENDs of the pause
+//! and write them to the new primary; clients see a pause, not an error.
+//! A primary that is degraded or behind is never stopped: if its replica
+//! does not hold every record within the step timeout, the handover is
+//! abandoned, the primary serves on, and the command fails saying why.
+//!
+//! `iris admin handover --cluster FILE --node N` is the first step alone.
 //!
 //! How a node is stopped and started is the operator's (systemd, a
 //! container runtime, a shell): `--stop` and `--start` are shell commands
@@ -39,9 +46,124 @@ pub struct RollingRestartArgs {
     /// Only the pairs named (repeatable); default: every pair in the file.
     #[arg(long = "pair")]
     pub pairs: Vec<String>,
-    /// Longest wait for any one step (catch-up, stop, promotion, restart).
+    /// Longest wait for any one step (handover, stop, promotion, restart);
+    /// a handover waits at most 120 s.
     #[arg(long, default_value_t = 120)]
     pub step_timeout_secs: u64,
+}
+
+/// `iris admin handover --cluster FILE --node N`.
+#[derive(clap::Args, Debug)]
+pub struct HandoverArgs {
+    /// The cluster file (the pair's nodes and admin addresses).
+    #[arg(long)]
+    pub cluster: PathBuf,
+    /// The pair's primary, which hands its role to the other node.
+    #[arg(long)]
+    pub node: String,
+    /// Longest wait for the replica to hold every record (then the primary
+    /// serves on and the command fails), and for the promotion.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_secs: u64,
+}
+
+pub fn run_handover(args: &HandoverArgs, token_file: Option<&Path>) -> ExitCode {
+    match handover_cmd(args, token_file) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("iris admin handover: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn handover_cmd(args: &HandoverArgs, token_file: Option<&Path>) -> Result<String, String> {
+    let spec = ClusterSpec::load(&args.cluster)?;
+    let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
+    let (p, n) = spec
+        .node(&args.node)
+        .ok_or_else(|| format!("no node {:?} in {}", args.node, args.cluster.display()))?;
+    let pair = &spec.pairs[p];
+    if pair.nodes.len() != 2 {
+        return Err(format!("pair {} has no replica to hand over to", pair.name));
+    }
+    let node = |i: usize| Node {
+        name: pair.nodes[i].name.clone(),
+        pair: pair.name.clone(),
+        admin: AdminClient::new(pair.nodes[i].admin.to_string(), token.clone()),
+    };
+    let (from, to) = (node(n), node(1 - n));
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let handed = hand_over(&from, &to, timeout, spec.etcd.is_some())?;
+    Ok(serde_json::json!({
+        "pair": pair.name,
+        "from": from.name,
+        "to": to.name,
+        "epoch": handed.epoch,
+        "handover_ms": handed.handover_ms,
+        "pause_ms": handed.pause_ms,
+    })
+    .to_string())
+}
+
+/// What a handover took.
+pub struct Handed {
+    /// The new primary's epoch.
+    pub epoch: u64,
+    /// From the request to the old primary's step-down.
+    pub handover_ms: u64,
+    /// From the request to the new primary serving: the longest a SEND waited.
+    pub pause_ms: u64,
+}
+
+/// Hands `from`'s primary role to `to`: `POST /replication/handover` on
+/// `from` (which fails, leaving `from` serving, unless its replica holds
+/// every record within `timeout`), then `to` is promoted, or with etcd
+/// elected once `from` handed back its lease.
+fn hand_over(from: &Node, to: &Node, timeout: Duration, elected: bool) -> Result<Handed, String> {
+    let started = Instant::now();
+    let timeout_ms = (timeout.as_millis() as u64).clamp(1, crate::handover::TIMEOUT_MAX_MS);
+    let read_timeout_ms = timeout_ms + crate::handover::STEP_DOWN_WAIT_MS + 10_000;
+    let (status, body) = from
+        .admin
+        .call_bytes(
+            "POST",
+            &format!("/replication/handover?timeout_ms={timeout_ms}"),
+            &[],
+            crate::admin_http::RESPONSE_BYTES_MAX,
+            read_timeout_ms,
+        )
+        .map_err(|e| format!("handover on {}: {e}", from.name))?;
+    let body = String::from_utf8_lossy(&body);
+    if status != 200 {
+        return Err(format!(
+            "{} did not hand over (HTTP {status}: {}); it serves as primary as before",
+            from.name,
+            body.trim()
+        ));
+    }
+    let handover_ms = started.elapsed().as_millis() as u64;
+    if !elected {
+        promote(to, timeout)?;
+    }
+    wait_for(timeout, &format!("{} to serve as primary", to.name), || {
+        matches!(state(&to.admin), NodeState::Up { primary: true, .. })
+    })?;
+    let epoch = match to.admin.call("GET", "/health") {
+        Ok((200, b)) => serde_json::from_str::<Value>(&b)
+            .ok()
+            .and_then(|v| v["epoch"].as_u64())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    Ok(Handed {
+        epoch,
+        handover_ms,
+        pause_ms: started.elapsed().as_millis() as u64,
+    })
 }
 
 /// What one node's admin says.
@@ -109,7 +231,7 @@ fn restart_all(args: &RollingRestartArgs, token_file: Option<&Path>) -> Result<S
         }
         for _ in 0..2 {
             let (primary, replica) = roles(&nodes, timeout)?;
-            restart_primary(primary, replica, args, timeout)?;
+            restart_primary(primary, replica, args, timeout, spec.etcd.is_some())?;
             restarted += 1;
         }
     }
@@ -150,10 +272,9 @@ fn restart_primary(
     replica: &Node,
     args: &RollingRestartArgs,
     timeout: Duration,
+    elected: bool,
 ) -> Result<(), String> {
     let say = |what: &str| println!("{}: {}: {what}", primary.pair, primary.name);
-    say("waiting for the replica to catch up");
-    wait_caught_up(&primary.admin, &primary.name, timeout)?;
     let pid = match state(&primary.admin) {
         NodeState::Up { pid, .. } => pid,
         NodeState::Down => return Err(format!("{} went down by itself", primary.name)),
@@ -166,23 +287,19 @@ fn restart_primary(
             primary.name
         ));
     }
+    say(&format!("handing over to {}", replica.name));
+    let handed = hand_over(primary, replica, timeout, elected)?;
+    say(&format!(
+        "handed over: {} serves with epoch {} (handover {} ms, pause {} ms)",
+        replica.name, handed.epoch, handed.handover_ms, handed.pause_ms
+    ));
     say("stopping");
     let stop = fill(&args.stop, primary, pid);
     run_bounded(&stop, timeout)?;
     wait_for(timeout, &format!("{} to stop", primary.name), || {
         state(&primary.admin) == NodeState::Down
     })?;
-    say(&format!("promoting {}", replica.name));
     let start = fill(&args.start, primary, pid);
-    if let Err(e) = promote(replica, timeout) {
-        // Leave the pair with a primary: the stopped node starts again (its
-        // peer is not primary, so it serves as before).
-        let _ = spawn_start(&start);
-        return Err(format!(
-            "{e}; started {} again with the --start command",
-            primary.name
-        ));
-    }
     say("starting");
     spawn_start(&start)?;
     wait_for(
@@ -293,11 +410,15 @@ pub fn wait_caught_up(admin: &AdminClient, name: &str, timeout: Duration) -> Res
 }
 
 /// POST /replication/promote, again while the node answers 503 (its stream
-/// from the stopped primary is still closing).
+/// from the old primary is still closing) or 409 "primary is alive" (it
+/// has not yet seen the stream of the primary that stepped down end).
 fn promote(replica: &Node, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         match replica.admin.call("POST", "/replication/promote") {
+            Ok((409, body)) if body.contains("primary is alive") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             // 409: already primary (an earlier attempt finished after its 503).
             Ok((200 | 409, _)) => return Ok(()),
             Ok((503, _)) | Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),

@@ -2,9 +2,10 @@
 //! per core, the per-core tasks (acceptor, mesh, committer, maintenance), and
 //! the graceful shutdown on SIGTERM/SIGINT.
 
+use crate::clock::mono_ms;
 use crate::config::{Config, IO_MEMORY_BYTES};
 use crate::core::{Core, Edge, Mail};
-use crate::shard::{now_ms, Shard, ShardError};
+use crate::shard::{Shard, ShardError};
 use crate::stats::{NodeStats, Role};
 use crate::{ports, sys};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
@@ -222,6 +223,8 @@ impl ClusterSetup {
                 } else if nodes.len() > 1 {
                     config.replication.listen = Some(me.replication);
                     let peer = &nodes[1 - index];
+                    // Followed after a handover (engine::handover).
+                    config.replication.peer = Some(peer.replication.to_string());
                     let r = &config.replication;
                     let tls = match (&r.cluster_ca, &r.node_cert, &r.node_key) {
                         (Some(ca), Some(cert), Some(key)) => {
@@ -942,7 +945,7 @@ async fn edge_maintenance(core: Rc<RefCell<Core>>) {
     loop {
         glommio::timer::sleep(MAINTENANCE_TICK).await;
         let mut c = core.borrow_mut();
-        let now = now_ms();
+        let now = mono_ms();
         c.edge.clock_ms = now;
         c.edge.expire_lingering();
         crate::link::follow_elected(&mut c);
@@ -1165,7 +1168,7 @@ async fn acceptor(
                     Ok(peer) => {
                         let c = core.borrow();
                         let key = c.addresses.key(peer.ip());
-                        match c.addresses.admit(key, now_ms()) {
+                        match c.addresses.admit(key, mono_ms()) {
                             Ok(true) => key,
                             Ok(false) => 0,
                             Err(turned) => {
@@ -1188,7 +1191,7 @@ async fn acceptor(
                         if say_refusal {
                             refuse(stream.as_raw_fd());
                         }
-                        core.borrow().addresses.release(ip_key, now_ms());
+                        core.borrow().addresses.release(ip_key, mono_ms());
                         continue;
                     }
                 };
@@ -1199,7 +1202,7 @@ async fn acceptor(
                         Err(e) => {
                             tracing::error!(error = %e, "cannot start a TLS connection");
                             crate::sockets::close(fd);
-                            core.borrow().addresses.release(ip_key, now_ms());
+                            core.borrow().addresses.release(ip_key, mono_ms());
                             continue;
                         }
                     },
@@ -1222,7 +1225,7 @@ async fn acceptor(
                             refuse(fd); // in TLS or MQTT this would be bytes the peer cannot read
                         }
                         crate::sockets::close(fd);
-                        c.addresses.release(ip_key, now_ms());
+                        c.addresses.release(ip_key, mono_ms());
                     }
                 }
             }
@@ -1420,7 +1423,7 @@ async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
     loop {
         glommio::timer::sleep(MAINTENANCE_TICK).await;
         let mut c = core.borrow_mut();
-        let now = now_ms();
+        let now = mono_ms();
         c.edge.clock_ms = now;
         c.edge.expire_lingering();
         let follow = crate::repl::tick(&mut c, &data);

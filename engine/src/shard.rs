@@ -7,6 +7,7 @@
 //! the core's committer tells it when positions become durable.
 
 use crate::chunked::ChunkedQueue;
+use crate::clock::mono_us;
 use crate::config::Limits;
 use crate::dedup::{sender_hash, Dedup};
 use crate::lograte::{LogEvery, REPEATED_ERROR_LOG_INTERVAL};
@@ -138,15 +139,6 @@ struct Waiting {
     msg_id: MsgId,
     /// When the SEND reached the shard (`mono_us`), for the STORED latency.
     since_us: u64,
-}
-
-/// Microseconds on the monotonic clock since the first call in this process.
-pub fn mono_us() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_micros() as u64
 }
 
 /// The WAL settings of a shard's log in `dir` under `limits`.
@@ -294,13 +286,6 @@ pub struct Shard {
     /// A cluster node's slot ownership (None: a single node serves every slot).
     /// Shard 0's log holds the node's SLOTS decisions.
     ownership: Option<Ownership>,
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Shard {
@@ -552,8 +537,11 @@ impl Shard {
                 return Err(e);
             }
         };
-        // The turn's clock (sent_ms) is the store time the dedup window counts from.
-        self.live.dedup.insert(key, position, req.sent_ms, slot);
+        // The dedup window counts on the monotonic clock from now, not from
+        // sent_ms: that is the wall clock of the edge that took the SEND
+        // (another machine's, perhaps), stepped by NTP (DECISIONS 20).
+        let now_us = mono_us();
+        self.live.dedup.insert(key, position, now_us / 1000, slot);
         let msg = PendingMsg::new(
             seq,
             req.msg_id,
@@ -575,7 +563,7 @@ impl Shard {
             position,
             reply: req.reply,
             msg_id: req.msg_id,
-            since_us: mono_us(),
+            since_us: now_us,
         });
         Ok(())
     }
@@ -1229,6 +1217,7 @@ impl Shard {
     }
 
     /// Forgets expired dedup entries; bounded work per call.
+    /// `now_ms`: the monotonic clock (engine::clock::mono_ms).
     pub fn expire_dedup(&mut self, now_ms: u64) {
         self.live.dedup.expire(now_ms, 10_000);
     }
@@ -1735,6 +1724,35 @@ mod tests {
         send(&mut shard, &mut sink, "carol", "bob", 7, b"x");
         commit(&mut shard, &mut sink);
         assert_eq!(sink.delivered, vec![(1, id(7)), (2, id(7))]);
+    }
+
+    /// The dedup window counts on this node's monotonic clock from the
+    /// store, whatever wall time the SEND carries (`send` gives sent_ms 1,
+    /// 1970: an edge whose wall clock is far behind). Red when the store
+    /// stamped the entry with sent_ms (as before DECISIONS 20): the sweep
+    /// forgot it at once and the retry was stored and delivered twice.
+    #[test]
+    fn the_dedup_window_counts_from_the_store_on_the_monotonic_clock() {
+        let dir = temp_dir("dedup-mono");
+        let (mut shard, _) = Shard::open(0, &dir, &limits(), None).unwrap();
+        let mut sink = Recorder::default();
+        shard.login(CONN, "bob", &mut sink);
+        send(&mut shard, &mut sink, "alice", "bob", 7, b"x");
+        commit(&mut shard, &mut sink);
+        shard.expire_dedup(crate::clock::mono_ms());
+        send(&mut shard, &mut sink, "alice", "bob", 7, b"x"); // the retry
+        commit(&mut shard, &mut sink);
+        assert_eq!(sink.stored, vec![id(7), id(7)]);
+        assert_eq!(sink.delivered, vec![(1, id(7))], "stored once");
+        let window_ms = limits().dedup_window_secs * 1000;
+        shard.expire_dedup(crate::clock::mono_ms() + window_ms);
+        send(&mut shard, &mut sink, "alice", "bob", 7, b"x");
+        commit(&mut shard, &mut sink);
+        assert_eq!(
+            sink.delivered,
+            vec![(1, id(7)), (2, id(7))],
+            "forgotten past the window"
+        );
     }
 
     #[test]

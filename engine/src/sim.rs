@@ -71,10 +71,12 @@
 //! in the final primary's log; an ACK carries a user and a seq, and no
 //! inbox checks it against deliveries), etcd itself failing (it is one linearizable
 //! store here; only the network to it fails), and wall-clock jumps: every
-//! deadline is on the node's monotonic clock (`mono_us`), which the model
-//! lets drift by up to `DRIFT_PPM_MAX` but never go back, and the only
-//! wall-clock reading in replication (`now_ms` in acks and heartbeats) is
-//! informational, so a jump of the wall clock cannot move a deadline.
+//! deadline is on the node's monotonic clock (engine::clock, docs/DECISIONS.md
+//! 20: the lease, the replica-loss timeout `update_mode` counts, the election's
+//! retry backoff), which the model lets drift by up to `DRIFT_PPM_MAX` but
+//! never go back, and the only wall-clock reading in replication (`now_ms` in
+//! acks and heartbeats) is informational, so a jump of the wall clock cannot
+//! move a deadline (tests/tests/clocks.rs steps a real node's wall clock).
 //!
 //! Checks: during the run, no STORED unless the lease of the node's epoch
 //! is alive in etcd at that true instant, one node told to serve an epoch,

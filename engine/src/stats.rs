@@ -99,7 +99,7 @@ pub struct ShardStats {
     pub replica_lag_ops: AtomicU64,
     /// Age of the oldest record the replica has not acknowledged, in ms.
     pub replica_lag_ms: AtomicU64,
-    /// When the last heartbeat or ack was heard from the peer (ms since the epoch).
+    /// When the last heartbeat or ack was heard from the peer (engine::clock::mono_ms).
     pub last_heartbeat_ms: AtomicU64,
     /// Records the WAL recovery at start cut off past the durable mark (a
     /// crash's torn tail, or damage there): some may have been acknowledged.
@@ -166,7 +166,7 @@ pub struct NodeStats {
     pub moves: crate::moves::MoveDesk,
     /// The primary's client address, when this node is a replica and knows it.
     pub primary_client_addr: Mutex<Option<String>>,
-    /// With etcd: the monotonic time (engine::shard::mono_us) from which the
+    /// With etcd: the monotonic time (engine::clock::mono_us) from which the
     /// cores stop acknowledging and taking SENDs; u64::MAX without a lease
     /// (manual failover), 0 when the lease is lost. Set by engine::pilot.
     pub lease_deadline_us: Arc<AtomicU64>,
@@ -192,7 +192,7 @@ pub struct NodeStats {
     /// The handover of the primary role to the replica (a HandoverPhase).
     pub handover: AtomicU8,
     /// With etcd, after a handover: the election does not campaign before
-    /// this instant (engine::shard::mono_us), so that the replica wins.
+    /// this instant (engine::clock::mono_us), so that the replica wins.
     pub campaign_hold_until_us: AtomicU64,
     /// With etcd, after a handover: the pilot hands the lease back (once).
     pub resign_asked: AtomicBool,
@@ -272,7 +272,7 @@ impl NodeStats {
     pub fn lease_ms_left(&self) -> Option<u64> {
         match self.lease_deadline_us.load(Relaxed) {
             u64::MAX => None,
-            d => Some(d.saturating_sub(crate::shard::mono_us()) / 1000),
+            d => Some(d.saturating_sub(crate::clock::mono_us()) / 1000),
         }
     }
 

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 /// How long etcd may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// apt-get runs one at a time on a machine: test binaries take turns here.
-const INSTALL_LOCK: &str = "/tmp/iris-tests-apt.lock";
 
 pub struct Etcd {
     child: Child,
@@ -47,43 +45,7 @@ fn installed() -> bool {
 
 /// Installs Debian's etcd-server (root, as on the test machines) if absent.
 pub fn ensure_installed() {
-    if installed() {
-        return;
-    }
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(INSTALL_LOCK)
-        .expect("open the apt lock file");
-    lock.lock().expect("lock the apt lock file");
-    if installed() {
-        return;
-    }
-    let out = Command::new("apt-get")
-        .args(["install", "-y", "-q", "etcd-server"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output()
-        .expect("apt-get (the failover tests need etcd-server from Debian)");
-    if !out.status.success() {
-        // The package lists may be missing on a fresh machine.
-        let update = Command::new("apt-get").args(["update", "-q"]).output();
-        assert!(
-            update.is_ok_and(|o| o.status.success()),
-            "apt-get update failed"
-        );
-        let out = Command::new("apt-get")
-            .args(["install", "-y", "-q", "etcd-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .expect("apt-get");
-        assert!(
-            out.status.success(),
-            "apt-get install etcd-server failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert!(installed(), "etcd is still not runnable after apt-get");
+    crate::apt::ensure_installed("etcd-server", installed);
 }
 
 /// Starts a one-member etcd serving `client` (HOST:PORT) with its data and

@@ -8,8 +8,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apt;
 pub mod dev_cluster;
 pub mod etcd;
+pub mod faketime;
 pub mod netlab;
 pub mod python;
 
@@ -108,6 +110,8 @@ pub fn admin_of(addr: &str, data_dir: &Path) -> engine::admin_http::AdminClient 
 /// owning its data directory and its stderr log.
 pub struct Server {
     args: Vec<String>,
+    /// Environment variables added for the process (e.g. libfaketime's).
+    env: Vec<(String, String)>,
     data_dir: PathBuf,
     log_path: PathBuf,
     child: Child,
@@ -126,6 +130,16 @@ impl Server {
 
     /// [`Server::start`] with the data directory at `data_dir` (removed on drop).
     pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_with_env(data_dir, &[], extra_args)
+    }
+
+    /// [`Server::start_in`] with these environment variables added for the
+    /// process (and its successors after a restart).
+    pub fn start_with_env(
+        data_dir: &Path,
+        env: &[(String, String)],
+        extra_args: &[&str],
+    ) -> Server {
         let data_dir = data_dir.to_path_buf();
         let log_path = unique_temp_path("log").with_extension("log");
         let mut args: Vec<String> = vec!["serve".into()];
@@ -139,9 +153,11 @@ impl Server {
             args.push("2".into());
         }
         args.extend(extra_args.iter().map(|arg| arg.to_string()));
-        let (child, addr, stdout) = spawn_server(&args, &log_path);
+        let env = env.to_vec();
+        let (child, addr, stdout) = spawn_server(&args, &env, &log_path);
         Server {
             args,
+            env,
             data_dir,
             log_path,
             child,
@@ -208,7 +224,7 @@ impl Server {
             exited.is_some(),
             "restart() of a server that is still running"
         );
-        let (child, addr, stdout) = spawn_server(&self.args, &self.log_path);
+        let (child, addr, stdout) = spawn_server(&self.args, &self.env, &self.log_path);
         self.child = child;
         self.addr = addr;
         self.stdout = stdout;
@@ -315,6 +331,16 @@ pub fn spawn_iris_in(
     args: &[String],
     log_path: &Path,
 ) -> (Child, mpsc::Receiver<String>) {
+    spawn_iris_env(netns, &[], args, log_path)
+}
+
+/// [`spawn_iris_in`] with these environment variables added.
+pub fn spawn_iris_env(
+    netns: Option<&str>,
+    env: &[(String, String)],
+    args: &[String],
+    log_path: &Path,
+) -> (Child, mpsc::Receiver<String>) {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -332,6 +358,7 @@ pub fn spawn_iris_in(
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .env(engine::shard::DURABLE_MARK_ENV, "1")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -402,8 +429,12 @@ fn run_expecting_failure(args: &[String], log_path: &Path) -> ExitStatus {
 
 /// Spawns `iris-e2e <args>` and waits for its listening line on stdout;
 /// returns the child, the address, and the stdout lines still to come.
-fn spawn_server(args: &[String], log_path: &Path) -> (Child, String, mpsc::Receiver<String>) {
-    let (mut child, lines_rx) = spawn_iris(args, log_path);
+fn spawn_server(
+    args: &[String],
+    env: &[(String, String)],
+    log_path: &Path,
+) -> (Child, String, mpsc::Receiver<String>) {
+    let (mut child, lines_rx) = spawn_iris_env(None, env, args, log_path);
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         match lines_rx.recv_timeout(Duration::from_millis(100)) {
