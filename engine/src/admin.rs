@@ -795,6 +795,11 @@ struct ReplicationStats {
     shards: Vec<ShardView>,
     stored_total: u64,
     rejected_total: u64,
+    /// Messages of a dropped tail this node re-submitted to a new primary
+    /// since it started (0 after planned handovers; docs/ADMIN.md).
+    resubmitted_total: u64,
+    /// Handovers of the primary role this node completed since it started.
+    handovers_total: u64,
     connections: u64,
     replication_sent_bytes: u64,
     replication_received_bytes: u64,
@@ -889,6 +894,8 @@ fn replication_stats(stats: &NodeStats) -> Response {
             primary_client_addr,
             shards,
             stored_total: stats.stored_total.load(Relaxed),
+            resubmitted_total: stats.resubmitted_total.load(Relaxed),
+            handovers_total: stats.handovers_total.load(Relaxed),
             rejected_total: stats.rejected_total.load(Relaxed),
             connections: stats.connections(),
             replication_sent_bytes: stats.replication_bytes_sent.load(Relaxed),

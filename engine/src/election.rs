@@ -639,6 +639,48 @@ mod tests {
         12
     }
 
+    /// After a handover the node holds its campaign (facts.hold): a free
+    /// leader key with a `sync` state is left to the replica it handed
+    /// over to; without the hold it campaigns on the same observation.
+    #[test]
+    fn a_node_that_handed_over_does_not_campaign_while_it_holds() {
+        for hold in [true, false] {
+            let mut p = Pilot::new("a", settings());
+            let f = Facts {
+                hold,
+                ..Facts::default()
+            };
+            let (_, r) = p.step(0, f);
+            assert_eq!(r, Some(Request::Grant));
+            p.answer(
+                1_000,
+                f,
+                Reply::Granted {
+                    lease: 7,
+                    ttl_ms: 1000,
+                    sent_us: 0,
+                },
+            );
+            let (_, r) = p.step(2_000, f);
+            assert_eq!(r, Some(Request::Observe));
+            let sync = PairState {
+                leader: "a".into(),
+                safety: Safety::Sync,
+            };
+            p.answer(
+                3_000,
+                f,
+                Reply::Observed {
+                    leader: None,
+                    state: Some(sync),
+                },
+            );
+            let (_, r) = p.step(3_000, f);
+            let campaigns = matches!(r, Some(Request::Campaign { .. }));
+            assert_eq!(campaigns, !hold, "hold {hold}: {r:?}");
+        }
+    }
+
     /// etcd refuses every connection: after each failure the next request
     /// waits out the backoff (doubling, jittered down to half, capped), and
     /// the first answer resets it. Red without the backoff: the Grant was

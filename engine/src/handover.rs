@@ -215,6 +215,7 @@ pub fn poll(stats: &NodeStats, started: Instant, timeout: Duration) -> Progress 
 /// promoted (or hand over) again later.
 pub fn finish(stats: &NodeStats) {
     stats.handover_move(HandoverPhase::Committed, HandoverPhase::Idle);
+    stats.handovers_total.fetch_add(1, SeqCst);
     if stats.elected.load(SeqCst) {
         let until = crate::clock::mono_us() + CAMPAIGN_HOLD_MS * 1000;
         stats.campaign_hold_until_us.store(until, SeqCst);

@@ -952,6 +952,10 @@ fn apply_msg(c: &mut Core, msg: Msg<'_>, snapshot: &mut Option<Snapshot>) -> Res
                 resubmit = tail.len(),
                 "dropped a diverged tail; re-submitting its messages"
             );
+            c.repl
+                .stats
+                .resubmitted_total
+                .fetch_add(tail.len() as u64, Relaxed);
             // Sent on this (authenticated) link by send_acks, not as a client.
             c.repl.resubmit.extend(tail);
             if let Some(w) = c.repl.acker_waker.take() {
@@ -1338,6 +1342,9 @@ fn publish(c: &mut Core, stats: &NodeStats) {
         }
     };
     s.replica_connected.store(connected, Relaxed);
+    if connected && c.shard.role == Role::Primary {
+        stats.replica_ever_seen.store(true, Relaxed);
+    }
     s.last_heartbeat_ms.store(c.repl.last_heard_ms, Relaxed);
     if c.shard.role == Role::Primary {
         let acked = c

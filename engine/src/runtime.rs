@@ -1482,11 +1482,14 @@ async fn hand_over_before_stopping(core: &Rc<RefCell<Core>>, timeout_ms: u64) {
     use crate::handover::{self, Progress};
     let stats = core.borrow().repl.stats.clone();
     let synchronous = core.borrow().repl.config.synchronous();
-    let replica_seen = stats
-        .shards
-        .iter()
-        .any(|s| s.replica_connected.load(Ordering::Relaxed));
-    if stats.role() != Role::Primary || !synchronous || !replica_seen {
+    // A replica connected now, or gone since (this node may be degraded,
+    // holding records acknowledged alone): wait for it, up to the timeout.
+    let replica_seen = stats.replica_ever_seen.load(Ordering::Relaxed)
+        || stats
+            .shards
+            .iter()
+            .any(|s| s.replica_connected.load(Ordering::Relaxed));
+    if stats.role() != Role::Primary || !synchronous || !replica_seen || timeout_ms == 0 {
         return;
     }
     let _ = handover::request(&stats); // Busy: another core asked first

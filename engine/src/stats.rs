@@ -196,6 +196,14 @@ pub struct NodeStats {
     pub campaign_hold_until_us: AtomicU64,
     /// With etcd, after a handover: the pilot hands the lease back (once).
     pub resign_asked: AtomicBool,
+    /// Messages of dropped tails re-submitted to a new primary.
+    pub resubmitted_total: AtomicU64,
+    /// Completed handovers (engine::handover).
+    pub handovers_total: AtomicU64,
+    /// A replica streamed from this node while it was primary, at some
+    /// point since it started: a clean stop then hands over (waiting for
+    /// the replica to come back if it is gone), never leaving a tail.
+    pub replica_ever_seen: AtomicBool,
 }
 
 impl NodeStats {
@@ -265,6 +273,9 @@ impl NodeStats {
             handover: AtomicU8::new(HandoverPhase::Idle as u8),
             campaign_hold_until_us: AtomicU64::new(0),
             resign_asked: AtomicBool::new(false),
+            resubmitted_total: AtomicU64::new(0),
+            handovers_total: AtomicU64::new(0),
+            replica_ever_seen: AtomicBool::new(false),
         }
     }
 
