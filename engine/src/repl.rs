@@ -795,7 +795,14 @@ pub async fn follow(core: Rc<RefCell<Core>>, primary: String) {
                 let started = Instant::now();
                 core.borrow_mut().repl.following = true;
                 let session = follow_session(&core, stream).await;
-                core.borrow_mut().repl.following = false;
+                {
+                    // Published at once: a promotion waits on it (admin).
+                    let mut c = core.borrow_mut();
+                    c.repl.following = false;
+                    if let Some(s) = c.repl.stats.shards.get(shard) {
+                        s.replica_connected.store(false, Relaxed);
+                    }
+                }
                 match session {
                     Ok(()) => {}
                     Err(e) => {

@@ -6,7 +6,7 @@ use crate::clock::mono_ms;
 use crate::config::{Config, IO_MEMORY_BYTES};
 use crate::core::{Core, Edge, Mail};
 use crate::shard::{Shard, ShardError};
-use crate::stats::{NodeStats, Role};
+use crate::stats::{HandoverPhase, NodeStats, Role};
 use crate::{ports, sys};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
@@ -1421,7 +1421,15 @@ async fn fdatasync_all(files: &mut SyncFiles, ticket: &wal::SyncTicket) -> std::
 async fn maintenance(core: Rc<RefCell<Core>>, data: PathBuf) {
     let mut last_sweep = Instant::now();
     loop {
-        glommio::timer::sleep(MAINTENANCE_TICK).await;
+        // A handover steps through ticks (refuse, ready, commit, step
+        // down): faster ticks while one is under way keep the pause short.
+        let handing_over = core.borrow().repl.stats.handover_phase() != HandoverPhase::Idle;
+        let tick = if handing_over {
+            Duration::from_millis(crate::handover::POLL_MS)
+        } else {
+            MAINTENANCE_TICK
+        };
+        glommio::timer::sleep(tick).await;
         let mut c = core.borrow_mut();
         let now = mono_ms();
         c.edge.clock_ms = now;
