@@ -60,9 +60,7 @@ pub enum HandoverError {
 pub fn tick(c: &mut Core, stats: &Arc<NodeStats>) -> Option<String> {
     let phase = stats.handover_phase();
     let id = c.shard.id;
-    let Some(s) = stats.shards.get(id) else {
-        return None;
-    };
+    let s = stats.shards.get(id)?;
     if c.shard.role != Role::Primary {
         s.handover_ready.store(false, Relaxed);
         return None;
@@ -147,9 +145,9 @@ pub fn request(stats: &NodeStats) -> Result<(), HandoverError> {
     if stats.role() != Role::Primary {
         return Err(HandoverError::NotPrimary);
     }
-    for s in &stats.shards {
-        s.handed_over.store(false, Relaxed);
-    }
+    // The shards' flags are false here: cleared when the last handover
+    // finished or was abandoned (clearing them now could erase a step-down
+    // of the handover another caller started).
     if stats.handover_move(HandoverPhase::Idle, HandoverPhase::Requested) {
         tracing::warn!(
             "handover requested: the primary takes no SENDs until its replica holds every record"
@@ -195,6 +193,7 @@ pub fn poll(stats: &NodeStats, started: Instant, timeout: Duration) -> Progress 
                     .filter(|(_, s)| !s.handover_ready.load(Relaxed))
                     .map(|(i, _)| i.to_string())
                     .collect::<Vec<_>>();
+                clear(stats);
                 Progress::Failed(HandoverError::NotReady {
                     waited_ms: elapsed.as_millis() as u64,
                     why: format!("shards not ready: {}", not_ready.join(", ")),
@@ -211,9 +210,18 @@ pub fn poll(stats: &NodeStats, started: Instant, timeout: Duration) -> Progress 
     }
 }
 
+/// Clears the shards' flags of a handover that ended.
+fn clear(stats: &NodeStats) {
+    for s in &stats.shards {
+        s.handover_ready.store(false, Relaxed);
+        s.handed_over.store(false, Relaxed);
+    }
+}
+
 /// Ends a finished handover: back to Idle, so that this node may be
 /// promoted (or hand over) again later.
 pub fn finish(stats: &NodeStats) {
+    clear(stats);
     stats.handover_move(HandoverPhase::Committed, HandoverPhase::Idle);
     stats.handovers_total.fetch_add(1, SeqCst);
     if stats.elected.load(SeqCst) {

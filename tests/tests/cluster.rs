@@ -1789,3 +1789,40 @@ fn etcd_a_handover_elects_the_replica_and_keeps_order() {
     check(&stored, &received);
     assert_eq!(resubmitted(&c), 0);
 }
+
+/// A handover whose replica cannot catch up (paused) is abandoned after
+/// its timeout: 503 with the reason, and the primary takes SENDs again
+/// (the senders' load goes on without an error). Red if an abandoned
+/// handover left the shards refusing.
+#[test]
+fn a_handover_that_cannot_finish_leaves_the_primary_serving() {
+    let c = DevCluster::start(1, 1, &tests::FAST_FAILURE_DETECTION);
+    let recipients = users_in("ha-", &range(&c, "p0"), 2);
+    let receivers: Vec<_> = recipients
+        .iter()
+        .map(|r| Receiver::start(c.edge(0), r))
+        .collect();
+    let senders: Vec<_> = (0..2)
+        .map(|i| Sender::start(c.edge(0), &format!("ha{i}"), &recipients, 8))
+        .collect();
+    senders[0].wait_stored(200, "before the handover");
+    c.signal("p0b", "-STOP");
+    let (status, body) = c
+        .admin("p0a")
+        .call("POST", "/replication/handover?timeout_ms=500")
+        .expect("handover");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("did not hold every record"), "{body}");
+    assert_eq!(c.role("p0a").as_deref(), Some("primary"));
+    for s in &senders {
+        s.wait_stored(300, "after the abandoned handover (degraded)");
+    }
+    c.signal("p0b", "-CONT");
+    c.wait_caught_up("p0a");
+    for s in &senders {
+        s.wait_stored(100, "with the replica back");
+    }
+    let stored: Vec<_> = senders.into_iter().flat_map(Sender::finish).collect();
+    let received = receive_all(&stored, &recipients, receivers, Duration::from_secs(30));
+    check(&stored, &received);
+}
