@@ -153,8 +153,9 @@ fn a_backward_step_keeps_no_connection_past_its_hello_deadline() {
     assert_stepped(welcome.server_time_ms, BACKWARD_STEP_SECS);
 }
 
-fn replication_stats(admin: &str) -> Value {
-    let (status, body) = engine::admin_cmd::http("GET", admin, "/replication/stats")
+fn replication_stats(admin: &engine::admin_http::AdminClient) -> Value {
+    let (status, body) = admin
+        .call("GET", "/replication/stats")
         .unwrap_or_else(|e| panic!("GET /replication/stats: {e}"));
     assert_eq!(status, 200, "stats: {body}");
     serde_json::from_str(&body).expect("stats are JSON")
@@ -175,7 +176,10 @@ fn a_forward_step_on_the_primary_does_not_degrade_the_pair() {
     args.extend(FAST_FAILURE_DETECTION);
     let primary = Server::start_with_env(&unique_temp_path("primary"), &clock.env(), &args);
     let repl = primary.stdout_line("iris replication listening on ");
-    let admin = primary.stdout_line("iris admin listening on ");
+    let admin = tests::admin_of(
+        &primary.stdout_line("iris admin listening on "),
+        primary.data_dir(),
+    );
     let mut replica_args = vec!["--replica-of", repl.as_str()];
     replica_args.extend(FAST_FAILURE_DETECTION);
     let _replica = Server::start(&replica_args);
