@@ -2,10 +2,9 @@
 //! through engine::admin_http; `rolling-restart` is engine::rolling,
 //! `move-slots` engine::move_cmd, `status` engine::status_cmd.
 
-use crate::admin_auth::Token;
 pub use crate::admin_http::{http, AdminClient};
 use crate::rolling::RollingRestartArgs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// `iris admin [--admin-token-file FILE] COMMAND`.
@@ -19,15 +18,6 @@ pub struct AdminArgs {
     pub admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: AdminCommand,
-}
-
-/// The operator token for a command: `flag`, the environment, the cluster
-/// file's, or the default data directory's (crate::admin_auth::client_token).
-pub fn token(
-    flag: Option<&Path>,
-    cluster_token_file: Option<&Path>,
-) -> Result<Option<Token>, String> {
-    crate::admin_auth::client_token(flag, cluster_token_file).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -95,7 +85,7 @@ pub fn run(args: &AdminArgs) -> ExitCode {
         AdminCommand::Stats { admin } => ("GET", admin, "/replication/stats"),
         AdminCommand::Health { admin } => ("GET", admin, "/health"),
     };
-    let client = match token(flag, None) {
+    let client = match crate::admin_http::operator_token(flag, None) {
         Ok(token) => AdminClient::new(addr.as_str(), token),
         Err(e) => {
             eprintln!("iris admin: {e}");

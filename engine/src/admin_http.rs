@@ -26,6 +26,16 @@ pub fn http(method: &str, addr: &str, path: &str) -> Result<(u16, String), Strin
     AdminClient::new(addr, None).call(method, path)
 }
 
+/// The operator token a command sends: `flag`, the environment, the
+/// cluster file's, or the default data directory's
+/// (crate::admin_auth::client_token).
+pub fn operator_token(
+    flag: Option<&std::path::Path>,
+    cluster_token_file: Option<&std::path::Path>,
+) -> Result<Option<Token>, String> {
+    crate::admin_auth::client_token(flag, cluster_token_file).map_err(|e| e.to_string())
+}
+
 /// A node's admin API as a client sees it: its address and the operator
 /// token sent with every request (crate::admin_auth).
 #[derive(Debug, Clone)]

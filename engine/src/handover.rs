@@ -22,10 +22,8 @@
 //! handover that is not ready within its timeout is abandoned before the
 //! commit: the primary takes SENDs again and the caller is told why.
 
-use crate::core::Core;
 use crate::stats::{HandoverPhase, Mode, NodeStats, Role};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a handover may wait for the replica to hold everything before
@@ -55,89 +53,66 @@ pub enum HandoverError {
     StepDownSlow { left: usize },
 }
 
-/// A core's part, on its maintenance tick: refuse, report readiness, step
-/// down once committed. Returns the peer to follow after a step-down.
-pub fn tick(c: &mut Core, stats: &Arc<NodeStats>) -> Option<String> {
-    let phase = stats.handover_phase();
-    let id = c.shard.id;
-    let s = stats.shards.get(id)?;
-    if c.shard.role != Role::Primary {
-        s.handover_ready.store(false, Relaxed);
-        return None;
-    }
-    match phase {
-        HandoverPhase::Idle => {
-            if c.shard.handing_over {
-                tracing::warn!(shard = id, "handover abandoned: taking SENDs again");
-                c.shard.handing_over = false;
-            }
-            s.handover_ready.store(false, Relaxed);
-            s.handed_over.store(false, Relaxed);
-            None
-        }
-        HandoverPhase::Requested | HandoverPhase::Committed => {
-            if !c.shard.handing_over {
-                tracing::info!(
-                    shard = id,
-                    "handover: taking no SENDs until the replica holds every record"
-                );
-                c.shard.handing_over = true;
-            }
-            let ready = readiness(c, stats).is_ok();
-            s.handover_ready.store(ready, Relaxed);
-            if phase == HandoverPhase::Requested
-                && stats.shards.iter().all(|s| s.handover_ready.load(Relaxed))
-            {
-                stats.handover_move(HandoverPhase::Requested, HandoverPhase::Committed);
-            }
-            if stats.handover_phase() == HandoverPhase::Committed && ready {
-                s.handed_over.store(true, Relaxed);
-                let last = c.shard.wal().last_position();
-                tracing::info!(
-                    shard = id,
-                    position = last,
-                    "handover: the replica holds every record; stepping down"
-                );
-                return crate::repl::step_down_for(
-                    c,
-                    stats,
-                    "not the primary: it handed over to its replica".into(),
-                );
-            }
-            None
-        }
-    }
+/// What a primary shard's core knows when it ticks (engine::repl::tick
+/// fills it in): enough to say whether its replica holds every record.
+pub struct ShardView {
+    pub id: usize,
+    pub role: Role,
+    pub mode: Mode,
+    pub last_position: u64,
+    pub durable_position: u64,
+    /// The connected replica's acknowledged position; None: no replica.
+    pub replica_acked: Option<u64>,
+    /// SENDs waiting for STORED.
+    pub waiting: usize,
 }
 
-/// Whether this primary shard's replica holds every record; why not.
-pub fn readiness(c: &Core, stats: &NodeStats) -> Result<(), String> {
-    let last = c.shard.wal().last_position();
-    if c.shard.mode != Mode::Replica {
-        return Err(format!("mode {}", c.shard.mode.name()));
-    }
-    let acked = c.repl.link.as_ref().map(|l| l.acked);
-    let Some(acked) = acked else {
-        return Err("no replica connected".into());
+/// What a shard does on this tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No handover: take SENDs.
+    Serve,
+    /// A handover is under way: take no SENDs, log no ACKs.
+    Refuse,
+    /// Committed and ready: step down now.
+    StepDown,
+}
+
+/// A core's part, on its maintenance tick: report readiness, commit when
+/// every shard is ready, and say what the shard does.
+pub fn decide(v: &ShardView, stats: &NodeStats) -> Decision {
+    let Some(s) = stats.shards.get(v.id) else {
+        return Decision::Serve;
     };
-    if acked < last {
-        return Err(format!("replica at {acked} of {last}"));
+    if v.role != Role::Primary || stats.handover_phase() == HandoverPhase::Idle {
+        s.handover_ready.store(false, Relaxed);
+        return Decision::Serve;
     }
-    if c.shard.wal().durable_position() < last {
-        return Err("the local fsync is behind".into());
+    let ready = ready(v, stats);
+    s.handover_ready.store(ready, Relaxed);
+    if stats.handover_phase() == HandoverPhase::Requested
+        && stats.shards.iter().all(|s| s.handover_ready.load(Relaxed))
+    {
+        stats.handover_move(HandoverPhase::Requested, HandoverPhase::Committed);
     }
-    if c.shard.waiting_len() > 0 {
-        return Err(format!(
-            "{} SEND(s) waiting for STORED",
-            c.shard.waiting_len()
-        ));
+    if stats.handover_phase() == HandoverPhase::Committed && ready {
+        s.handed_over.store(true, Relaxed);
+        return Decision::StepDown;
     }
-    if stats.elected.load(SeqCst) {
-        let state = *stats.pair_state.lock().unwrap_or_else(|p| p.into_inner());
-        if state != Some("sync") {
-            return Err(format!("the pair's state in etcd is {state:?}, not sync"));
-        }
-    }
-    Ok(())
+    Decision::Refuse
+}
+
+/// Whether this primary shard's replica holds every record: mode
+/// `replica`, acked and durable to the last position, nothing waiting,
+/// and with etcd the pair's state `sync`.
+fn ready(v: &ShardView, stats: &NodeStats) -> bool {
+    let level = v.mode == Mode::Replica
+        && v.replica_acked.is_some_and(|a| a >= v.last_position)
+        && v.durable_position >= v.last_position
+        && v.waiting == 0;
+    level
+        && (!stats.elected.load(SeqCst)
+            || *stats.pair_state.lock().unwrap_or_else(|p| p.into_inner()) == Some("sync"))
 }
 
 /// Asks for a handover (idempotent while one is under way).

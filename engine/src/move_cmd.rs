@@ -57,7 +57,7 @@ struct View {
 fn move_slots(args: &MoveSlotsArgs, token_file: Option<&Path>) -> Result<String, String> {
     let started = Instant::now();
     let spec = ClusterSpec::load(&args.cluster)?;
-    let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
+    let token = crate::admin_http::operator_token(token_file, spec.admin_token_file.as_deref())?;
     let (first, last) = parse_range(&args.slots)?;
     let to = spec
         .pairs

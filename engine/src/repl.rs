@@ -1148,7 +1148,7 @@ pub fn tick(c: &mut Core, data: &std::path::Path) -> Option<String> {
     if stats.promote_requested.load(SeqCst) && c.shard.role == Role::Replica {
         promote(c, &stats, data);
     }
-    if let Some(peer) = crate::handover::tick(c, &stats) {
+    if let Some(peer) = hand_over(c, &stats) {
         follow = Some(peer);
     }
     if c.shard.role == Role::Primary {
@@ -1156,6 +1156,47 @@ pub fn tick(c: &mut Core, data: &std::path::Path) -> Option<String> {
     }
     publish(c, &stats);
     follow
+}
+
+/// This core's part of a handover (engine::handover): refuse SENDs while
+/// it is under way, step down once committed with the replica level.
+fn hand_over(c: &mut Core, stats: &Arc<NodeStats>) -> Option<String> {
+    use crate::handover::{decide, Decision, ShardView};
+    let wal = c.shard.wal();
+    let view = ShardView {
+        id: c.shard.id,
+        role: c.shard.role,
+        mode: c.shard.mode,
+        last_position: wal.last_position(),
+        durable_position: wal.durable_position(),
+        replica_acked: c.repl.link.as_ref().map(|l| l.acked),
+        waiting: c.shard.waiting_len(),
+    };
+    let decision = decide(&view, stats);
+    let refusing = decision != Decision::Serve;
+    if refusing != c.shard.handing_over && c.shard.role == Role::Primary {
+        if refusing {
+            tracing::info!(
+                shard = view.id,
+                "handover: taking no SENDs until the replica holds every record"
+            );
+        } else {
+            tracing::warn!(shard = view.id, "handover abandoned: taking SENDs again");
+        }
+        c.shard.handing_over = refusing;
+    }
+    (decision == Decision::StepDown).then(|| {
+        tracing::info!(
+            shard = view.id,
+            position = view.last_position,
+            "handover: the replica holds every record; stepping down"
+        );
+        step_down_for(
+            c,
+            stats,
+            "not the primary: it handed over to its replica".into(),
+        )
+    })?
 }
 
 /// Lost the election: stop acting as primary, drop the replica's stream,

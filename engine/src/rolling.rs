@@ -82,7 +82,7 @@ pub fn run_handover(args: &HandoverArgs, token_file: Option<&Path>) -> ExitCode 
 
 fn handover_cmd(args: &HandoverArgs, token_file: Option<&Path>) -> Result<String, String> {
     let spec = ClusterSpec::load(&args.cluster)?;
-    let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
+    let token = crate::admin_http::operator_token(token_file, spec.admin_token_file.as_deref())?;
     let (p, n) = spec
         .node(&args.node)
         .ok_or_else(|| format!("no node {:?} in {}", args.node, args.cluster.display()))?;
@@ -200,7 +200,7 @@ pub fn run(args: &RollingRestartArgs, token_file: Option<&Path>) -> ExitCode {
 
 fn restart_all(args: &RollingRestartArgs, token_file: Option<&Path>) -> Result<String, String> {
     let spec = ClusterSpec::load(&args.cluster)?;
-    let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
+    let token = crate::admin_http::operator_token(token_file, spec.admin_token_file.as_deref())?;
     for wanted in &args.pairs {
         if !spec.pairs.iter().any(|p| &p.name == wanted) {
             return Err(format!("no pair {wanted:?} in {}", args.cluster.display()));

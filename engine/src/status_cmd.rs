@@ -25,7 +25,8 @@ pub struct StatusArgs {
 
 pub fn run(args: &StatusArgs, token_file: Option<&Path>) -> ExitCode {
     let loaded = ClusterSpec::load(&args.cluster).and_then(|spec| {
-        let token = crate::admin_cmd::token(token_file, spec.admin_token_file.as_deref())?;
+        let token =
+            crate::admin_http::operator_token(token_file, spec.admin_token_file.as_deref())?;
         Ok((spec, token))
     });
     let (spec, token) = match loaded {
